@@ -1,0 +1,87 @@
+//! Final disposition of one received message, before the `250` is sent.
+//!
+//! Takes the spooled message (already holding the `Received:` field and the
+//! body) and makes every recipient's copy durable: one Maildir file per
+//! distinct local mailbox (with `Return-Path:` and `Delivered-To:`, RFC 5321
+//! 4.4, RFC 9228), then, if any recipient is remote, the spool is committed to
+//! the queue with its envelope and the relay thread is told its id. Only
+//! when all of that succeeded does the caller reply 250; on any error the
+//! spool is removed (Maildir copies already made stay: a retry by the client
+//! may duplicate them, but nothing acknowledged is ever lost).
+//!
+//! It does not parse SMTP or decide who is local: the session did that.
+
+use std::io::{self, Seek, SeekFrom};
+use std::path::Path;
+
+use log::info;
+
+use crate::server::Context;
+use crate::smtp::conn::unix_now;
+use crate::smtp::message::Message;
+use crate::store::envelope::{Envelope, RcptState, Recipient};
+use crate::store::maildir;
+use crate::store::queue::Spool;
+
+/// Delivers local copies and queues remote recipients; Ok means durable.
+pub fn store(message: &Message, mut spool: Spool, size: u64, ctx: &Context) -> io::Result<()> {
+    let id = spool.id().to_string();
+    spool.sync()?;
+    let local = &ctx.config.local;
+    let sender = &message.sender;
+    for copy in message.mailboxes() {
+        let header = format!(
+            "Return-Path: <{sender}>\r\nDelivered-To: {}\r\n",
+            copy.delivered_to
+        );
+        let file = spool.file();
+        file.seek(SeekFrom::Start(0))?;
+        let root = within(copy.dir, &local.maildir_root);
+        let path = maildir::deliver(
+            copy.dir,
+            root,
+            &ctx.config.hostname,
+            header.as_bytes(),
+            file,
+        )?;
+        info!(
+            "id={id} from=<{sender}> to=<{}> size={size} status=delivered maildir={}",
+            copy.delivered_to,
+            path.display()
+        );
+    }
+    let remote = message.remote();
+    if remote.is_empty() {
+        spool.discard()?;
+        return Ok(());
+    }
+    let envelope = Envelope {
+        id: id.clone(),
+        arrived: unix_now(),
+        sender: sender.clone(),
+        recipients: remote
+            .iter()
+            .map(|a| Recipient {
+                address: a.to_string(),
+                state: RcptState::Pending,
+            })
+            .collect(),
+        client: format!(
+            "[{}] helo={} session={}",
+            message.peer, message.helo, message.session
+        ),
+    };
+    spool.commit(&envelope)?;
+    for to in &remote {
+        info!("id={id} from=<{sender}> to=<{to}> size={size} status=queued");
+    }
+    // The relay thread picks up everything in the queue at start too, so a
+    // closed channel (shutting down) loses nothing.
+    let _ = ctx.relay.send(id);
+    Ok(())
+}
+
+/// The Maildir root to confine symlink checks to, when `dir` is under it.
+fn within<'a>(dir: &Path, root: &'a Path) -> Option<&'a Path> {
+    dir.starts_with(root).then_some(root)
+}

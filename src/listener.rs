@@ -1,0 +1,304 @@
+//! The acceptor: one mio `Poll` over every listening socket plus a `Waker`.
+//!
+//! Owns binding (IPv4 and IPv6, IPV6_V6ONLY so both families can share a
+//! port), accepting, the connection caps (total and per client IP; over a cap
+//! the client gets `421 4.3.2` with one non-blocking write and is closed, so
+//! the acceptor never blocks on a client), and handing each accepted socket
+//! to a session thread of its own. It does no TLS and reads nothing
+//! (STYLE habit 8). On the shutdown wake-up it stops listening and waits a
+//! bounded time for sessions to finish their transaction.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use socket2::{Domain, Socket, Type};
+
+use crate::config::Listen;
+use crate::server::Context;
+use crate::smtp::{conn, reply};
+
+const WAKER: Token = Token(usize::MAX);
+/// Session threads block on one socket and keep their buffers on the heap.
+const SESSION_STACK: usize = 256 * 1024;
+/// How long a shutdown waits for sessions to finish their transaction.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// listen(2) backlog.
+const BACKLOG: i32 = 256;
+
+pub struct Listeners {
+    poll: Poll,
+    sockets: Vec<(TcpListener, Listen)>,
+    waker: Arc<Waker>,
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Binds every configured listener. Errors name the address.
+pub fn bind(listen: &[Listen]) -> io::Result<Listeners> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let mut sockets = Vec::new();
+    for (i, l) in listen.iter().enumerate() {
+        let mut socket = bind_one(l.addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", l.addr)))?;
+        poll.registry()
+            .register(&mut socket, Token(i), Interest::READABLE)?;
+        sockets.push((socket, l.clone()));
+    }
+    Ok(Listeners {
+        poll,
+        sockets,
+        waker,
+    })
+}
+
+impl Listeners {
+    /// The bound addresses (with the real port when port 0 was asked for).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.sockets
+            .iter()
+            .filter_map(|(s, _)| s.local_addr().ok())
+            .collect()
+    }
+
+    /// Wakes the acceptor (for shutdown).
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
+    /// The accept loop; returns after a shutdown once sessions are done or
+    /// the grace period is over.
+    pub fn run(mut self, ctx: Arc<Context>) -> io::Result<()> {
+        let tracker = Arc::new(Tracker::default());
+        let mut events = Events::with_capacity(64);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for event in events.iter() {
+                if event.token() == WAKER {
+                    continue;
+                }
+                let Some((listener, _)) = self.sockets.get(event.token().0) else {
+                    continue;
+                };
+                accept_all(listener, &ctx, &tracker);
+            }
+            if ctx.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+        }
+        drop(self.sockets);
+        info!(
+            "shutdown: stopped listening; waiting up to {}s for sessions",
+            SHUTDOWN_GRACE.as_secs()
+        );
+        if tracker.wait_idle(SHUTDOWN_GRACE) {
+            info!("shutdown: all sessions finished");
+        } else {
+            warn!("shutdown: sessions still open after the grace period; exiting anyway (nothing acknowledged is lost)");
+        }
+        Ok(())
+    }
+}
+
+fn accept_all(listener: &TcpListener, ctx: &Arc<Context>, tracker: &Arc<Tracker>) {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => hand_off(stream, peer, ctx, tracker),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EMFILE and friends: leave the rest in the backlog for now.
+                error!("accept failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// An IPv4 client reaching an IPv6 socket shows up as ::ffff:a.b.c.d.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn hand_off(mut stream: TcpStream, peer: SocketAddr, ctx: &Arc<Context>, tracker: &Arc<Tracker>) {
+    let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
+    let limits = &ctx.config.limits;
+    let guard = match tracker.acquire(
+        peer.ip(),
+        limits.max_connections,
+        limits.max_connections_per_ip,
+    ) {
+        Ok(g) => g,
+        Err(refusal) => {
+            let r = match refusal {
+                Refusal::Total => reply::too_many_connections(),
+                Refusal::PerIp => reply::too_many_connections_from_you(),
+            };
+            info!("reject connect from={peer}: {refusal:?} limit reached");
+            let mut out = Vec::new();
+            r.write_to(&mut out);
+            // One non-blocking attempt: the acceptor never waits on a client.
+            let _ = stream.write(&out);
+            return;
+        }
+    };
+    let std_stream: std::net::TcpStream = std::os::fd::OwnedFd::from(stream).into();
+    if let Err(e) = std_stream.set_nonblocking(false) {
+        warn!("connect from={peer}: {e}");
+        return;
+    }
+    let id = crate::store::new_id();
+    let ctx = Arc::clone(ctx);
+    let spawned = thread::Builder::new()
+        .name(format!("session-{id}"))
+        .stack_size(SESSION_STACK)
+        .spawn(move || {
+            let _guard = guard;
+            conn::serve(std_stream, peer, id, &ctx);
+        });
+    if let Err(e) = spawned {
+        error!("connect from={peer}: cannot start a session thread: {e}");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Total,
+    PerIp,
+}
+
+/// Open sessions, in total and per client address.
+#[derive(Default)]
+struct Tracker {
+    counts: Mutex<Counts>,
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Releases one slot when the session thread ends, however it ends.
+struct Guard {
+    tracker: Arc<Tracker>,
+    ip: IpAddr,
+}
+
+impl Tracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        // A panicking session cannot leave the counts half-updated: each
+        // update is a plain integer change. So a poisoned lock is still sound.
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acquire(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max: usize,
+        max_per_ip: usize,
+    ) -> Result<Guard, Refusal> {
+        let mut c = self.lock();
+        if c.total >= max {
+            return Err(Refusal::Total);
+        }
+        let n = c.per_ip.entry(ip).or_insert(0);
+        if *n >= max_per_ip {
+            return Err(Refusal::PerIp);
+        }
+        *n += 1;
+        c.total += 1;
+        Ok(Guard {
+            tracker: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// Waits until no session is open or `grace` has passed; true if idle.
+    fn wait_idle(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        let mut c = self.lock();
+        while c.total > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            c = match self.idle.wait_timeout(c, left) {
+                Ok((c, _)) => c,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        true
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut c = self.tracker.lock();
+        c.total -= 1;
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+        if c.total == 0 {
+            self.tracker.idle.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_total_and_per_ip() {
+        let t = Arc::new(Tracker::default());
+        let a: IpAddr = "10.0.0.1".parse().expect("literal");
+        let b: IpAddr = "10.0.0.2".parse().expect("literal");
+        let g1 = t.acquire(a, 3, 2).expect("first");
+        let _g2 = t.acquire(a, 3, 2).expect("second");
+        assert_eq!(t.acquire(a, 3, 2).err(), Some(Refusal::PerIp));
+        let _g3 = t.acquire(b, 3, 2).expect("other ip");
+        assert_eq!(t.acquire(b, 3, 2).err(), Some(Refusal::Total));
+        drop(g1);
+        assert!(t.acquire(a, 3, 2).is_ok());
+        assert!(!t.wait_idle(Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn mapped_v4_is_v4() {
+        let mapped: IpAddr = "::ffff:192.168.1.5".parse().expect("literal");
+        assert_eq!(
+            canonical(mapped),
+            "192.168.1.5".parse::<IpAddr>().expect("literal")
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! `postling serve`: wires the threads together and runs until a signal.
+//!
+//! Owns startup order (open the queue and sweep what a crash left, start the
+//! relay thread and re-feed it every committed message, bind, then accept),
+//! the shared `Context` every session reads, and signal handling (SIGTERM and
+//! SIGINT: stop accepting, let sessions finish, exit 0; a second one exits at
+//! once). It does not speak SMTP.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam_channel::Sender;
+use log::{info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::config::Config;
+use crate::listener;
+use crate::relay;
+use crate::store::queue::Queue;
+
+/// What every session thread shares.
+pub struct Context {
+    pub config: Config,
+    pub queue: Queue,
+    /// Queue ids of newly committed messages, for the relay thread.
+    pub relay: Sender<String>,
+    /// Set once on SIGTERM/SIGINT; sessions close when idle.
+    pub shutdown: AtomicBool,
+}
+
+/// A server that is bound and ready to run.
+pub struct Server {
+    ctx: Arc<Context>,
+    listeners: listener::Listeners,
+}
+
+impl Server {
+    /// Opens the queue (sweeping a crash's leftovers), starts the relay
+    /// thread with every committed message, and binds every listener.
+    pub fn start(config: Config) -> io::Result<Server> {
+        let (queue, pending) = Queue::open(&config.data_dir).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("data_dir {}: {e}", config.data_dir.display()),
+            )
+        })?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        relay::spawn(rx)?;
+        if !pending.is_empty() {
+            info!("queue: {} message(s) waiting from before", pending.len());
+        }
+        for id in pending {
+            // The receiver is alive: the relay thread was just started.
+            let _ = tx.send(id);
+        }
+        let listeners = listener::bind(&config.listen)?;
+        let ctx = Arc::new(Context {
+            config,
+            queue,
+            relay: tx,
+            shutdown: AtomicBool::new(false),
+        });
+        Ok(Server { ctx, listeners })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.local_addrs()
+    }
+
+    /// Returns a function that asks the server to shut down, as SIGTERM does.
+    pub fn stopper(&self) -> impl Fn() + Send + Sync + 'static {
+        let ctx = Arc::clone(&self.ctx);
+        let waker = self.listeners.waker();
+        move || {
+            ctx.shutdown.store(true, Ordering::Relaxed);
+            if let Err(e) = waker.wake() {
+                warn!("cannot wake the acceptor: {e}");
+            }
+        }
+    }
+
+    /// Installs the signal handlers and accepts until shut down.
+    pub fn run(self) -> io::Result<()> {
+        let stop = self.stopper();
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut stopping = false;
+                for signal in signals.forever() {
+                    match signal {
+                        SIGHUP => warn!("SIGHUP: configuration reload is not supported yet; restart postling to apply changes"),
+                        _ if stopping => {
+                            warn!("second signal: exiting now");
+                            std::process::exit(0);
+                        }
+                        _ => {
+                            info!("signal {signal}: shutting down");
+                            stopping = true;
+                            stop();
+                        }
+                    }
+                }
+            })?;
+        for (addr, l) in self.local_addrs().iter().zip(&self.ctx.config.listen) {
+            info!("listening addr={addr} mode={:?}", l.mode);
+        }
+        self.listeners.run(self.ctx)
+    }
+}

@@ -1,0 +1,414 @@
+//! The blocking driver of one SMTP session: a thin loop between a socket, the
+//! sans-IO `Session`, the DATA decoder and delivery.
+//!
+//! Owns line framing (RFC 5321 2.3.8: CRLF only; a bare CR or LF is refused),
+//! the 512-octet command line limit (4.5.3.1.4), PIPELINING's output rule
+//! (RFC 2920 3.2: replies are buffered and flushed before the server would
+//! block reading), the per-command and per-DATA deadlines (4.5.3.2, checked
+//! against the clock so a client trickling one byte at a time cannot stretch
+//! them), and noticing a shutdown. Memory per session is fixed: one input
+//! buffer and a small output buffer, whatever the client sends.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{debug, error, info, trace, warn};
+
+use super::data::{DataDecoder, DataError};
+use super::reply::{self, Reply};
+use super::session::{Action, DataResult, Session};
+use crate::deliver;
+use crate::server::Context;
+
+/// RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
+pub const MAX_COMMAND_LINE: usize = 512;
+/// The input buffer; DATA is decoded in place in it.
+const INPUT_BUFFER: usize = 16 * 1024;
+/// How often a blocked read wakes up to check deadlines and shutdown.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Seconds since the Unix epoch, for `Received:` dates.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One framed command line from the input buffer.
+#[derive(Debug, PartialEq, Eq)]
+enum Line<'a> {
+    Command(&'a [u8]),
+    TooLong,
+    BareEnding,
+}
+
+/// Why the read loop stopped.
+#[derive(Debug)]
+enum End {
+    /// The client closed the connection.
+    Eof,
+    /// The deadline passed.
+    Timeout,
+    /// The server is shutting down and the session is idle.
+    Shutdown,
+    Io(io::Error),
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> End {
+        End::Io(e)
+    }
+}
+
+/// A fixed-size input buffer: `buf[start..end]` is unread.
+struct Input {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// Discarding the rest of an over-long line up to its LF.
+    discarding: bool,
+}
+
+impl Input {
+    fn new() -> Input {
+        Input {
+            buf: vec![0; INPUT_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            discarding: false,
+        }
+    }
+
+    fn pending(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Frames the next command line from what is buffered; None means more
+    /// input is needed. Never reads from the socket.
+    fn take_line(&mut self) -> Option<Line<'_>> {
+        if self.discarding {
+            let pending = &self.buf[self.start..self.end];
+            match pending.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.discarding = false;
+                    self.consume(i + 1);
+                    return Some(Line::TooLong);
+                }
+                None => {
+                    self.consume(pending.len());
+                    return None;
+                }
+            }
+        }
+        let pending = &self.buf[self.start..self.end];
+        let max = MAX_COMMAND_LINE - 2;
+        match pending.iter().position(|&b| b == b'\r' || b == b'\n') {
+            Some(i) if pending[i] == b'\n' => {
+                self.consume(i + 1);
+                Some(Line::BareEnding)
+            }
+            Some(i) if i + 1 == pending.len() => None, // CR, LF not here yet
+            Some(i) if pending[i + 1] != b'\n' => {
+                self.consume(i + 1);
+                Some(Line::BareEnding)
+            }
+            Some(i) if i > max => {
+                self.consume(i + 2);
+                Some(Line::TooLong)
+            }
+            Some(i) => {
+                let start = self.start;
+                self.consume(i + 2);
+                Some(Line::Command(&self.buf[start..start + i]))
+            }
+            None if pending.len() > max => {
+                self.discarding = true;
+                self.consume(pending.len());
+                self.take_line()
+            }
+            None => None,
+        }
+    }
+
+    /// Reads more input, waiting at most one TICK. Ok(false) means no bytes
+    /// arrived in this tick.
+    fn fill(&mut self, stream: &mut TcpStream) -> Result<bool, End> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // Cannot happen: lines are capped far below the buffer size and
+            // DATA consumes everything it decodes. Refuse rather than spin.
+            return Err(End::Io(io::Error::other("input buffer full")));
+        }
+        match stream.read(&mut self.buf[self.end..]) {
+            Ok(0) => Err(End::Eof),
+            Ok(n) => {
+                self.end += n;
+                Ok(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(End::Io(e)),
+        }
+    }
+}
+
+struct Conn<'a> {
+    stream: TcpStream,
+    input: Input,
+    output: Vec<u8>,
+    ctx: &'a Context,
+}
+
+/// Runs one session to its end. Never panics on client input; logs one line
+/// at connect and one at disconnect.
+pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, ctx: &Context) {
+    info!("session={id} connect from={peer}");
+    let limits = &ctx.config.limits;
+    if let Err(e) = stream
+        .set_read_timeout(Some(TICK))
+        .and_then(|()| stream.set_write_timeout(Some(limits.command_timeout)))
+        .and_then(|()| stream.set_nodelay(true))
+    {
+        warn!("session={id} socket setup failed: {e}");
+        return;
+    }
+    let mut conn = Conn {
+        stream,
+        input: Input::new(),
+        output: Vec::with_capacity(512),
+        ctx,
+    };
+    let mut session = Session::new(&ctx.config, id, peer.ip());
+    conn.queue(&session.greeting());
+    let end = conn.run(&mut session);
+    match end {
+        Ok(()) => info!("session={} disconnect", session.id()),
+        Err(End::Eof) => info!("session={} disconnect: client closed", session.id()),
+        Err(End::Timeout) => info!("session={} disconnect: timeout", session.id()),
+        Err(End::Shutdown) => info!("session={} disconnect: shutting down", session.id()),
+        Err(End::Io(e)) => info!("session={} disconnect: {e}", session.id()),
+    }
+}
+
+impl Conn<'_> {
+    fn queue(&mut self, r: &Reply) {
+        trace!("> {r}");
+        r.write_to(&mut self.output);
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.output.is_empty() {
+            self.stream.write_all(&self.output)?;
+            self.output.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends a final reply, ignoring errors: the connection ends either way.
+    fn close_with(&mut self, r: &Reply) {
+        self.queue(r);
+        let _ = self.flush();
+    }
+
+    /// Waits for input until `deadline`, flushing pending replies first
+    /// (RFC 2920: never block with replies unsent). Closes idle sessions on
+    /// shutdown.
+    fn wait_input(&mut self, deadline: Instant, idle: bool) -> Result<(), End> {
+        self.flush()?;
+        loop {
+            if idle && self.ctx.shutdown.load(Ordering::Relaxed) {
+                self.close_with(&reply::shutting_down());
+                return Err(End::Shutdown);
+            }
+            // Checked on every wake-up, not only when the client is silent:
+            // one byte a second must not stretch the deadline (slowloris).
+            if Instant::now() >= deadline {
+                self.close_with(&reply::command_timeout());
+                return Err(End::Timeout);
+            }
+            if self.input.fill(&mut self.stream)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn run(&mut self, session: &mut Session) -> Result<(), End> {
+        let command_timeout = self.ctx.config.limits.command_timeout;
+        let mut deadline = Instant::now() + command_timeout;
+        loop {
+            let action = match self.input.take_line() {
+                None => {
+                    let idle = session.is_idle() && self.input.start == self.input.end;
+                    self.wait_input(deadline, idle)?;
+                    continue;
+                }
+                Some(Line::Command(line)) => {
+                    trace!("< {}", String::from_utf8_lossy(line));
+                    session.command(line)
+                }
+                Some(Line::TooLong) => session.line_too_long(),
+                Some(Line::BareEnding) => session.bare_line_ending(),
+            };
+            deadline = Instant::now() + command_timeout;
+            match action {
+                Action::Reply(r) => self.queue(&r),
+                Action::Close(r) => {
+                    self.close_with(&r);
+                    return Ok(());
+                }
+                Action::Data(message) => {
+                    let result = self.receive(&message)?;
+                    match session.data_done(result) {
+                        Action::Close(r) => {
+                            self.close_with(&r);
+                            return Ok(());
+                        }
+                        Action::Reply(r) => self.queue(&r),
+                        Action::Data(_) => unreachable!("data_done never starts DATA"),
+                    }
+                    deadline = Instant::now() + command_timeout;
+                }
+            }
+        }
+    }
+
+    /// The DATA phase: spool, 354, stream through the decoder, deliver.
+    fn receive(&mut self, message: &crate::smtp::message::Message) -> Result<DataResult, End> {
+        let ctx = self.ctx;
+        let mut spool = match ctx.queue.begin() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("session={} cannot create spool file: {e}", message.session);
+                return Ok(DataResult::Refused(DataError::Storage));
+            }
+        };
+        self.queue(&reply::start_data());
+        self.flush()?;
+        let id = spool.id().to_string();
+        let header = message.received_header(&ctx.config.hostname, &id, unix_now());
+        let mut decoder = DataDecoder::new(ctx.config.limits.max_message_size);
+        if let Err(e) = spool.file().write_all(header.as_bytes()) {
+            error!("id={id} write failed: {e}");
+            decoder.fail(DataError::Storage);
+        }
+        let deadline = Instant::now() + ctx.config.limits.data_timeout;
+        loop {
+            let step = decoder.decode(self.input.pending());
+            if step.produced > 0 {
+                if let Err(e) = spool
+                    .file()
+                    .write_all(&self.input.pending()[..step.produced])
+                {
+                    error!("id={id} write failed: {e}");
+                    decoder.fail(DataError::Storage);
+                }
+            }
+            self.input.consume(step.consumed);
+            if step.done {
+                break;
+            }
+            // The spool is dropped (and removed) if this fails.
+            self.wait_input(deadline, false)?;
+        }
+        let stats = match decoder.finish() {
+            Ok(stats) => stats,
+            Err(e) => {
+                info!("id={id} session={} refused: {e:?}", message.session);
+                return Ok(DataResult::Refused(e));
+            }
+        };
+        if stats.received_headers > ctx.config.limits.max_received_headers {
+            info!(
+                "id={id} refused: {} Received headers, mail loop",
+                stats.received_headers
+            );
+            return Ok(DataResult::Loop);
+        }
+        debug!(
+            "id={id} size={} received={}",
+            stats.size, stats.received_headers
+        );
+        match deliver::store(message, spool, stats.size, ctx) {
+            Ok(()) => Ok(DataResult::Stored { id }),
+            Err(e) => {
+                error!("id={id} delivery failed, client told to retry: {e}");
+                Ok(DataResult::Refused(DataError::Storage))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(chunks: &[&[u8]]) -> Vec<String> {
+        let mut input = Input::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            input.buf[input.end..input.end + chunk.len()].copy_from_slice(chunk);
+            input.end += chunk.len();
+            while let Some(line) = input.take_line() {
+                out.push(match line {
+                    Line::Command(l) => String::from_utf8_lossy(l).into_owned(),
+                    Line::TooLong => "<too long>".into(),
+                    Line::BareEnding => "<bare>".into(),
+                });
+            }
+            if input.start > 0 {
+                input.buf.copy_within(input.start..input.end, 0);
+                input.end -= input.start;
+                input.start = 0;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn framing() {
+        assert_eq!(lines(&[b"NOOP\r\nQUIT\r\n"]), ["NOOP", "QUIT"]);
+        assert_eq!(
+            lines(&[b"NO", b"OP\r", b"\nQU", b"IT\r\n"]),
+            ["NOOP", "QUIT"]
+        );
+        assert_eq!(lines(&[b"NOOP\nQUIT\r\n"]), ["<bare>", "QUIT"]);
+        assert_eq!(lines(&[b"NOOP\rQUIT\r\n"]), ["<bare>", "QUIT"]);
+        assert_eq!(lines(&[b"NOOP\r", b"QUIT\r\n"]), ["<bare>", "QUIT"]);
+        assert_eq!(lines(&[b"\r\n"]), [""]);
+    }
+
+    #[test]
+    fn line_limit() {
+        let ok = [vec![b'a'; MAX_COMMAND_LINE - 2], b"\r\n".to_vec()].concat();
+        assert_eq!(lines(&[&ok]).len(), 1);
+        assert_ne!(lines(&[&ok])[0], "<too long>");
+        let long = [vec![b'a'; MAX_COMMAND_LINE - 1], b"\r\nNOOP\r\n".to_vec()].concat();
+        assert_eq!(lines(&[&long]), ["<too long>", "NOOP"]);
+        // Much longer than the buffer, in pieces: one error, then in step again.
+        let huge = vec![b'x'; 3 * INPUT_BUFFER];
+        let mut chunks: Vec<&[u8]> = huge.chunks(4000).collect();
+        chunks.push(b"\r\nNOOP\r\n");
+        assert_eq!(lines(&chunks), ["<too long>", "NOOP"]);
+    }
+}

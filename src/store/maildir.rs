@@ -1,0 +1,374 @@
+//! Local delivery into a Maildir: one message copy written to `tmp/`, fsynced,
+//! renamed into `new/`, and `new/` fsynced, as the Maildir spec prescribes
+//! (<https://cr.yp.to/proto/maildir.html>, "How a message is delivered"; the
+//! `,S=<size>` suffix is the Courier/Dovecot extension that lets readers skip a
+//! stat). Names are `<secs>.M<usecs>P<pid>Q<counter>.<host>,S=<size>`.
+//!
+//! It also guards the path: below the configured Maildir root no directory may
+//! be a symlink, nor may `tmp/`, `new/`, `cur/` or the message file, so a local
+//! user cannot point delivery at someone else's files. The checks are made
+//! with `symlink_metadata` before use; they defeat symlinks placed in advance,
+//! not a concurrent swap by someone who can already write to the Maildir.
+//!
+//! This file does not decide who is local or where a user's Maildir is (the
+//! caller passes the directory), does not build the header it is given, and
+//! never seeks the body: the caller rewinds it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use super::{at, create_dir_durable, next_counter, now_micros, symlink_refused, sync_dir};
+
+/// Attempts at a fresh tmp name before giving up (a clash means a clock jump
+/// and a pid reused in the same microsecond, or a stray file).
+const NAME_ATTEMPTS: u32 = 4;
+
+/// Delivers one copy: writes `header` then all of `body` (read from its current
+/// position to EOF) into `dir/tmp/<unique>`, fsyncs it, renames it into
+/// `dir/new/`, fsyncs `dir/new`. Creates `dir` and its `tmp/ new/ cur/`
+/// (mode 0700) when missing, fsyncing parents. Returns the final path.
+///
+/// With `root` = `Some`, `dir` must lie inside `root` (no `..`), and every
+/// directory from below `root` down to `dir` is created if missing and refused
+/// if it is a symlink (`root` itself is the admin's choice and may be one);
+/// a missing `root` is created (one level). With `None` (an explicitly
+/// configured mailbox), `dir` itself may be a symlink but is created only if
+/// its parent exists. In both cases `tmp/`, `new/`, `cur/` and the message file
+/// must not be symlinks. Refusals are `PermissionDenied`.
+///
+/// On `Err` nothing is left in `tmp/` or `new/`.
+pub fn deliver(
+    dir: &Path,
+    root: Option<&Path>,
+    hostname: &str,
+    header: &[u8],
+    body: &mut File,
+) -> io::Result<PathBuf> {
+    prepare(dir, root)?;
+    let (tmp_path, mut file, unique) = create_tmp(dir, hostname)?;
+    match write_and_publish(dir, &tmp_path, &mut file, &unique, header, body) {
+        Ok(path) => Ok(path),
+        Err(e) => {
+            // Best effort: the file may already be gone, and the original error matters more.
+            let _ = fs::remove_file(&tmp_path);
+            Err(e)
+        }
+    }
+}
+
+/// Checks and creates the directories down to `dir/{tmp,new,cur}`.
+fn prepare(dir: &Path, root: Option<&Path>) -> io::Result<()> {
+    match root {
+        Some(root) => {
+            let rel = dir.strip_prefix(root).map_err(|_| outside(dir, root))?;
+            if fs::metadata(root).is_err() {
+                create_dir_durable(root)?;
+            }
+            let mut cur = root.to_path_buf();
+            for comp in rel.components() {
+                match comp {
+                    Component::Normal(name) => cur.push(name),
+                    Component::CurDir => continue,
+                    _ => return Err(outside(dir, root)),
+                }
+                ensure_dir(&cur)?;
+            }
+        }
+        None => {
+            if fs::metadata(dir).is_err() {
+                create_dir_durable(dir)?;
+            }
+        }
+    }
+    for sub in ["tmp", "new", "cur"] {
+        ensure_dir(&dir.join(sub))?;
+    }
+    Ok(())
+}
+
+fn outside(dir: &Path, root: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "{}: not inside the Maildir root {}",
+            dir.display(),
+            root.display()
+        ),
+    )
+}
+
+/// Ok if `path` is a real directory; creates it durably if missing; refuses a
+/// symlink or anything else.
+fn ensure_dir(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(symlink_refused(path)),
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{}: exists and is not a directory", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create_dir_durable(path),
+        Err(e) => Err(at(path)(e)),
+    }
+}
+
+/// Creates `dir/tmp/<unique>` (create_new, O_NOFOLLOW, 0600).
+fn create_tmp(dir: &Path, hostname: &str) -> io::Result<(PathBuf, File, String)> {
+    let host = escape_host(hostname);
+    let mut last = None;
+    for _ in 0..NAME_ATTEMPTS {
+        let micros = now_micros();
+        let unique = format!(
+            "{}.M{}P{}Q{}.{host}",
+            micros / 1_000_000,
+            micros % 1_000_000,
+            std::process::id(),
+            next_counter()
+        );
+        let path = dir.join("tmp").join(&unique);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(super::FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(file) => return Ok((path, file, unique)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(at(&path)(e)),
+            Err(e) => return Err(at(&path)(e)),
+        }
+    }
+    // The loop runs at least once and only falls through after setting `last`.
+    Err(last.unwrap_or_else(|| io::Error::other("no Maildir name attempted")))
+}
+
+/// The host part of a Maildir name: `/` and `:` would break the name, so they
+/// become `\057` and `\072` as the spec says.
+fn escape_host(hostname: &str) -> String {
+    let host = if hostname.is_empty() {
+        "localhost"
+    } else {
+        hostname
+    };
+    host.replace('/', "\\057").replace(':', "\\072")
+}
+
+fn write_and_publish(
+    dir: &Path,
+    tmp_path: &Path,
+    file: &mut File,
+    unique: &str,
+    header: &[u8],
+    body: &mut File,
+) -> io::Result<PathBuf> {
+    file.write_all(header).map_err(at(tmp_path))?;
+    let copied = io::copy(body, file).map_err(at(tmp_path))?;
+    file.sync_all().map_err(at(tmp_path))?;
+    let size = header.len() as u64 + copied;
+
+    let new_dir = dir.join("new");
+    let final_path = new_dir.join(format!("{unique},S={size}"));
+    // rename(2) would silently replace an existing message; names are unique,
+    // so this only guards against a stray file.
+    if fs::symlink_metadata(&final_path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{}: already exists", final_path.display()),
+        ));
+    }
+    fs::rename(tmp_path, &final_path).map_err(at(&final_path))?;
+    if let Err(e) = sync_dir(&new_dir) {
+        // Not durable, so report failure; take the copy back so `Err` always
+        // means "not delivered" (a retry then cannot produce a duplicate).
+        let _ = fs::remove_file(&final_path);
+        return Err(e);
+    }
+    Ok(final_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testdir::{names, TestDir};
+    use super::*;
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    /// A body file holding `content`, rewound.
+    fn body(t: &TestDir, content: &[u8]) -> File {
+        let p = t.path().join(format!("body-{}", super::super::new_id()));
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .expect("body file");
+        f.write_all(content).expect("write body");
+        f.seek(SeekFrom::Start(0)).expect("rewind");
+        f
+    }
+
+    #[test]
+    fn delivers_byte_identical_copy() {
+        let t = TestDir::new("md-deliver");
+        let root = t.path().join("mail");
+        let dir = root.join("alice");
+        let mut b = body(&t, b"Subject: hi\r\n\r\nbody\r\n");
+        let header = b"Return-Path: <bob@example.com>\r\n";
+        let path = deliver(&dir, Some(&root), "pi.lan", header, &mut b).expect("deliver");
+
+        assert_eq!(path.parent(), Some(dir.join("new").as_path()));
+        let got = fs::read(&path).expect("read delivered");
+        assert_eq!(
+            got,
+            b"Return-Path: <bob@example.com>\r\nSubject: hi\r\n\r\nbody\r\n"
+        );
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.ends_with(&format!(".pi.lan,S={}", got.len())),
+            "{name}"
+        );
+        assert!(
+            name.contains(&format!("P{}Q", std::process::id())),
+            "{name}"
+        );
+        let mode = fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        for sub in ["tmp", "new", "cur"] {
+            let m = fs::metadata(dir.join(sub))
+                .expect("subdir")
+                .permissions()
+                .mode();
+            assert_eq!(m & 0o777, 0o700, "{sub}");
+        }
+        assert!(names(&dir.join("tmp")).is_empty());
+        assert!(names(&dir.join("cur")).is_empty());
+    }
+
+    #[test]
+    fn two_deliveries_two_files() {
+        let t = TestDir::new("md-two");
+        let dir = t.path().join("box");
+        let mut b1 = body(&t, b"one\r\n");
+        let mut b2 = body(&t, b"two\r\n");
+        let p1 = deliver(&dir, None, "h", b"", &mut b1).expect("first");
+        let p2 = deliver(&dir, None, "h", b"", &mut b2).expect("second");
+        assert_ne!(p1, p2);
+        assert_eq!(names(&dir.join("new")).len(), 2);
+        assert_eq!(fs::read(&p1).expect("p1"), b"one\r\n");
+        assert_eq!(fs::read(&p2).expect("p2"), b"two\r\n");
+        assert!(names(&dir.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn reads_body_from_current_position() {
+        let t = TestDir::new("md-pos");
+        let dir = t.path().join("box");
+        let mut b = body(&t, b"skipped|kept");
+        b.seek(SeekFrom::Start(8)).expect("seek");
+        let p = deliver(&dir, None, "h", b"H\r\n", &mut b).expect("deliver");
+        assert_eq!(fs::read(&p).expect("read"), b"H\r\nkept");
+    }
+
+    #[test]
+    fn host_is_escaped() {
+        assert_eq!(escape_host("a/b:c"), "a\\057b\\072c");
+        assert_eq!(escape_host(""), "localhost");
+        let t = TestDir::new("md-host");
+        let dir = t.path().join("box");
+        let mut b = body(&t, b"x");
+        let p = deliver(&dir, None, "evil/../host:1", b"", &mut b).expect("deliver");
+        assert_eq!(p.parent(), Some(dir.join("new").as_path()));
+        assert!(p
+            .to_string_lossy()
+            .contains("evil\\057..\\057host\\0721,S=1"));
+    }
+
+    #[test]
+    fn refuses_symlinked_user_dir_under_root() {
+        let t = TestDir::new("md-link");
+        let root = t.path().join("mail");
+        fs::create_dir(&root).expect("root");
+        let elsewhere = t.path().join("elsewhere");
+        fs::create_dir(&elsewhere).expect("elsewhere");
+        symlink(&elsewhere, root.join("alice")).expect("symlink");
+
+        let mut b = body(&t, b"x");
+        let e = deliver(&root.join("alice"), Some(&root), "h", b"", &mut b).expect_err("refused");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("symlink"), "{e}");
+        // Also when the symlink is an intermediate component.
+        let e = deliver(&root.join("alice/Maildir"), Some(&root), "h", b"", &mut b)
+            .expect_err("refused");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(names(&elsewhere).is_empty(), "nothing written outside");
+    }
+
+    #[test]
+    fn refuses_dir_outside_root() {
+        let t = TestDir::new("md-outside");
+        let root = t.path().join("mail");
+        let mut b = body(&t, b"x");
+        for dir in [
+            t.path().join("other"),
+            root.join("../other"),
+            root.join("a/../../other"),
+        ] {
+            let e = deliver(&dir, Some(&root), "h", b"", &mut b).expect_err("refused");
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::PermissionDenied,
+                "{}",
+                dir.display()
+            );
+        }
+        assert!(fs::symlink_metadata(t.path().join("other")).is_err());
+    }
+
+    #[test]
+    fn refuses_symlinked_new_even_without_root() {
+        let t = TestDir::new("md-newlink");
+        let dir = t.path().join("box");
+        let elsewhere = t.path().join("elsewhere");
+        fs::create_dir_all(dir.join("tmp")).expect("tmp");
+        fs::create_dir(dir.join("cur")).expect("cur");
+        fs::create_dir(&elsewhere).expect("elsewhere");
+        symlink(&elsewhere, dir.join("new")).expect("symlink");
+
+        let mut b = body(&t, b"x");
+        let e = deliver(&dir, None, "h", b"", &mut b).expect_err("refused");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(names(&elsewhere).is_empty());
+        assert!(names(&dir.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn new_not_a_directory_leaves_nothing() {
+        let t = TestDir::new("md-newfile");
+        let dir = t.path().join("box");
+        fs::create_dir_all(dir.join("tmp")).expect("tmp");
+        fs::write(dir.join("new"), b"").expect("new as a file");
+        let mut b = body(&t, b"x");
+        assert!(deliver(&dir, None, "h", b"", &mut b).is_err());
+        assert!(names(&dir.join("tmp")).is_empty());
+        assert_eq!(fs::read(dir.join("new")).expect("still a file"), b"");
+    }
+
+    #[test]
+    fn failed_copy_removes_tmp_file() {
+        let t = TestDir::new("md-fail");
+        let dir = t.path().join("box");
+        // A write-only handle: reading the body fails after the tmp file exists.
+        let p = t.path().join("wo");
+        fs::write(&p, b"body").expect("write");
+        let mut wo = OpenOptions::new().write(true).open(&p).expect("open wo");
+        assert!(deliver(&dir, None, "h", b"header", &mut wo).is_err());
+        assert!(names(&dir.join("tmp")).is_empty());
+        assert!(names(&dir.join("new")).is_empty());
+    }
+}

@@ -1,0 +1,137 @@
+//! DATA over TCP: fake end-of-data sequences (SMTP smuggling), limits, loops.
+
+use crate::util::{split_message, Server, TempDir};
+
+const LOCAL: &str = "[local]\ndomains = [\"localhost\"]\nusers = [\"alice\", \"bob\"]\n";
+
+fn ready(s: &Server) -> crate::util::Client {
+    let mut c = s.client();
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    c
+}
+
+#[test]
+fn fake_end_of_data_never_ends_data_or_starts_a_transaction() {
+    let fakes: [&[u8]; 6] = [
+        b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\n.\r",
+    ];
+    for fake in fakes {
+        let dir = TempDir::new();
+        let s = Server::start(&dir, LOCAL);
+        let mut c = ready(&s);
+        assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<alice@localhost>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        let mut attack = b"Subject: hi\r\n\r\nfirst".to_vec();
+        attack.extend_from_slice(fake);
+        attack.extend_from_slice(b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<bob@localhost>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n");
+        c.send(&attack);
+        let r = c.reply();
+        assert!(r.starts_with("550 5.6.0"), "{fake:?}: {r}");
+        // The session is still in step: the next reply is for our NOOP.
+        assert!(c.cmd("NOOP").starts_with("250"), "{fake:?}");
+        assert!(s.mail("alice").is_empty(), "{fake:?}");
+        assert!(
+            s.mail("bob").is_empty(),
+            "{fake:?}: smuggled message delivered"
+        );
+    }
+}
+
+#[test]
+fn body_is_byte_identical_after_dot_unstuffing() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, LOCAL);
+    let mut c = ready(&s);
+    // What a client sends after stuffing: every line starting with "." doubled.
+    let wire = "Subject: dots\r\n\r\n..leading dot\r\n..\r\n...two\r\nend.\r\n\r\n";
+    let r = c.send_mail("a@b.test", &["alice@localhost"], wire);
+    assert!(r.starts_with("250 2.0.0 OK: queued as"), "{r}");
+    let mail = s.mail("alice");
+    let (_, body) = split_message(&mail[0]);
+    assert_eq!(
+        String::from_utf8(body).expect("utf8"),
+        ".leading dot\r\n.\r\n..two\r\nend.\r\n\r\n"
+    );
+}
+
+#[test]
+fn over_size_message_gets_552_and_earlier_mail_is_kept() {
+    let dir = TempDir::new();
+    let s = Server::start(
+        &dir,
+        &format!("{LOCAL}[limits]\nmax_message_size = \"2K\"\n"),
+    );
+    let mut c = ready(&s);
+    let small = "Subject: small\r\n\r\nok\r\n";
+    assert!(c
+        .send_mail("a@b.test", &["alice@localhost"], small)
+        .starts_with("250"));
+    let big = format!(
+        "Subject: big\r\n\r\n{}",
+        "0123456789012345678901234567890123456789\r\n".repeat(100)
+    );
+    let r = c.send_mail("a@b.test", &["alice@localhost"], &big);
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    assert!(c.cmd("NOOP").starts_with("250"));
+    assert_eq!(s.mail("alice").len(), 1);
+    let leftovers = std::fs::read_dir(s.data.join("incoming"))
+        .expect("incoming")
+        .count();
+    assert_eq!(leftovers, 0, "refused message left a spool file");
+}
+
+#[test]
+fn over_long_data_line_gets_550() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, LOCAL);
+    let mut c = ready(&s);
+    let body = format!("Subject: long\r\n\r\n{}\r\n", "x".repeat(1200));
+    let r = c.send_mail("a@b.test", &["alice@localhost"], &body);
+    assert!(r.starts_with("550 5.6.0"), "{r}");
+    let ok = format!("Subject: long\r\n\r\n{}\r\n", "x".repeat(998));
+    assert!(c
+        .send_mail("a@b.test", &["alice@localhost"], &ok)
+        .starts_with("250"));
+    assert_eq!(s.mail("alice").len(), 1);
+}
+
+#[test]
+fn more_than_50_received_headers_is_a_loop() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, LOCAL);
+    let mut c = ready(&s);
+    let hops = |n: usize| {
+        let mut m = "Received: from a by b; Thu, 1 Jan 1970 00:00:00 +0000\r\n".repeat(n);
+        m.push_str("Subject: loop\r\n\r\nbody\r\n");
+        m
+    };
+    let r = c.send_mail("a@b.test", &["alice@localhost"], &hops(51));
+    assert!(r.starts_with("554 5.4.6"), "{r}");
+    let r = c.send_mail("a@b.test", &["alice@localhost"], &hops(50));
+    assert!(r.starts_with("250"), "{r}");
+    assert_eq!(s.mail("alice").len(), 1);
+}
+
+#[test]
+fn recipients_over_the_limit_get_452_and_the_rest_get_the_mail() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, "[local]\ndomains = [\"localhost\"]\n");
+    let mut c = ready(&s);
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    for i in 0..100 {
+        assert!(c
+            .cmd(&format!("RCPT TO:<user{i}@localhost>"))
+            .starts_with("250 2.1.5"));
+    }
+    assert!(c
+        .cmd("RCPT TO:<user100@localhost>")
+        .starts_with("452 4.5.3"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: many\r\n\r\nhi\r\n");
+    assert!(c.cmd(".").starts_with("250"));
+    for i in 0..100 {
+        assert_eq!(s.mail(&format!("user{i}")).len(), 1, "user{i}");
+    }
+    assert!(s.mail("user100").is_empty());
+}

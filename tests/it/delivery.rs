@@ -1,0 +1,190 @@
+//! End to end with a real SMTP client library (lettre): what lands in the
+//! Maildir and the queue.
+
+use std::fs;
+
+use lettre::message::Mailbox;
+use lettre::transport::smtp::extension::ClientId;
+use lettre::{Message, SmtpTransport, Transport};
+
+use crate::util::{read_new, split_message, Server, TempDir};
+
+fn transport(s: &Server) -> SmtpTransport {
+    SmtpTransport::builder_dangerous(s.addr.ip().to_string())
+        .port(s.addr.port())
+        .hello_name(ClientId::Domain("client.test".into()))
+        .build()
+}
+
+fn mailbox(addr: &str) -> Mailbox {
+    addr.parse().expect("valid address")
+}
+
+#[test]
+fn lettre_delivers_one_file_per_recipient_with_trace_headers() {
+    let dir = TempDir::new();
+    let s = Server::start(
+        &dir,
+        "hostname = \"pi.test\"\n[local]\ndomains = [\"localhost\", \"pi.test\"]\n",
+    );
+    let body = "Hello Alice,\r\n.a line that starts with a dot\r\n..and two\r\n.\r\nbye\r\n";
+    let email = Message::builder()
+        .from(mailbox("Cron <cron@pi.test>"))
+        .to(mailbox("alice@pi.test"))
+        .to(mailbox("bob@localhost"))
+        .subject("backup done")
+        .body(body.to_string())
+        .expect("build message");
+    let response = transport(&s).send(&email).expect("send");
+    assert_eq!(response.code().to_string(), "250");
+
+    for (user, addr) in [("alice", "alice@pi.test"), ("bob", "bob@localhost")] {
+        let mail = s.mail(user);
+        assert_eq!(mail.len(), 1, "{user} has one message");
+        let (header, got_body) = split_message(&mail[0]);
+        let lines: Vec<&str> = header.lines().collect();
+        assert_eq!(lines[0], "Return-Path: <cron@pi.test>");
+        assert_eq!(lines[1], format!("Delivered-To: {addr}"));
+        assert!(
+            lines[2].starts_with("Received: from client.test ([127.0.0.1])"),
+            "{header}"
+        );
+        assert!(
+            header.contains("\tby pi.test (postling) with ESMTP id "),
+            "{header}"
+        );
+        assert!(
+            !header.contains("\tfor <"),
+            "two recipients: no `for` clause"
+        );
+        assert!(header.contains("Subject: backup done"));
+        // lettre sends the body as is (7bit) and then CRLF.CRLF, so the
+        // stored body is ours plus that final CRLF, dots unstuffed.
+        assert_eq!(
+            String::from_utf8(got_body).expect("utf8"),
+            format!("{body}\r\n")
+        );
+        let dir_new = s.data.join("mail").join(user);
+        for sub in ["tmp", "new", "cur"] {
+            assert!(dir_new.join(sub).is_dir(), "{user}/{sub}");
+        }
+        assert_eq!(fs::read_dir(dir_new.join("tmp")).expect("tmp").count(), 0);
+    }
+    assert!(s.queue().is_empty());
+}
+
+#[test]
+fn remote_recipients_are_queued_durably() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, "");
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    let r = c.send_mail(
+        "cron@localhost",
+        &["someone@example.com", "alice@localhost"],
+        "Subject: out\r\n\r\nhi\r\n",
+    );
+    assert!(r.starts_with("250 2.0.0 OK: queued as "), "{r}");
+    let id = r.rsplit(' ').next().expect("id").to_string();
+    let queue = s.queue();
+    assert_eq!(queue.len(), 1);
+    assert_eq!(queue[0].0, id);
+    assert!(
+        queue[0].1.contains("rcpt pending someone@example.com"),
+        "{}",
+        queue[0].1
+    );
+    assert!(queue[0].1.contains("from cron@localhost"), "{}", queue[0].1);
+    let message = fs::read(s.data.join("queue").join(&id).join("message")).expect("message");
+    let (header, body) = split_message(&message);
+    assert!(header.starts_with("Received: from client.test"), "{header}");
+    assert_eq!(body, b"hi\r\n");
+    assert_eq!(s.mail("alice").len(), 1);
+    assert!(crate::util::wait_for(
+        std::time::Duration::from_secs(5),
+        || s.log().contains(&format!("id={id} status=queued"))
+    ));
+}
+
+#[test]
+fn aliases_expand_to_mailboxes_and_remote_addresses() {
+    let dir = TempDir::new();
+    let aliases = dir.path().join("aliases");
+    fs::write(&aliases, "# system aliases\nroot: alice, bob@example.com\npostmaster: root\nstaff: alice,\n  carol\n").expect("aliases");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\nusers = [\"alice\", \"carol\"]\naliases = \"{}\"\n",
+        aliases.display()
+    );
+    let s = Server::start(&dir, &config);
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    let r = c.send_mail(
+        "smartd@localhost",
+        &["root@localhost"],
+        "Subject: disk\r\n\r\nSMART error\r\n",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let mail = s.mail("alice");
+    assert_eq!(mail.len(), 1);
+    let (header, _) = split_message(&mail[0]);
+    assert!(header.contains("Delivered-To: alice@localhost"), "{header}");
+    assert!(header.contains("\tfor <root@localhost>"), "{header}");
+    let queue = s.queue();
+    assert_eq!(queue.len(), 1);
+    assert!(queue[0].1.contains("rcpt pending bob@example.com"));
+
+    c.send_mail(
+        "x@localhost",
+        &["staff@localhost"],
+        "Subject: staff\r\n\r\nhi\r\n",
+    );
+    assert_eq!(s.mail("alice").len(), 2);
+    assert_eq!(s.mail("carol").len(), 1);
+    // <Postmaster> is always accepted, here through the alias chain to alice.
+    c.send_mail("x@localhost", &["Postmaster"], "Subject: pm\r\n\r\nhi\r\n");
+    assert_eq!(s.mail("alice").len(), 3);
+    assert!(c.cmd("MAIL FROM:<x@localhost>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<dave@localhost>").starts_with("550 5.1.1"));
+}
+
+#[test]
+fn explicit_mailbox_paths_and_plus_detail() {
+    let dir = TempDir::new();
+    let home = dir.path().join("home-alice-Maildir");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\nmailboxes = {{ alice = \"{}\" }}\n",
+        home.display()
+    );
+    let s = Server::start(&dir, &config);
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .send_mail(
+            "x@localhost",
+            &["alice+backups@localhost"],
+            "Subject: a\r\n\r\nhi\r\n"
+        )
+        .starts_with("250"));
+    assert_eq!(read_new(&home).len(), 1);
+    assert!(s.mail("alice").is_empty());
+}
+
+#[test]
+fn smtputf8_and_8bit_mail_is_delivered() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, "[local]\ndomains = [\"localhost\"]\n");
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .cmd("MAIL FROM:<jürgen@bücher.example> SMTPUTF8 BODY=8BITMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<alice@localhost>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: Grüße\r\n\r\nÄpfel\r\n".as_bytes());
+    assert!(c.cmd(".").starts_with("250"));
+    let mail = s.mail("alice");
+    let text = String::from_utf8(mail[0].clone()).expect("utf8");
+    assert!(text.starts_with("Return-Path: <jürgen@bücher.example>\r\n"));
+    assert!(text.contains("with UTF8SMTP id"));
+    assert!(text.ends_with("\r\n\r\nÄpfel\r\n"));
+}

@@ -1,0 +1,124 @@
+//! Start-up, configuration errors, shutdown, and recovery of what a crash left.
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::{Server, TempDir, BIN};
+
+fn run_with_config(config: &str) -> (i32, String) {
+    let dir = TempDir::new();
+    let path = dir.path().join("bad.toml");
+    fs::write(&path, config).expect("write config");
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run postling");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_names_file_line_and_key_and_exits_78() {
+    let cases = [
+        (
+            "hostname = \"a\"\n[limits]\nmax_message_size = \"25Q\"\n",
+            "bad.toml:3: limits.max_message_size",
+        ),
+        (
+            "[limits]\nmax_recipients = 10\n",
+            "bad.toml:2: limits.max_recipients",
+        ),
+        ("\n\nbogus_key = 1\n", "bad.toml:3: bogus_key"),
+        (
+            "[relay]\nallow_from = [\"10.0.0.0/33\"]\n",
+            "bad.toml:2: relay.allow_from",
+        ),
+    ];
+    for (config, want) in cases {
+        let (code, err) = run_with_config(config);
+        assert_eq!(code, 78, "{config}: {err}");
+        assert!(err.contains(want), "{config}: want {want:?} in {err:?}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent/postling.toml"])
+        .output()
+        .expect("run postling");
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/postling.toml"));
+}
+
+#[test]
+fn version_and_usage() {
+    let out = Command::new(BIN).arg("--version").output().expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("postling "));
+    let out = Command::new(BIN).arg("frobnicate").output().expect("run");
+    assert!(!out.status.success());
+}
+
+#[test]
+fn sigterm_lets_the_open_transaction_finish_then_exits_0() {
+    let dir = TempDir::new();
+    let mut s = Server::start(&dir, "");
+    let mut idle = s.client();
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<alice@localhost>");
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
+    let kill = Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    // The idle session is told, the busy one may finish.
+    assert_eq!(
+        idle.reply(),
+        "421 4.3.2 Service shutting down, try again later"
+    );
+    // New connections are refused once the listener is closed.
+    assert!(crate::util::wait_for(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(s.addr).is_err()
+    }));
+    c.send(b"second half\r\n");
+    assert!(c.cmd(".").starts_with("250"));
+    assert_eq!(
+        c.reply(),
+        "421 4.3.2 Service shutting down, try again later"
+    );
+    let status = s.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(s.mail("alice").len(), 1);
+}
+
+#[test]
+fn startup_sweeps_half_written_spools_and_keeps_the_queue() {
+    let dir = TempDir::new();
+    let mut s = Server::start(&dir, "");
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    let r = c.send_mail(
+        "a@localhost",
+        &["x@example.com"],
+        "Subject: q\r\n\r\nqueued\r\n",
+    );
+    assert!(r.starts_with("250"));
+    s.kill();
+    // What a crash mid-DATA leaves: an incoming entry that was never acknowledged.
+    let half = s.data.join("incoming").join("0000000000000000HALF");
+    fs::create_dir_all(&half).expect("mkdir");
+    fs::write(half.join("message"), "Subject: half").expect("write");
+    let s2 = Server::start_at(dir.path(), "", "127.0.0.1:0");
+    assert!(!half.exists(), "half-written spool survived start-up");
+    assert_eq!(s2.queue().len(), 1);
+    assert!(crate::util::wait_for(Duration::from_secs(5), || s2
+        .log()
+        .contains("queue: 1 message(s) waiting")));
+}

@@ -1,0 +1,11 @@
+//! The integration suite: one binary that runs the real `postling` server on
+//! 127.0.0.1:0 and talks to it with raw SMTP and with a real client library
+//! (lettre), then reads the Maildir and queue files it wrote.
+
+mod crash;
+mod data;
+mod delivery;
+mod lifecycle;
+mod limits;
+mod protocol;
+mod util;
