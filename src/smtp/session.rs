@@ -408,3 +408,162 @@ fn data_error_reply(e: DataError) -> Reply {
         DataError::Storage => reply::local_error(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let text = "hostname = \"mx.test\"\n[local]\ndomains = [\"localhost\"]\nusers = [\"alice\"]\n[relay]\nallow_from = [\"10.0.0.0/8\"]\n[limits]\nmax_errors = 100\n";
+        crate::config::parse(text, None, &Default::default()).expect("valid test config")
+    }
+
+    /// Runs `script` (commands separated by `|`) and returns each reply's
+    /// "code enhanced" prefix, or "DATA" where the driver would stream data.
+    fn run(config: &Config, peer: &str, script: &str) -> Vec<String> {
+        let mut s = Session::new(config, "T".into(), peer.parse().expect("ip"));
+        script
+            .split('|')
+            .map(|cmd| match s.command(cmd.as_bytes()) {
+                Action::Reply(r) | Action::Close(r) => {
+                    format!("{} {}", r.code, r.enhanced.unwrap_or(""))
+                        .trim_end()
+                        .to_string()
+                }
+                Action::Data(_) => {
+                    s.data_done(DataResult::Stored { id: "X".into() });
+                    "DATA".into()
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn transcripts() {
+        let c = config();
+        let cases: &[(&str, &str, &str)] = &[
+            // (peer, commands, replies)
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|RCPT TO:<alice@localhost>|DATA",
+                "250|250 2.1.0|250 2.1.5|DATA",
+            ),
+            ("127.0.0.1", "MAIL FROM:<x@y>", "503 5.5.1"),
+            (
+                "127.0.0.1",
+                "EHLO a|RCPT TO:<alice@localhost>",
+                "250|503 5.5.1",
+            ),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|DATA",
+                "250|250 2.1.0|503 5.5.1",
+            ),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|RCPT TO:<bob@localhost>|DATA",
+                "250|250 2.1.0|550 5.1.1|554 5.5.1",
+            ),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|MAIL FROM:<x@y>",
+                "250|250 2.1.0|503 5.5.1",
+            ),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|RSET|RCPT TO:<alice@localhost>",
+                "250|250 2.1.0|250 2.0.0|503 5.5.1",
+            ),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|EHLO b|RCPT TO:<alice@localhost>",
+                "250|250 2.1.0|250|503 5.5.1",
+            ),
+            ("127.0.0.1", "RSET|MAIL FROM:<x@y>", "250 2.0.0|503 5.5.1"),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|RCPT TO:<a%b@localhost>",
+                "250|250 2.1.0|554 5.7.1",
+            ),
+            // 127.0.0.1 is outside this config's allow_from: no relaying.
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|RCPT TO:<u@example.com>",
+                "250|250 2.1.0|554 5.7.1",
+            ),
+            (
+                "10.1.2.3",
+                "EHLO a|MAIL FROM:<x@y>|RCPT TO:<u@example.com>|DATA",
+                "250|250 2.1.0|250 2.1.5|DATA",
+            ),
+            (
+                "::ffff:10.1.2.3",
+                "EHLO a|MAIL FROM:<x@y>|RCPT TO:<u@example.com>",
+                "250|250 2.1.0|250 2.1.5",
+            ),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y>|RCPT TO:<postmaster>",
+                "250|250 2.1.0|250 2.1.5",
+            ),
+            (
+                "127.0.0.1",
+                "HELO a|MAIL FROM:<x@y> SIZE=1",
+                "250|555 5.5.4",
+            ),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y> SIZE=26214401",
+                "250|552 5.3.4",
+            ),
+            (
+                "127.0.0.1",
+                "EHLO a|MAIL FROM:<x@y> SIZE=26214400",
+                "250|250 2.1.0",
+            ),
+            ("127.0.0.1", "QUIT", "221 2.0.0"),
+        ];
+        for (peer, script, want) in cases {
+            assert_eq!(run(&c, peer, script).join("|"), *want, "{peer} {script}");
+        }
+    }
+
+    #[test]
+    fn error_limit_closes() {
+        let mut c = config();
+        c.limits.max_errors = 2;
+        let mut s = Session::new(&c, "T".into(), "127.0.0.1".parse().expect("ip"));
+        assert!(matches!(s.command(b"X"), Action::Reply(_)));
+        assert!(matches!(s.command(b"X"), Action::Reply(_)));
+        match s.command(b"X") {
+            Action::Close(r) => assert_eq!((r.code, r.enhanced), (421, Some("4.7.0"))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_results_map_to_replies() {
+        let c = config();
+        let cases = [
+            (DataResult::Stored { id: "ABC".into() }, 250, "2.0.0"),
+            (DataResult::Loop, 554, "5.4.6"),
+            (DataResult::Refused(DataError::TooBig), 552, "5.3.4"),
+            (DataResult::Refused(DataError::BareLineEnding), 550, "5.6.0"),
+            (DataResult::Refused(DataError::LineTooLong), 550, "5.6.0"),
+            (DataResult::Refused(DataError::Storage), 451, "4.3.0"),
+        ];
+        for (result, code, enhanced) in cases {
+            let mut s = Session::new(&c, "T".into(), "127.0.0.1".parse().expect("ip"));
+            for cmd in ["EHLO a", "MAIL FROM:<x@y>", "RCPT TO:<alice@localhost>"] {
+                s.command(cmd.as_bytes());
+            }
+            assert!(matches!(s.command(b"DATA"), Action::Data(_)));
+            assert!(!s.is_idle());
+            match s.data_done(result) {
+                Action::Reply(r) => assert_eq!((r.code, r.enhanced), (code, Some(enhanced))),
+                other => panic!("{other:?}"),
+            }
+            assert!(s.is_idle(), "back to Ready after DATA");
+        }
+    }
+}

@@ -122,3 +122,57 @@ fn startup_sweeps_half_written_spools_and_keeps_the_queue() {
         .log()
         .contains("queue: 1 message(s) waiting")));
 }
+
+#[test]
+fn listens_on_ipv6_and_ipv4_at_once() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let dir = TempDir::new();
+    let config = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"[::1]:0\"\n";
+    let data = dir.path().join("data");
+    fs::write(dir.path().join("v6.toml"), config).expect("config");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.path().join("v6.toml"))
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut addrs = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+        let line = line.expect("log line");
+        if let Some(rest) = line.split("listening addr=").nth(1) {
+            addrs.push(
+                rest.split_whitespace()
+                    .next()
+                    .expect("addr")
+                    .parse::<std::net::SocketAddr>()
+                    .expect("addr"),
+            );
+            if addrs.len() == 2 {
+                break;
+            }
+        }
+    }
+    for addr in &addrs {
+        let mut c = crate::util::Client::connect(*addr);
+        c.cmd("EHLO v6.test");
+        assert!(c
+            .send_mail("a@b.test", &["alice@localhost"], "Subject: v\r\n\r\nhi\r\n")
+            .starts_with("250"));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mail = crate::util::read_new(&data.join("mail").join("alice"));
+    assert_eq!(mail.len(), 2);
+    let text: Vec<String> = mail
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
+    assert!(text.iter().any(|t| t.contains("([IPv6:::1])")), "{text:?}");
+    assert!(text.iter().any(|t| t.contains("([127.0.0.1])")), "{text:?}");
+}
