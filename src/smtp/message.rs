@@ -56,8 +56,8 @@ impl Message {
             },
         };
         let mut h = format!(
-            "Received: from {} ({})\r\n\tby {} (postling) with {} id {}",
-            self.helo, peer, hostname, self.protocol, id
+            "Received: from {} ({})\r\n\tby {} (postling session {}) with {} id {}",
+            self.helo, peer, hostname, self.session, self.protocol, id
         );
         // Name the recipient only when there is exactly one, so a Bcc
         // recipient is never shown to the others (as Postfix does).
@@ -133,7 +133,7 @@ mod tests {
         }]);
         assert_eq!(
             one.received_header("pi.lan", "ID1", 0),
-            "Received: from printer.lan ([192.168.1.5])\r\n\tby pi.lan (postling) with ESMTP id ID1\r\n\tfor <x@pi.lan>; Thu, 1 Jan 1970 00:00:00 +0000\r\n"
+            "Received: from printer.lan ([192.168.1.5])\r\n\tby pi.lan (postling session S1) with ESMTP id ID1\r\n\tfor <x@pi.lan>; Thu, 1 Jan 1970 00:00:00 +0000\r\n"
         );
         let two = msg(vec![
             Recipient {

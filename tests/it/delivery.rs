@@ -50,7 +50,8 @@ fn lettre_delivers_one_file_per_recipient_with_trace_headers() {
             "{header}"
         );
         assert!(
-            header.contains("\tby pi.test (postling) with ESMTP id "),
+            header.contains("\tby pi.test (postling session ")
+                && header.contains(") with ESMTP id "),
             "{header}"
         );
         assert!(
@@ -187,4 +188,45 @@ fn smtputf8_and_8bit_mail_is_delivered() {
     assert!(text.starts_with("Return-Path: <jürgen@bücher.example>\r\n"));
     assert!(text.contains("with UTF8SMTP id"));
     assert!(text.ends_with("\r\n\r\nÄpfel\r\n"));
+}
+
+#[test]
+fn a_failed_write_gets_451_and_leaves_no_partial_file() {
+    let dir = TempDir::new();
+    // alice's mailbox sits below a regular file: every write there fails
+    // (ENOTDIR), as it would on a full or read-only disk.
+    let blocker = dir.path().join("not-a-dir");
+    fs::write(&blocker, "x").expect("blocker");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\nmailboxes = {{ alice = \"{}\" }}\n",
+        blocker.join("Maildir").display()
+    );
+    let s = Server::start(&dir, &config);
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    let r = c.send_mail(
+        "a@b.test",
+        &["bob@localhost", "alice@localhost", "x@example.com"],
+        "Subject: f\r\n\r\nhi\r\n",
+    );
+    assert!(r.starts_with("451 4.3.0"), "{r}");
+    // Nothing was committed to the queue, and no spool is left behind.
+    assert!(s.queue().is_empty());
+    let spool_gone = crate::util::wait_for(std::time::Duration::from_secs(5), || {
+        fs::read_dir(s.data.join("incoming"))
+            .expect("incoming")
+            .count()
+            == 0
+    });
+    assert!(spool_gone);
+    // The session goes on, and mail that can be stored still is.
+    assert!(c
+        .send_mail("a@b.test", &["bob@localhost"], "Subject: g\r\n\r\nhi\r\n")
+        .starts_with("250"));
+    // bob's copy from the failed attempt may exist (a duplicate on retry is
+    // allowed); the acknowledged one must.
+    assert!(s
+        .mail("bob")
+        .iter()
+        .any(|m| String::from_utf8_lossy(m).contains("Subject: g")));
 }
