@@ -19,7 +19,7 @@ use log::info;
 use crate::server::Context;
 use crate::smtp::conn::unix_now;
 use crate::smtp::message::Message;
-use crate::store::envelope::{Envelope, RcptState, Recipient};
+use crate::store::envelope::Envelope;
 use crate::store::maildir;
 use crate::store::queue::Spool;
 
@@ -55,22 +55,11 @@ pub fn store(message: &Message, mut spool: Spool, size: u64, ctx: &Context) -> i
         spool.discard()?;
         return Ok(());
     }
-    let envelope = Envelope {
-        id: id.clone(),
-        arrived: unix_now(),
-        sender: sender.clone(),
-        recipients: remote
-            .iter()
-            .map(|a| Recipient {
-                address: a.to_string(),
-                state: RcptState::Pending,
-            })
-            .collect(),
-        client: format!(
-            "[{}] helo={} session={}",
-            message.peer, message.helo, message.session
-        ),
-    };
+    let client = format!(
+        "[{}] helo={} session={}",
+        message.peer, message.helo, message.session
+    );
+    let envelope = Envelope::new(&id, unix_now(), sender, client, &remote);
     spool.commit(&envelope)?;
     for to in &remote {
         info!("id={id} from=<{sender}> to=<{to}> size={size} status=queued");

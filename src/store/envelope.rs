@@ -11,8 +11,13 @@
 //! arrived 1714000000
 //! client [192.168.1.5]%20helo=printer.lan
 //! from -
+//! attempts 2
+//! tried 1714000300
+//! warned 0
 //! rcpt pending alice@example.com
+//! rcpt deferred carol@example.org 451%204.3.0%20try%20later
 //! rcpt failed bob@example.net 550%205.1.1%20no%20such%20user
+//! rcpt delivered dave@example.com
 //! end
 //! ```
 //!
@@ -45,6 +50,12 @@ pub struct Envelope {
     pub recipients: Vec<Recipient>,
     /// Free text about the client, e.g. `[192.168.1.5] helo=printer.lan`; informational.
     pub client: String,
+    /// Delivery attempts made so far (the retry schedule is a function of it).
+    pub attempts: u32,
+    /// When the last attempt ended, in Unix seconds; 0 before the first.
+    pub tried: u64,
+    /// Whether the "delivery delayed" notice has been sent to the sender.
+    pub warned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,9 +66,23 @@ pub struct Recipient {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptState {
+    /// Not tried yet.
     Pending,
+    /// Tried and failed temporarily; `reason` is the last error.
+    Deferred {
+        reason: String,
+    },
     Delivered,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
+}
+
+impl RcptState {
+    /// Delivered or failed: nothing more will be tried.
+    pub fn is_final(&self) -> bool {
+        matches!(self, RcptState::Delivered | RcptState::Failed { .. })
+    }
 }
 
 /// Why an envelope file was rejected, with the 1-based line it was found on.
@@ -77,7 +102,7 @@ pub enum EnvelopeErrorKind {
     UnknownKey,
     /// A known key appeared where the named field was required.
     MissingField(&'static str),
-    /// A header key (`id`, `arrived`, `client`, `from`) appeared twice.
+    /// A header key (`id`, `arrived`, ... `warned`) appeared twice.
     DuplicateField(&'static str),
     /// Too few or too many space-separated fields on the line.
     FieldCount,
@@ -87,9 +112,9 @@ pub enum EnvelopeErrorKind {
     BadEscape,
     /// An unescaped value is not UTF-8.
     NotUtf8,
-    /// `arrived` is not a canonical decimal number.
+    /// A number (`arrived`, `attempts`, `tried`, `warned`) is not canonical decimal, or out of range.
     BadNumber,
-    /// A `rcpt` state other than `pending`, `delivered`, `failed`.
+    /// A `rcpt` state other than `pending`, `deferred`, `delivered`, `failed`.
     UnknownState,
     /// The input ends before the `end` line (truncated file).
     MissingEnd,
@@ -131,9 +156,37 @@ impl From<EnvelopeError> for std::io::Error {
 }
 
 /// Header keys in their required order, then the repeated `rcpt`, then `end`.
-const HEADER_KEYS: [&str; 4] = ["id", "arrived", "client", "from"];
+const HEADER_KEYS: [&str; 7] = [
+    "id", "arrived", "client", "from", "attempts", "tried", "warned",
+];
 
 impl Envelope {
+    /// A freshly queued message: every recipient pending, never tried.
+    pub fn new(
+        id: &str,
+        arrived: u64,
+        sender: &str,
+        client: String,
+        recipients: &[&str],
+    ) -> Envelope {
+        Envelope {
+            id: id.to_owned(),
+            arrived,
+            sender: sender.to_owned(),
+            recipients: recipients
+                .iter()
+                .map(|a| Recipient {
+                    address: (*a).to_owned(),
+                    state: RcptState::Pending,
+                })
+                .collect(),
+            client,
+            attempts: 0,
+            tried: 0,
+            warned: false,
+        }
+    }
+
     /// Serializes to the envelope file format (see the module docs).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(128 + 64 * self.recipients.len());
@@ -145,9 +198,15 @@ impl Envelope {
         out.extend_from_slice(format!("arrived {}\n", self.arrived).as_bytes());
         field(&mut out, "client", &[&self.client]);
         field(&mut out, "from", &[&self.sender]);
+        out.extend_from_slice(format!("attempts {}\n", self.attempts).as_bytes());
+        out.extend_from_slice(format!("tried {}\n", self.tried).as_bytes());
+        out.extend_from_slice(format!("warned {}\n", u8::from(self.warned)).as_bytes());
         for r in &self.recipients {
             match &r.state {
                 RcptState::Pending => field(&mut out, "rcpt pending", &[&r.address]),
+                RcptState::Deferred { reason } => {
+                    field(&mut out, "rcpt deferred", &[&r.address, reason])
+                }
                 RcptState::Delivered => field(&mut out, "rcpt delivered", &[&r.address]),
                 RcptState::Failed { reason } => {
                     field(&mut out, "rcpt failed", &[&r.address, reason])
@@ -178,7 +237,7 @@ impl Envelope {
             _ => return Err(err(n, EnvelopeErrorKind::NotAnEnvelope)),
         }
 
-        let mut header: [String; 4] = Default::default();
+        let mut header: [String; 7] = Default::default();
         for (i, want) in HEADER_KEYS.iter().enumerate() {
             let Some((n, line)) = lines.next_line()? else {
                 return Err(err(lines.line + 1, EnvelopeErrorKind::MissingEnd));
@@ -193,8 +252,17 @@ impl Envelope {
             }
             header[i] = unescape(fields[1]).map_err(|k| err(n, k))?;
         }
-        let [id, arrived, client, sender] = header;
+        let [id, arrived, client, sender, attempts, tried, warned] = header;
         let arrived = parse_u64(&arrived).ok_or(err(3, EnvelopeErrorKind::BadNumber))?;
+        let attempts = parse_u64(&attempts)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or(err(6, EnvelopeErrorKind::BadNumber))?;
+        let tried = parse_u64(&tried).ok_or(err(7, EnvelopeErrorKind::BadNumber))?;
+        let warned = match warned.as_str() {
+            "0" => false,
+            "1" => true,
+            _ => return Err(err(8, EnvelopeErrorKind::BadNumber)),
+        };
 
         let mut recipients = Vec::new();
         loop {
@@ -222,6 +290,9 @@ impl Envelope {
             sender,
             recipients,
             client,
+            attempts,
+            tried,
+            warned,
         })
     }
 }
@@ -245,11 +316,14 @@ fn misplaced(key: &[u8], expected: usize) -> EnvelopeErrorKind {
 fn parse_rcpt(fields: &[&[u8]]) -> Result<Recipient, EnvelopeErrorKind> {
     let state = match (fields.get(1).copied(), fields.len()) {
         (Some(b"pending"), 3) => RcptState::Pending,
+        (Some(b"deferred"), 4) => RcptState::Deferred {
+            reason: unescape(fields[3])?,
+        },
         (Some(b"delivered"), 3) => RcptState::Delivered,
         (Some(b"failed"), 4) => RcptState::Failed {
             reason: unescape(fields[3])?,
         },
-        (Some(b"pending" | b"delivered" | b"failed"), _) | (None, _) => {
+        (Some(b"pending" | b"deferred" | b"delivered" | b"failed"), _) | (None, _) => {
             return Err(EnvelopeErrorKind::FieldCount)
         }
         (Some(_), _) => return Err(EnvelopeErrorKind::UnknownState),
@@ -411,6 +485,9 @@ mod tests {
                 },
             ],
             client: "[192.168.1.5] helo=printer.lan".into(),
+            attempts: 0,
+            tried: 0,
+            warned: false,
         }
     }
 
@@ -430,6 +507,7 @@ mod tests {
             text,
             "postling-envelope 1\nid 0ABCDEF1234567890XYZ\narrived 1714000000\n\
              client [192.168.1.5]%20helo=printer.lan\nfrom bob@example.com\n\
+             attempts 0\ntried 0\nwarned 0\n\
              rcpt pending alice@example.com\nrcpt delivered carol@example.org\n\
              rcpt failed dave@example.net 550%205.1.1%20no%20such%20user\nend\n"
         );
@@ -468,13 +546,17 @@ mod tests {
                 address: h.into(),
                 state: RcptState::Failed { reason: h.into() },
             });
+            e.recipients.push(Recipient {
+                address: h.into(),
+                state: RcptState::Deferred { reason: h.into() },
+            });
             roundtrip(&e);
             assert_eq!(
                 Envelope::parse(&e.to_bytes())
                     .expect("parses")
                     .recipients
                     .len(),
-                5
+                6
             );
         }
     }
@@ -486,6 +568,9 @@ mod tests {
         e.arrived = 0;
         roundtrip(&e);
         e.arrived = u64::MAX;
+        e.attempts = u32::MAX;
+        e.tried = u64::MAX;
+        e.warned = true;
         roundtrip(&e);
         e.sender.clear();
         assert!(String::from_utf8(e.to_bytes())
@@ -503,7 +588,9 @@ mod tests {
 
     #[test]
     fn minimal_envelope_parses() {
-        let e = Envelope::parse(b"postling-envelope 1\nid X\narrived 1\nclient -\nfrom -\nend\n")
+        let e = Envelope::parse(
+            b"postling-envelope 1\nid X\narrived 1\nclient -\nfrom -\nattempts 0\ntried 0\nwarned 0\nend\n",
+        )
             .expect("minimal envelope");
         assert_eq!((e.id.as_str(), e.arrived, e.sender.as_str()), ("X", 1, ""));
         assert!(e.recipients.is_empty());
@@ -526,7 +613,7 @@ mod tests {
             ),
             (edit("postling-envelope 1", "hello 1"), 1, NotAnEnvelope),
             (edit("\narrived ", "\nbogus 1\narrived "), 3, UnknownKey),
-            (edit("rcpt pending", "bcc pending"), 6, UnknownKey),
+            (edit("rcpt pending", "bcc pending"), 9, UnknownKey),
             (edit("id 0ABCDEF1234567890XYZ\n", ""), 2, MissingField("id")),
             (
                 edit("client [192.168.1.5]%20helo=printer.lan\n", ""),
@@ -536,12 +623,12 @@ mod tests {
             (edit("from bob@example.com\n", ""), 5, MissingField("from")),
             (
                 edit("rcpt pending", "id X\nrcpt pending"),
-                6,
+                9,
                 DuplicateField("id"),
             ),
             (
                 edit("rcpt pending", "from x\nrcpt pending"),
-                6,
+                9,
                 DuplicateField("from"),
             ),
             (edit("arrived 1714000000", "arrived 17x"), 3, BadNumber),
@@ -573,22 +660,22 @@ mod tests {
                     "rcpt pending alice@example.com",
                     "rcpt maybe alice@example.com",
                 ),
-                6,
+                9,
                 UnknownState,
             ),
             (
                 edit("rcpt pending alice@example.com", "rcpt pending"),
-                6,
+                9,
                 FieldCount,
             ),
             (
                 edit("rcpt pending alice@example.com", "rcpt"),
-                6,
+                9,
                 FieldCount,
             ),
             (
                 edit("rcpt pending alice@example.com", "rcpt pending a why"),
-                6,
+                9,
                 FieldCount,
             ),
             (
@@ -596,14 +683,26 @@ mod tests {
                     "rcpt failed dave@example.net 550",
                     "rcpt failed dave@example.net",
                 ),
-                8,
+                11,
                 FieldCount,
             ),
-            (edit("end\n", ""), 9, MissingEnd),
-            (edit("end\n", "end"), 9, UnterminatedLine),
-            (edit("end\n", "end now\n"), 9, FieldCount),
-            (edit("end\n", "end\n\n"), 10, TrailingData),
-            (edit("end\n", "end\nend\n"), 10, TrailingData),
+            (edit("end\n", ""), 12, MissingEnd),
+            (edit("end\n", "end"), 12, UnterminatedLine),
+            (edit("end\n", "end now\n"), 12, FieldCount),
+            (edit("end\n", "end\n\n"), 13, TrailingData),
+            (edit("end\n", "end\nend\n"), 13, TrailingData),
+            (edit("attempts 0", "attempts 4294967296"), 6, BadNumber),
+            (edit("tried 0", "tried x"), 7, BadNumber),
+            (edit("warned 0", "warned 2"), 8, BadNumber),
+            (edit("attempts 0\n", ""), 6, MissingField("attempts")),
+            (
+                edit(
+                    "rcpt pending alice@example.com",
+                    "rcpt deferred alice@example.com",
+                ),
+                9,
+                FieldCount,
+            ),
             (b"postling-envelope 1\nid X\n".to_vec(), 3, MissingEnd),
         ];
         for (input, line, kind) in cases {

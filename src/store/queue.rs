@@ -400,22 +400,19 @@ impl Drop for Spool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::envelope::{RcptState, Recipient};
+    use super::super::envelope::RcptState;
     use super::super::testdir::{names, TestDir};
     use super::*;
     use std::io::{Seek, SeekFrom};
 
     fn envelope(id: &str) -> Envelope {
-        Envelope {
-            id: id.to_owned(),
-            arrived: 1_714_000_000,
-            sender: "bob@example.com".into(),
-            recipients: vec![Recipient {
-                address: "a@example.net".into(),
-                state: RcptState::Pending,
-            }],
-            client: "[127.0.0.1] helo=test".into(),
-        }
+        Envelope::new(
+            id,
+            1_714_000_000,
+            "bob@example.com",
+            "[127.0.0.1] helo=test".into(),
+            &["a@example.net"],
+        )
     }
 
     /// Writes a message through a new spool and commits it; returns the id.
