@@ -113,13 +113,57 @@ impl Default for Limits {
     }
 }
 
-/// Relay policy: who may send mail to non-local domains.
+/// Relay policy (who may send mail to non-local domains) and outbound
+/// delivery (where it goes, how it is retried).
 #[derive(Debug, Clone)]
 pub struct Relay {
     /// Networks allowed to relay. Default: loopback and the private ranges
     /// 127.0.0.0/8, ::1/128, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16,
     /// fd00::/8.
     pub allow_from: Vec<Cidr>,
+    /// Send all non-local mail through this host; None: direct to each
+    /// domain's MX hosts.
+    pub smarthost: Option<Smarthost>,
+    /// Envelope sender and From: for mail from local users, when relaying.
+    pub rewrite_from: Option<String>,
+    /// Waits between attempts; the last repeats. Default 1m 5m 15m 30m 1h 2h 4h.
+    pub retry: Vec<Duration>,
+    /// Give up and bounce after this long (and at least the attempts the
+    /// schedule makes in that time). Default 5d.
+    pub max_queue_time: Duration,
+    /// Tell the sender once that delivery is delayed; None: never. Default 4h.
+    pub delay_warning: Option<Duration>,
+    /// Name servers for MX lookups; empty: those of /etc/resolv.conf.
+    pub dns_servers: Vec<SocketAddr>,
+    /// TCP port for direct MX delivery. Default 25 (tests use another).
+    pub mx_port: u16,
+    /// Extra PEM trust anchors for the smarthost (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// Deliver undeliverable bounces (null sender) to the local postmaster
+    /// instead of only logging them. Default false.
+    pub double_bounce_to_postmaster: bool,
+    /// How long to wait for a TCP connection to a remote host. Default 30s.
+    pub connect_timeout: Duration,
+}
+
+/// How to reach the smarthost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smarthost {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmarthostTls,
+    /// AUTH user and the file whose first line is the password.
+    pub auth: Option<(String, PathBuf)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmarthostTls {
+    /// STARTTLS, required and verified (port 587 by default).
+    StartTls,
+    /// TLS from the first byte, verified (port 465 by default).
+    Implicit,
+    /// No TLS at all (port 25 by default); AUTH is then refused.
+    None,
 }
 
 impl Relay {
@@ -139,12 +183,23 @@ impl Default for Relay {
             "192.168.0.0/16",
             "fd00::/8",
         ];
+        let m = |n: u64| Duration::from_secs(60 * n);
         Relay {
             // The literals above are valid networks: tested by `defaults`.
             allow_from: nets
                 .iter()
                 .map(|n| n.parse().expect("valid default network"))
                 .collect(),
+            smarthost: None,
+            rewrite_from: None,
+            retry: vec![m(1), m(5), m(15), m(30), m(60), m(120), m(240)],
+            max_queue_time: m(5 * 24 * 60),
+            delay_warning: Some(m(240)),
+            dns_servers: Vec::new(),
+            mx_port: 25,
+            ca_file: None,
+            double_bounce_to_postmaster: false,
+            connect_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -377,6 +432,37 @@ struct RawRelay {
     // Parsed in `build`: toml gives errors inside arrays the whole array's
     // span, and we want the element's line.
     allow_from: Option<Vec<Spanned<String>>>,
+    smarthost: Option<Spanned<String>>,
+    smarthost_tls: Option<Spanned<String>>,
+    smarthost_user: Option<Spanned<String>>,
+    smarthost_password_file: Option<Spanned<PathBuf>>,
+    rewrite_from: Option<Spanned<String>>,
+    retry: Option<Spanned<Vec<Spanned<Secs>>>>,
+    max_queue_time: Option<Spanned<Secs>>,
+    delay_warning: Option<Spanned<OptSecs>>,
+    dns_servers: Option<Vec<Spanned<String>>>,
+    mx_port: Option<Spanned<u16>>,
+    ca_file: Option<Spanned<PathBuf>>,
+    double_bounce_to_postmaster: Option<bool>,
+    connect_timeout: Option<Spanned<Secs>>,
+}
+
+/// A duration, or "off" (also 0) for none.
+#[derive(Clone, Copy)]
+struct OptSecs(Option<Duration>);
+
+impl<'de> Deserialize<'de> for OptSecs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<OptSecs, D::Error> {
+        d.deserialize_any(NumberOrString {
+            expecting: "a duration such as \"4h\", or \"off\"",
+            parse: |s| match s {
+                "off" | "0" => Ok(OptSecs(None)),
+                _ => parse_duration(s).map(|d| OptSecs(Some(d))).ok_or_else(|| {
+                    format!("invalid duration \"{s}\" (expected e.g. \"4h\", or \"off\")")
+                }),
+            },
+        })
+    }
 }
 
 /// A listen address: "0.0.0.0:25", "[::]:25".
@@ -573,19 +659,7 @@ fn build(raw: RawConfig, ctx: &Ctx<'_>, flags: &Flags) -> Result<Config, ConfigE
 
     let limits = build_limits(raw.limits, ctx)?;
     let local = build_local(raw.local, &data_dir, ctx)?;
-    let relay = match raw.relay.allow_from {
-        Some(list) => {
-            let parse = |net: &Spanned<String>| {
-                net.get_ref()
-                    .parse()
-                    .map_err(|e: CidrError| ctx.error(net, e.0))
-            };
-            Relay {
-                allow_from: list.iter().map(parse).collect::<Result<_, _>>()?,
-            }
-        }
-        None => Relay::default(),
-    };
+    let relay = build_relay(raw.relay, ctx)?;
     Ok(Config {
         hostname,
         data_dir,
@@ -638,6 +712,185 @@ fn build_limits(raw: RawLimits, ctx: &Ctx<'_>) -> Result<Limits, ConfigError> {
             "1",
         )?,
     })
+}
+
+fn build_relay(raw: RawRelay, ctx: &Ctx<'_>) -> Result<Relay, ConfigError> {
+    let d = Relay::default();
+    let allow_from = match raw.allow_from {
+        Some(list) => {
+            let parse = |net: &Spanned<String>| {
+                net.get_ref()
+                    .parse()
+                    .map_err(|e: CidrError| ctx.error(net, e.0))
+            };
+            list.iter().map(parse).collect::<Result<_, _>>()?
+        }
+        None => d.allow_from,
+    };
+    let tls = match &raw.smarthost_tls {
+        None => SmarthostTls::StartTls,
+        Some(t) => match t.get_ref().as_str() {
+            "starttls" => SmarthostTls::StartTls,
+            "implicit" => SmarthostTls::Implicit,
+            "none" => SmarthostTls::None,
+            other => return Err(ctx.error(
+                t,
+                format!(
+                    "invalid value \"{other}\" (expected \"starttls\", \"implicit\" or \"none\")"
+                ),
+            )),
+        },
+    };
+    let auth = match (raw.smarthost_user, raw.smarthost_password_file) {
+        (None, None) => None,
+        (Some(u), Some(f)) => {
+            if tls == SmarthostTls::None {
+                return Err(ctx.error(
+                    &u,
+                    "AUTH needs TLS: credentials are never sent in clear (set smarthost_tls = \"starttls\" or \"implicit\")",
+                ));
+            }
+            if let Err(e) = std::fs::File::open(f.get_ref()) {
+                return Err(ctx.error(
+                    &f,
+                    format!("cannot read \"{}\": {e}", f.get_ref().display()),
+                ));
+            }
+            Some((u.into_inner(), f.into_inner()))
+        }
+        (Some(u), None) => return Err(ctx.error(&u, "needs relay.smarthost_password_file too")),
+        (None, Some(f)) => return Err(ctx.error(&f, "needs relay.smarthost_user too")),
+    };
+    let smarthost = match raw.smarthost {
+        None => {
+            if let Some(t) = &raw.smarthost_tls {
+                return Err(ctx.error(t, "needs relay.smarthost"));
+            }
+            if auth.is_some() {
+                return Err(ConfigError {
+                    file: ctx.file.map(Path::to_path_buf),
+                    line: None,
+                    key: Some("relay.smarthost_user".into()),
+                    message: "needs relay.smarthost".into(),
+                });
+            }
+            None
+        }
+        Some(h) => {
+            let default_port = match tls {
+                SmarthostTls::StartTls => 587,
+                SmarthostTls::Implicit => 465,
+                SmarthostTls::None => 25,
+            };
+            let (host, port) = split_host_port(h.get_ref(), default_port).ok_or_else(|| {
+                ctx.error(
+                    &h,
+                    format!("invalid smarthost \"{}\" (expected HOST or HOST:PORT, e.g. \"smtp.example.net:587\")", h.get_ref()),
+                )
+            })?;
+            Some(Smarthost {
+                host,
+                port,
+                tls,
+                auth,
+            })
+        }
+    };
+    let rewrite_from = match raw.rewrite_from {
+        None => None,
+        Some(a) => {
+            let ok = a.get_ref().rsplit_once('@').is_some_and(|(l, dom)| {
+                !l.is_empty()
+                    && local::is_domain(dom)
+                    && !a.get_ref().contains(['<', '>', ' ', '"'])
+            });
+            if !ok {
+                return Err(ctx.error(
+                    &a,
+                    format!("invalid address \"{}\" (expected user@domain)", a.get_ref()),
+                ));
+            }
+            Some(a.into_inner())
+        }
+    };
+    let retry = match raw.retry {
+        None => d.retry,
+        Some(list) if list.get_ref().is_empty() => {
+            return Err(ctx.error(&list, "needs at least one interval"))
+        }
+        Some(list) => list
+            .into_inner()
+            .into_iter()
+            .map(|s| s.into_inner().0)
+            .collect(),
+    };
+    let mut dns_servers = Vec::new();
+    for s in raw.dns_servers.iter().flatten() {
+        let text = s.get_ref();
+        let addr = text
+            .parse::<SocketAddr>()
+            .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+            .map_err(|_| ctx.error(s, format!("invalid name server \"{text}\" (expected an IP address, optionally with :PORT)")))?;
+        dns_servers.push(addr);
+    }
+    let mx_port = match raw.mx_port {
+        Some(p) if *p.get_ref() == 0 => {
+            return Err(ctx.error(&p, "must be a port number 1..=65535"))
+        }
+        Some(p) => p.into_inner(),
+        None => d.mx_port,
+    };
+    Ok(Relay {
+        allow_from,
+        smarthost,
+        rewrite_from,
+        retry,
+        max_queue_time: raw
+            .max_queue_time
+            .map_or(d.max_queue_time, |s| s.into_inner().0),
+        delay_warning: raw
+            .delay_warning
+            .map_or(d.delay_warning, |s| s.into_inner().0),
+        dns_servers,
+        mx_port,
+        ca_file: match raw.ca_file {
+            Some(f) => {
+                if let Err(e) = std::fs::File::open(f.get_ref()) {
+                    return Err(ctx.error(
+                        &f,
+                        format!("cannot read \"{}\": {e}", f.get_ref().display()),
+                    ));
+                }
+                Some(f.into_inner())
+            }
+            None => None,
+        },
+        double_bounce_to_postmaster: raw
+            .double_bounce_to_postmaster
+            .unwrap_or(d.double_bounce_to_postmaster),
+        connect_timeout: raw
+            .connect_timeout
+            .map_or(d.connect_timeout, |s| s.into_inner().0),
+    })
+}
+
+/// "host", "host:587", "[2001:db8::1]:25", "192.0.2.1".
+fn split_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        h.parse::<Ipv6Addr>().ok()?;
+        match after {
+            "" => (h, default_port),
+            p => (h, p.strip_prefix(':')?.parse().ok()?),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().ok()?),
+            None => (s, default_port),
+        }
+    };
+    let valid = host.parse::<IpAddr>().is_ok() || local::is_domain(host);
+    (valid && port != 0).then(|| (host.to_ascii_lowercase(), port))
 }
 
 /// `value` (or `default`), refusing anything below `min`.
@@ -1488,6 +1741,72 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
                 (Err(got), Err(want)) => assert!(got.contains(want), "{s:?}: {got}"),
                 (got, _) => panic!("{s:?}: {got:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn relay_keys() {
+        let secret = scratch("relay-secret").join("secret");
+        std::fs::write(&secret, "hunter2\n").expect("secret");
+        let text = format!(
+            "[relay]\nsmarthost = \"smtp.example.net\"\nsmarthost_tls = \"implicit\"\nsmarthost_user = \"me@example.net\"\nsmarthost_password_file = \"{}\"\nrewrite_from = \"me@example.net\"\nretry = [\"30s\", \"2m\"]\nmax_queue_time = \"1d\"\ndelay_warning = \"off\"\ndns_servers = [\"127.0.0.1:5353\", \"::1\"]\nmx_port = 2526\ndouble_bounce_to_postmaster = true\nconnect_timeout = 5\n",
+            secret.display()
+        );
+        let r = p(&text).expect("valid").relay;
+        let sh = r.smarthost.expect("smarthost");
+        assert_eq!(
+            (sh.host.as_str(), sh.port, sh.tls),
+            ("smtp.example.net", 465, SmarthostTls::Implicit)
+        );
+        assert_eq!(sh.auth.expect("auth").0, "me@example.net");
+        assert_eq!(r.rewrite_from.as_deref(), Some("me@example.net"));
+        assert_eq!(r.retry, [Duration::from_secs(30), Duration::from_secs(120)]);
+        assert_eq!(r.max_queue_time, Duration::from_secs(86_400));
+        assert_eq!(r.delay_warning, None);
+        assert_eq!(
+            r.dns_servers,
+            [
+                "127.0.0.1:5353".parse().expect("addr"),
+                "[::1]:53".parse().expect("addr")
+            ]
+        );
+        assert_eq!((r.mx_port, r.double_bounce_to_postmaster), (2526, true));
+        assert_eq!(r.connect_timeout, Duration::from_secs(5));
+        let d = p("").expect("defaults").relay;
+        assert!(d.smarthost.is_none());
+        assert_eq!(
+            (d.retry.len(), d.delay_warning, d.mx_port),
+            (7, Some(Duration::from_secs(14_400)), 25)
+        );
+        let plain = p("[relay]\nsmarthost = \"[2001:db8::1]\"\nsmarthost_tls = \"none\"\n")
+            .expect("valid")
+            .relay;
+        assert_eq!(
+            plain.smarthost.map(|s| (s.host, s.port)),
+            Some(("2001:db8::1".into(), 25))
+        );
+    }
+
+    #[test]
+    fn bad_relay_keys() {
+        let cases = [
+            ("[relay]\nsmarthost = \"a b\"\n", "postling.toml:2: relay.smarthost: invalid smarthost"),
+            ("[relay]\nsmarthost = \"h:0\"\n", "postling.toml:2: relay.smarthost: invalid smarthost"),
+            ("[relay]\nsmarthost = \"h\"\nsmarthost_tls = \"maybe\"\n", "postling.toml:3: relay.smarthost_tls: invalid value"),
+            ("[relay]\nsmarthost_tls = \"none\"\n", "postling.toml:2: relay.smarthost_tls: needs relay.smarthost"),
+            ("[relay]\nsmarthost = \"h\"\nsmarthost_user = \"u\"\n", "postling.toml:3: relay.smarthost_user: needs relay.smarthost_password_file"),
+            ("[relay]\nsmarthost = \"h\"\nsmarthost_user = \"u\"\nsmarthost_password_file = \"/nonexistent/secret\"\n", "postling.toml:4: relay.smarthost_password_file: cannot read"),
+            ("[relay]\nretry = []\n", "postling.toml:2: relay.retry: needs at least one interval"),
+            ("[relay]\nretry = [\"1m\", \"soon\"]\n", "postling.toml:2: relay.retry"),
+            ("[relay]\ndelay_warning = \"later\"\n", "postling.toml:2: relay.delay_warning: invalid duration"),
+            ("[relay]\ndns_servers = [\"dns.google\"]\n", "postling.toml:2: relay.dns_servers[0]: invalid name server"),
+            ("[relay]\nmx_port = 0\n", "postling.toml:2: relay.mx_port: must be a port number"),
+            ("[relay]\nrewrite_from = \"nobody\"\n", "postling.toml:2: relay.rewrite_from: invalid address"),
+            ("[relay]\nca_file = \"/nonexistent/ca.pem\"\n", "postling.toml:2: relay.ca_file: cannot read"),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(got.starts_with(want), "{text}: {got}");
         }
     }
 }
