@@ -12,6 +12,10 @@ use crossbeam_channel::Receiver;
 use log::info;
 
 /// Starts the relay thread; it ends when every sender of `ids` is dropped.
+pub mod bounce;
+pub mod rewrite;
+pub mod schedule;
+
 pub fn spawn(ids: Receiver<String>) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new().name("relay".into()).spawn(move || {
         for id in ids {
