@@ -733,12 +733,14 @@ fn build_relay(raw: RawRelay, ctx: &Ctx<'_>) -> Result<Relay, ConfigError> {
             "starttls" => SmarthostTls::StartTls,
             "implicit" => SmarthostTls::Implicit,
             "none" => SmarthostTls::None,
-            other => return Err(ctx.error(
-                t,
-                format!(
+            other => {
+                return Err(ctx.error(
+                    t,
+                    format!(
                     "invalid value \"{other}\" (expected \"starttls\", \"implicit\" or \"none\")"
                 ),
-            )),
+                ))
+            }
         },
     };
     let auth = match (raw.smarthost_user, raw.smarthost_password_file) {

@@ -13,7 +13,9 @@ use log::info;
 
 /// Starts the relay thread; it ends when every sender of `ids` is dropped.
 pub mod bounce;
+pub mod dns;
 pub mod rewrite;
+pub mod route;
 pub mod schedule;
 
 pub fn spawn(ids: Receiver<String>) -> std::io::Result<JoinHandle<()>> {
