@@ -1012,7 +1012,16 @@ fn check_aliases(local: &Local, path: &Path) -> Result<(), ConfigError> {
         let why = match local.expand(name) {
             Ok(_) => continue,
             Err(ResolveError::AliasLoop) => "loops (or expands to over 1000 targets or 20 levels)",
-            Err(ResolveError::UnknownUser) => "expands to a local user who has no mailbox",
+            Err(ResolveError::UnknownUser) => {
+                // Stock alias files name system users (root, daemon) that
+                // have no mailbox here; mail to such an alias gets 550.
+                log::warn!(
+                    "{}:{}: alias \"{name}\" expands to a local user who has no mailbox; mail to it will be refused",
+                    path.display(),
+                    local.aliases.line(name).unwrap_or(0)
+                );
+                continue;
+            }
             Err(ResolveError::RoutingCharacters) => {
                 "expands to a local name with routing characters"
             }
@@ -1595,10 +1604,12 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
                 ":2: \"|/usr/bin/logger\": pipes to commands are not supported",
             ),
             ("a: b\nb: c\nc: a\n", "", ":1: alias \"a\" loops"),
+            // Stock alias files name users without a mailbox: a warning, not
+            // an error (mail to such an alias gets 550 at RCPT).
             (
-                "root: alice, carol\n",
+                "root: alice, carol\npostmaster: root\n",
                 "users = [\"alice\"]",
-                ":1: alias \"root\" expands to a local user who has no mailbox",
+                "",
             ),
             (
                 "root: alice, bob@example.com\nalice: alice, alice@pi.lan\n",

@@ -89,7 +89,13 @@ impl Local {
         if !self.is_local_domain(domain) {
             return Err(ResolveError::UnknownUser);
         }
-        let result = self.expand(local_part);
+        let mut result = self.expand(local_part);
+        // RFC 5321 4.5.1: postmaster must always be accepted, even when its
+        // alias leads nowhere deliverable (Debian's stock `postmaster: root`
+        // with a `users` list that lacks root): it then gets its own mailbox.
+        if result.is_err() && local_part.eq_ignore_ascii_case("postmaster") {
+            result = self.mailbox("postmaster").map(|t| vec![t]);
+        }
         log::debug!("resolve rcpt={local_part}@{domain} result={result:?}");
         result
     }
@@ -442,5 +448,29 @@ plussed+x: bob@example.com
             assert_eq!(is_domain(d), ok, "{d:?}");
         }
         assert!(!is_domain(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn postmaster_is_accepted_even_when_its_alias_leads_nowhere() {
+        let aliases = crate::aliases::parse("postmaster: root\n", std::path::Path::new("aliases"))
+            .expect("valid aliases");
+        let local = Local {
+            domains: vec!["pi.lan".into()],
+            maildir_root: PathBuf::from("/m"),
+            users: Some(vec!["alice".into()]),
+            mailboxes: BTreeMap::new(),
+            aliases,
+        };
+        assert_eq!(
+            local.resolve("root", "pi.lan"),
+            Err(ResolveError::UnknownUser)
+        );
+        assert_eq!(
+            local.resolve("PostMaster", "pi.lan"),
+            Ok(vec![Target::Mailbox {
+                user: "postmaster".into(),
+                dir: PathBuf::from("/m/postmaster")
+            }])
+        );
     }
 }

@@ -107,7 +107,10 @@ impl Server {
                 }
             })?;
         for (addr, l) in self.local_addrs().iter().zip(&self.ctx.config.listen) {
-            info!("listening addr={addr} mode={:?}", l.mode);
+            info!(
+                "listening addr={addr} mode={}",
+                format!("{:?}", l.mode).to_lowercase()
+            );
         }
         self.listeners.run(self.ctx)
     }

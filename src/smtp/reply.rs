@@ -160,7 +160,7 @@ pub fn routing_characters() -> Reply {
     Reply::new(
         554,
         "5.7.1",
-        "Routing characters (% ! @ \") in the local part are not allowed",
+        "Source routing in the local part (% ! @ \" / \\ :) is not allowed",
     )
 }
 pub fn unknown_user() -> Reply {
