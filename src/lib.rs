@@ -17,3 +17,4 @@ pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod store;
+pub mod tls;

@@ -13,10 +13,16 @@ use log::info;
 
 /// Starts the relay thread; it ends when every sender of `ids` is dropped.
 pub mod bounce;
+pub mod client;
 pub mod dns;
+pub mod dotstuff;
+pub mod reply;
 pub mod rewrite;
 pub mod route;
 pub mod schedule;
+#[doc(hidden)]
+pub mod test_smtp;
+pub mod transfer;
 
 pub fn spawn(ids: Receiver<String>) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new().name("relay".into()).spawn(move || {

@@ -1,0 +1,757 @@
+//! The blocking driver of one outbound SMTP session: a thin loop between a
+//! socket, the sans-IO `Client`, the reply parser and the message file.
+//!
+//! Owns the socket: writing commands, reading replies against the RFC 5321
+//! 4.5.3.2 timeouts (each a deadline checked against the clock, so a server
+//! trickling one byte at a time cannot stretch it), the STARTTLS swap to a
+//! rustls stream (RFC 3207: bytes received before the handshake are thrown
+//! away with the old parser), implicit TLS from the first byte (RFC 8314),
+//! and streaming the message through the `DotStuffer`. Every decision —
+//! what to send, what a reply means for each recipient — is the client's.
+//! It does not resolve names or connect: the caller hands it a connected
+//! `TcpStream` and the name to verify the certificate against.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, trace};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+
+use super::client::{Client, Job, Outcome, Output, TlsMode, Wait};
+use super::dotstuff::DotStuffer;
+use super::reply::{ReplyParser, ServerReply};
+use crate::tls;
+
+/// How long to wait for each reply, RFC 5321 4.5.3.2. The defaults are the
+/// RFC's minimums; tests shorten them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The greeting (4.5.3.2.1, "initial 220 message"): 5 minutes.
+    pub greeting: Duration,
+    /// EHLO, STARTTLS (and its handshake), AUTH, QUIT: 5 minutes.
+    pub command: Duration,
+    /// MAIL (4.5.3.2.2): 5 minutes.
+    pub mail: Duration,
+    /// Each RCPT (4.5.3.2.3): 5 minutes.
+    pub rcpt: Duration,
+    /// The 354 after DATA (4.5.3.2.4): 2 minutes.
+    pub data_init: Duration,
+    /// Each write of message data (4.5.3.2.5): 3 minutes.
+    pub data_block: Duration,
+    /// The reply after the final dot (4.5.3.2.6): 10 minutes.
+    pub data_final: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let min = |m: u64| Duration::from_secs(60 * m);
+        Timeouts {
+            greeting: min(5),
+            command: min(5),
+            mail: min(5),
+            rcpt: min(5),
+            data_init: min(2),
+            data_block: min(3),
+            data_final: min(10),
+        }
+    }
+}
+
+impl Timeouts {
+    /// Every timeout the same (for tests).
+    pub fn all(d: Duration) -> Timeouts {
+        Timeouts {
+            greeting: d,
+            command: d,
+            mail: d,
+            rcpt: d,
+            data_init: d,
+            data_block: d,
+            data_final: d,
+        }
+    }
+
+    pub fn for_wait(&self, wait: Wait) -> Duration {
+        match wait {
+            Wait::Greeting => self.greeting,
+            Wait::Command => self.command,
+            Wait::Mail => self.mail,
+            Wait::Rcpt => self.rcpt,
+            Wait::DataInit => self.data_init,
+            Wait::DataFinal => self.data_final,
+        }
+    }
+}
+
+/// The connection, before and after STARTTLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => s.get_ref(),
+        }
+    }
+
+    fn stream(&mut self) -> &mut dyn ReadWrite {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => s.as_mut(),
+        }
+    }
+
+    /// Writes everything within `timeout` per write call.
+    fn send(&mut self, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+        self.socket().set_write_timeout(Some(nonzero(timeout)))?;
+        let stream = self.stream();
+        stream.write_all(bytes)?;
+        stream.flush()
+    }
+
+    /// Replaces the plain stream by a TLS stream with a finished handshake.
+    fn start_tls(
+        self,
+        config: &Arc<ClientConfig>,
+        server_name: &str,
+        timeout: Duration,
+    ) -> Result<Conn, String> {
+        let Conn::Plain(mut sock) = self else {
+            return Err("STARTTLS inside TLS".into());
+        };
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|e| format!("invalid server name {server_name:?}: {e}"))?;
+        let mut tls = ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + timeout;
+        while tls.is_handshaking() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("handshake timed out after {timeout:?}"));
+            }
+            for set in [TcpStream::set_read_timeout, TcpStream::set_write_timeout] {
+                set(&sock, Some(nonzero(left))).map_err(|e| e.to_string())?;
+            }
+            match tls.complete_io(&mut sock) {
+                Ok((0, 0)) if tls.is_handshaking() => {
+                    return Err("connection closed during the handshake".into())
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(tls::io_reason(&e)),
+            }
+        }
+        Ok(Conn::Tls(Box::new(StreamOwned::new(tls, sock))))
+    }
+
+    fn close(self) {
+        match self {
+            Conn::Plain(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Conn::Tls(mut s) => {
+                s.conn.send_close_notify();
+                let _ = s.flush();
+                let _ = s.sock.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Socket timeouts cannot be zero (that means "none").
+fn nonzero(d: Duration) -> Duration {
+    d.max(Duration::from_millis(1))
+}
+
+/// Runs one SMTP session for `job` over `stream`, connected to the host
+/// called `server_name` (the name certificates are verified against), and
+/// returns what happened to each recipient. `verified` is used for
+/// `RequireStartTls` and `Implicit`, `opportunistic` for `Opportunistic`.
+/// Never fails: every problem is in the `Outcome`.
+pub fn deliver(
+    stream: TcpStream,
+    server_name: &str,
+    job: Job,
+    message: &mut dyn Read,
+    verified: &Arc<ClientConfig>,
+    opportunistic: &Arc<ClientConfig>,
+    timeouts: &Timeouts,
+) -> Outcome {
+    let id = job.id.clone();
+    let config = match job.tls {
+        TlsMode::Opportunistic => opportunistic,
+        _ => verified,
+    };
+    let mut client = Client::new(job);
+    let mut parser = ReplyParser::new();
+    let mut conn = Some(Conn::Plain(stream));
+    loop {
+        let Some(c) = conn.as_mut() else {
+            // Only after a failed handshake; the client is then done.
+            match client.next_output() {
+                Some(Output::Done(outcome)) => return outcome,
+                Some(_) => continue,
+                None => {
+                    client.connection_lost("connection lost");
+                    continue;
+                }
+            }
+        };
+        match client.next_output() {
+            Some(Output::Send(bytes)) => {
+                if let Err(e) = c.send(&bytes, timeouts.command) {
+                    client.connection_lost(&format!("write failed: {}", tls::io_reason(&e)));
+                }
+            }
+            Some(Output::StartTls) => {
+                if parser.buffered() > 0 {
+                    debug!(
+                        "id={id} discarding {} bytes received before the TLS handshake",
+                        parser.buffered()
+                    );
+                }
+                parser = ReplyParser::new();
+                let plain = conn.take().expect("conn is Some in this branch");
+                match plain.start_tls(config, server_name, timeouts.command) {
+                    Ok(tls_conn) => {
+                        let Conn::Tls(s) = &tls_conn else {
+                            unreachable!("start_tls returns a TLS connection")
+                        };
+                        client.tls_started(tls::describe(&s.conn));
+                        conn = Some(tls_conn);
+                    }
+                    Err(reason) => client.tls_failed(&reason),
+                }
+            }
+            Some(Output::SendData) => {
+                if let Err(reason) = send_data(c, message, timeouts.data_block) {
+                    client.connection_lost(&reason);
+                }
+            }
+            Some(Output::Done(outcome)) => {
+                if let Some(c) = conn.take() {
+                    c.close();
+                }
+                debug!(
+                    "id={id} session done host={server_name} tls={:?} failure={:?}",
+                    outcome.tls, outcome.failure
+                );
+                return outcome;
+            }
+            None => match client.awaiting() {
+                Some(wait) => match read_reply(c, &mut parser, timeouts.for_wait(wait)) {
+                    Ok(reply) => client.on_reply(reply),
+                    Err(reason) => client.connection_lost(&reason),
+                },
+                None => client.connection_lost("client waiting for nothing"),
+            },
+        }
+    }
+}
+
+/// Reads until the parser has a whole reply or the deadline passes.
+fn read_reply(
+    conn: &mut Conn,
+    parser: &mut ReplyParser,
+    timeout: Duration,
+) -> Result<ServerReply, String> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    loop {
+        match parser.next() {
+            Ok(Some(reply)) => return Ok(reply),
+            Ok(None) => {}
+            Err(e) => return Err(format!("malformed reply: {e}")),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("timed out after {}s", timeout.as_secs_f32()));
+        }
+        conn.socket()
+            .set_read_timeout(Some(nonzero(left)))
+            .map_err(|e| e.to_string())?;
+        match conn.stream().read(&mut buf) {
+            Ok(0) => return Err("connection closed by the server".into()),
+            Ok(n) => {
+                trace!("read {n} bytes");
+                parser.feed(&buf[..n]);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err("connection closed by the server".into())
+            }
+            Err(e) => return Err(format!("read failed: {}", tls::io_reason(&e))),
+        }
+    }
+}
+
+/// Streams the message, dot-stuffed and CRLF-clean, with the final dot.
+/// On a read error nothing more is sent, so the server never sees the
+/// final dot of a truncated message.
+fn send_data(conn: &mut Conn, message: &mut dyn Read, timeout: Duration) -> Result<(), String> {
+    let mut stuffer = DotStuffer::new();
+    let mut input = vec![0u8; 16 * 1024];
+    let mut out = Vec::with_capacity(17 * 1024);
+    let mut total = 0u64;
+    loop {
+        let n = match message.read(&mut input) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading the queued message: {e}")),
+        };
+        out.clear();
+        stuffer.encode(&input[..n], &mut out);
+        total += out.len() as u64;
+        conn.send(&out, timeout)
+            .map_err(|e| format!("write failed during DATA: {}", tls::io_reason(&e)))?;
+    }
+    out.clear();
+    stuffer.finish(&mut out);
+    conn.send(&out, timeout)
+        .map_err(|e| format!("write failed during DATA: {}", tls::io_reason(&e)))?;
+    trace!("sent {} bytes of message data", total + out.len() as u64);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::ServerConfig;
+
+    use super::*;
+    use crate::relay::client::{Credentials, Failure, RcptResult};
+    use crate::relay::test_smtp::{Script, TestServer};
+
+    /// A test CA and a server certificate for "localhost" and "mail.test"
+    /// signed by it.
+    struct Pki {
+        ca_pem: String,
+        server: Arc<ServerConfig>,
+    }
+
+    fn pki(ca_name: &str) -> Pki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, ca_name);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".into(), "mail.test".into()]).unwrap();
+        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let server =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+        Pki {
+            ca_pem: ca_cert.pem(),
+            server: Arc::new(server),
+        }
+    }
+
+    fn temp_file(contents: &str) -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "postling-transfer-{}-{}.pem",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// The verifying config trusting `pki`'s CA.
+    fn trusting(pki: &Pki) -> Arc<ClientConfig> {
+        let path = temp_file(&pki.ca_pem);
+        let config = tls::client_config(Some(&path)).unwrap();
+        std::fs::remove_file(path).unwrap();
+        config
+    }
+
+    fn job(tls: TlsMode, auth: bool) -> Job {
+        Job {
+            id: "q1".into(),
+            helo: "pi.lan".into(),
+            sender: "a@pi.lan".into(),
+            recipients: vec!["b@example.net".into(), "c@example.net".into()],
+            size: 64,
+            eightbit: false,
+            smtputf8: false,
+            tls,
+            auth: auth.then(|| Credentials {
+                user: "me@example.net".into(),
+                password: "hunter2".into(),
+            }),
+        }
+    }
+
+    fn script(pki: Option<&Pki>, auth: bool) -> Script {
+        Script {
+            tls: pki.map(|p| p.server.clone()),
+            auth: auth.then(|| ("me@example.net".to_owned(), "hunter2".to_owned())),
+            ..Script::default()
+        }
+    }
+
+    const MESSAGE: &[u8] = b"Subject: hi\n\n.leading dot\nbare lf\rbare cr\r\nend";
+    const WIRE: &[u8] = b"Subject: hi\r\n\r\n..leading dot\r\nbare lf\r\nbare cr\r\nend\r\n";
+
+    fn run(server: &TestServer, name: &str, job: Job, verified: &Arc<ClientConfig>) -> Outcome {
+        deliver(
+            server.connect(),
+            name,
+            job,
+            &mut &MESSAGE[..],
+            verified,
+            &tls::insecure_client_config(),
+            &Timeouts::all(Duration::from_secs(10)),
+        )
+    }
+
+    fn all_delivered(o: &Outcome) -> bool {
+        o.recipients
+            .iter()
+            .all(|(_, r)| matches!(r, RcptResult::Delivered { .. }))
+    }
+
+    fn all_deferred(o: &Outcome) -> bool {
+        o.recipients
+            .iter()
+            .all(|(_, r)| matches!(r, RcptResult::Deferred { .. }))
+    }
+
+    fn no_auth(server: &TestServer) -> bool {
+        !server
+            .lines()
+            .iter()
+            .any(|l| l.to_ascii_uppercase().starts_with("AUTH"))
+    }
+
+    #[test]
+    fn plain_delivery_pipelined_and_clean_on_the_wire() {
+        let server = TestServer::start(Script {
+            rcpt_replies: vec![("c@example.net".into(), "550 5.1.1 unknown".into())],
+            ..Script::default()
+        })
+        .unwrap();
+        let o = run(
+            &server,
+            "mail.test",
+            job(TlsMode::None, false),
+            &tls::client_config(None).unwrap(),
+        );
+        assert_eq!(
+            o.recipients,
+            [
+                (
+                    "b@example.net".to_owned(),
+                    RcptResult::Delivered {
+                        reply: "250 2.0.0 queued".into()
+                    }
+                ),
+                (
+                    "c@example.net".to_owned(),
+                    RcptResult::Failed {
+                        reason: "550 5.1.1 unknown (in reply to RCPT TO)".into()
+                    }
+                ),
+            ]
+        );
+        assert_eq!(o.remote_greeting, "220 mail.test ESMTP test");
+        assert_eq!(server.messages(), [WIRE.to_vec()]);
+        assert_eq!(server.lines().last().map(String::as_str), Some("QUIT"));
+    }
+
+    #[test]
+    fn starttls_with_a_valid_cert_and_auth_plain() {
+        let pki = pki("Test CA");
+        let server = TestServer::start(Script {
+            auth_mechanisms: "LOGIN PLAIN".into(),
+            ..script(Some(&pki), true)
+        })
+        .unwrap();
+        let o = run(
+            &server,
+            "mail.test",
+            job(TlsMode::RequireStartTls, true),
+            &trusting(&pki),
+        );
+        assert!(all_delivered(&o), "{o:?}");
+        let tls = o.tls.unwrap();
+        assert!(tls.starts_with("TLSv1."), "{tls}");
+        let lines = server.lines();
+        let starttls = lines.iter().position(|l| l == "STARTTLS").unwrap();
+        let auth = lines
+            .iter()
+            .position(|l| l.starts_with("AUTH PLAIN "))
+            .unwrap();
+        assert!(starttls < auth, "{lines:?}");
+        assert_eq!(server.messages(), [WIRE.to_vec()]);
+    }
+
+    #[test]
+    fn implicit_tls_with_auth_login() {
+        let pki = pki("Test CA");
+        let server = TestServer::start(Script {
+            implicit_tls: true,
+            auth_mechanisms: "LOGIN".into(),
+            ..script(Some(&pki), true)
+        })
+        .unwrap();
+        let o = run(
+            &server,
+            "localhost",
+            job(TlsMode::Implicit, true),
+            &trusting(&pki),
+        );
+        assert!(all_delivered(&o), "{o:?}");
+        assert!(o.tls.is_some());
+        assert!(server.lines().iter().any(|l| l == "AUTH LOGIN"));
+        assert!(!server.lines().iter().any(|l| l == "STARTTLS"));
+    }
+
+    #[test]
+    fn wrong_host_name_defers_and_never_sends_auth() {
+        let pki = pki("Test CA");
+        for implicit in [false, true] {
+            let server = TestServer::start(Script {
+                implicit_tls: implicit,
+                ..script(Some(&pki), true)
+            })
+            .unwrap();
+            let mode = if implicit {
+                TlsMode::Implicit
+            } else {
+                TlsMode::RequireStartTls
+            };
+            let o = run(&server, "wrong.test", job(mode, true), &trusting(&pki));
+            assert!(all_deferred(&o), "{o:?}");
+            let Some(Failure::TlsHandshake {
+                opportunistic: false,
+                reason,
+            }) = &o.failure
+            else {
+                panic!("{o:?}");
+            };
+            assert!(reason.contains("certificate"), "{reason}");
+            assert!(!o.retry_in_clear());
+            assert!(no_auth(&server), "{:?}", server.lines());
+        }
+    }
+
+    #[test]
+    fn untrusted_cert_defers_and_never_sends_auth() {
+        let pki = pki("Test CA");
+        let other = pki_other();
+        let server = TestServer::start(script(Some(&pki), true)).unwrap();
+        let o = run(
+            &server,
+            "mail.test",
+            job(TlsMode::RequireStartTls, true),
+            &trusting(&other),
+        );
+        assert!(all_deferred(&o), "{o:?}");
+        assert!(
+            matches!(
+                o.failure,
+                Some(Failure::TlsHandshake {
+                    opportunistic: false,
+                    ..
+                })
+            ),
+            "{o:?}"
+        );
+        assert!(no_auth(&server), "{:?}", server.lines());
+        // Nor with only the built-in roots.
+        let o = run(
+            &server,
+            "mail.test",
+            job(TlsMode::RequireStartTls, true),
+            &tls::client_config(None).unwrap(),
+        );
+        assert!(all_deferred(&o), "{o:?}");
+        assert!(no_auth(&server), "{:?}", server.lines());
+    }
+
+    fn pki_other() -> Pki {
+        pki("Another CA")
+    }
+
+    #[test]
+    fn starttls_required_but_not_offered_defers() {
+        let server = TestServer::start(script(None, true)).unwrap();
+        let o = run(
+            &server,
+            "mail.test",
+            job(TlsMode::RequireStartTls, true),
+            &tls::client_config(None).unwrap(),
+        );
+        assert!(all_deferred(&o), "{o:?}");
+        assert_eq!(
+            o.failure,
+            Some(Failure::TlsRequired("STARTTLS not offered".into()))
+        );
+        assert!(no_auth(&server));
+    }
+
+    #[test]
+    fn opportunistic_accepts_an_unverified_cert() {
+        let pki = pki("Test CA");
+        let server = TestServer::start(script(Some(&pki), false)).unwrap();
+        let o = run(
+            &server,
+            "mx.elsewhere.test",
+            job(TlsMode::Opportunistic, false),
+            &tls::client_config(None).unwrap(),
+        );
+        assert!(all_delivered(&o), "{o:?}");
+        assert!(o.tls.is_some());
+    }
+
+    #[test]
+    fn opportunistic_broken_tls_says_retry_in_clear() {
+        let server = TestServer::start(Script {
+            broken_tls: true,
+            ..Script::default()
+        })
+        .unwrap();
+        let o = run(
+            &server,
+            "mail.test",
+            job(TlsMode::Opportunistic, false),
+            &tls::client_config(None).unwrap(),
+        );
+        assert!(all_deferred(&o), "{o:?}");
+        assert!(o.retry_in_clear(), "{o:?}");
+        assert!(server.messages().is_empty());
+    }
+
+    #[test]
+    fn auth_refused_defers() {
+        let pki = pki("Test CA");
+        let server = TestServer::start(Script {
+            auth: Some(("me@example.net".into(), "other".into())),
+            ..script(Some(&pki), true)
+        })
+        .unwrap();
+        let o = run(
+            &server,
+            "mail.test",
+            job(TlsMode::RequireStartTls, true),
+            &trusting(&pki),
+        );
+        assert!(all_deferred(&o), "{o:?}");
+        assert!(
+            matches!(
+                o.failure,
+                Some(Failure::Auth {
+                    permanent: true,
+                    ..
+                })
+            ),
+            "{o:?}"
+        );
+        assert!(server.messages().is_empty());
+    }
+
+    #[test]
+    fn drop_mid_data_defers() {
+        let server = TestServer::start(Script {
+            drop_mid_data: true,
+            ..Script::default()
+        })
+        .unwrap();
+        let o = run(
+            &server,
+            "mail.test",
+            job(TlsMode::None, false),
+            &tls::client_config(None).unwrap(),
+        );
+        assert!(all_deferred(&o), "{o:?}");
+        assert!(matches!(o.failure, Some(Failure::Connection(_))), "{o:?}");
+    }
+
+    #[test]
+    fn silent_server_times_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let timeouts = Timeouts {
+            greeting: Duration::from_millis(200),
+            ..Timeouts::default()
+        };
+        let started = Instant::now();
+        let o = deliver(
+            stream,
+            "mail.test",
+            job(TlsMode::None, false),
+            &mut &MESSAGE[..],
+            &tls::client_config(None).unwrap(),
+            &tls::insecure_client_config(),
+            &timeouts,
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(all_deferred(&o), "{o:?}");
+        let Some(Failure::Connection(reason)) = &o.failure else {
+            panic!("{o:?}");
+        };
+        assert!(reason.contains("timed out"), "{reason}");
+        drop(listener);
+    }
+
+    #[test]
+    fn unreadable_message_is_never_terminated() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        let server = TestServer::start(Script::default()).unwrap();
+        let o = deliver(
+            server.connect(),
+            "mail.test",
+            job(TlsMode::None, false),
+            &mut Failing,
+            &tls::client_config(None).unwrap(),
+            &tls::insecure_client_config(),
+            &Timeouts::all(Duration::from_secs(10)),
+        );
+        assert!(all_deferred(&o), "{o:?}");
+        assert!(format!("{o:?}").contains("disk on fire"));
+        assert!(server.messages().is_empty());
+    }
+
+    #[test]
+    fn default_timeouts_are_rfc_5321() {
+        let t = Timeouts::default();
+        assert_eq!(t.for_wait(Wait::Greeting), Duration::from_secs(300));
+        assert_eq!(t.for_wait(Wait::DataInit), Duration::from_secs(120));
+        assert_eq!(t.data_block, Duration::from_secs(180));
+        assert_eq!(t.for_wait(Wait::DataFinal), Duration::from_secs(600));
+    }
+}

@@ -1,0 +1,228 @@
+//! rustls configurations for outbound TLS, built from files.
+//!
+//! Owns the trust anchors of the relay client — Mozilla's roots compiled in
+//! (`webpki-roots`, so a router with no CA bundle can still verify its
+//! smarthost), the system bundle when there is one, and an optional private
+//! CA file from `relay.ca_file` — and the "encrypt but don't verify" config
+//! used for opportunistic STARTTLS to MX hosts (Postfix's `may` level, RFC
+//! 7435). Every config uses the ring provider explicitly; nothing relies on
+//! a process-wide default provider. It does not open connections: that is
+//! `relay/transfer.rs`.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, ProtocolVersion, RootCertStore,
+    SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+
+/// Where Debian, Ubuntu, Alpine and OpenWrt (ca-bundle) keep the system's
+/// trust anchors. Optional: webpki-roots covers a box without it.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+#[derive(Debug)]
+pub enum TlsError {
+    /// A CA file could not be read or parsed.
+    CaFile {
+        path: PathBuf,
+        reason: String,
+    },
+    /// A CA file holds no certificate.
+    EmptyCaFile(PathBuf),
+    Rustls(rustls::Error),
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsError::CaFile { path, reason } => {
+                write!(f, "CA file {}: {reason}", path.display())
+            }
+            TlsError::EmptyCaFile(path) => {
+                write!(f, "CA file {}: no PEM certificate in it", path.display())
+            }
+            TlsError::Rustls(e) => write!(f, "TLS configuration: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> TlsError {
+        TlsError::Rustls(e)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The verifying client config: webpki-roots, plus the system bundle if
+/// present (certificates in it that do not parse are skipped), plus
+/// `extra_ca_file` (an error naming the file if unreadable or empty).
+pub fn client_config(extra_ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Ok(certs) = read_pem_certs(Path::new(SYSTEM_CA_BUNDLE)) {
+        let (added, skipped) = roots.add_parsable_certificates(certs);
+        log::debug!("tls system_bundle={SYSTEM_CA_BUNDLE} added={added} skipped={skipped}");
+    }
+    if let Some(path) = extra_ca_file {
+        let certs = read_pem_certs(path).map_err(|reason| TlsError::CaFile {
+            path: path.to_owned(),
+            reason,
+        })?;
+        if certs.is_empty() {
+            return Err(TlsError::EmptyCaFile(path.to_owned()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| TlsError::CaFile {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Every certificate in a PEM file.
+fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not valid PEM: {e}"))
+}
+
+/// The opportunistic client config: encrypts, accepts any certificate, but
+/// still checks the handshake signatures, so the session is at least bound
+/// to the key the server presented. Never used when credentials are sent
+/// or when the policy requires verification.
+pub fn insecure_client_config() -> Arc<ClientConfig> {
+    let provider = provider();
+    let verifier = Arc::new(AcceptAnyCert(provider.clone()));
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        // The ring provider supports both safe default versions.
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// "TLSv1.3 TLS13_AES_256_GCM_SHA384", for logs and `Received:` lines.
+pub fn describe(conn: &ClientConnection) -> String {
+    let version = match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        Some(other) => format!("{other:?}"),
+        None => "TLS".to_owned(),
+    };
+    match conn.negotiated_cipher_suite() {
+        Some(suite) => format!("{version} {:?}", suite.suite()),
+        None => version,
+    }
+}
+
+/// An io::Error from a TLS stream, as a one-line reason ("invalid peer
+/// certificate: NotValidForName").
+pub fn io_reason(e: &io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => tls.to_string(),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_ca_file_is_named() {
+        let err = client_config(Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(
+            err.to_string().starts_with("CA file /nonexistent/ca.pem: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_ca_file_is_an_error() {
+        let path =
+            std::env::temp_dir().join(format!("postling-empty-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let err = client_config(Some(&path)).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(err, TlsError::EmptyCaFile(_)), "{err}");
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn configs_build_without_a_default_provider() {
+        assert!(client_config(None).is_ok());
+        let _ = insecure_client_config();
+    }
+}
