@@ -24,7 +24,22 @@ use crate::store::maildir;
 use crate::store::queue::Spool;
 
 /// Delivers local copies and queues remote recipients; Ok means durable.
-pub fn store(message: &Message, mut spool: Spool, size: u64, ctx: &Context) -> io::Result<()> {
+pub fn store(message: &Message, spool: Spool, size: u64, ctx: &Context) -> io::Result<()> {
+    let client = format!(
+        "[{}] helo={} session={}",
+        message.peer, message.helo, message.session
+    );
+    store_with_client(message, spool, size, ctx, &client)
+}
+
+/// `store`, with the envelope's informational `client` field given.
+pub fn store_with_client(
+    message: &Message,
+    mut spool: Spool,
+    size: u64,
+    ctx: &Context,
+    client: &str,
+) -> io::Result<()> {
     let id = spool.id().to_string();
     spool.sync()?;
     let local = &ctx.config.local;
@@ -55,18 +70,14 @@ pub fn store(message: &Message, mut spool: Spool, size: u64, ctx: &Context) -> i
         spool.discard()?;
         return Ok(());
     }
-    let client = format!(
-        "[{}] helo={} session={}",
-        message.peer, message.helo, message.session
-    );
-    let envelope = Envelope::new(&id, unix_now(), sender, client, &remote);
+    let envelope = Envelope::new(&id, unix_now(), sender, client.to_string(), &remote);
     spool.commit(&envelope)?;
     for to in &remote {
         info!("id={id} from=<{sender}> to=<{to}> size={size} status=queued");
     }
     // The relay thread picks up everything in the queue at start too, so a
     // closed channel (shutting down) loses nothing.
-    let _ = ctx.relay.send(id);
+    let _ = ctx.relay.send(crate::relay::Request::Queued(id));
     Ok(())
 }
 

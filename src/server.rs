@@ -26,8 +26,8 @@ use crate::store::queue::Queue;
 pub struct Context {
     pub config: Config,
     pub queue: Queue,
-    /// Queue ids of newly committed messages, for the relay thread.
-    pub relay: Sender<String>,
+    /// Requests for the relay thread (newly committed messages, flush, delete).
+    pub relay: Sender<relay::Request>,
     /// Set once on SIGTERM/SIGINT; sessions close when idle.
     pub shutdown: AtomicBool,
 }
@@ -49,13 +49,12 @@ impl Server {
             )
         })?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        relay::spawn(rx)?;
         if !pending.is_empty() {
             info!("queue: {} message(s) waiting from before", pending.len());
         }
         for id in pending {
-            // The receiver is alive: the relay thread was just started.
-            let _ = tx.send(id);
+            // The receiver is alive: it is still in this scope.
+            let _ = tx.send(relay::Request::Queued(id));
         }
         let listeners = listener::bind(&config.listen)?;
         let ctx = Arc::new(Context {
@@ -64,6 +63,7 @@ impl Server {
             relay: tx,
             shutdown: AtomicBool::new(false),
         });
+        relay::spawn(Arc::clone(&ctx), rx)?;
         Ok(Server { ctx, listeners })
     }
 

@@ -1,17 +1,19 @@
 //! The relay thread: owns outbound delivery of queued messages.
 //!
-//! It is fed queue ids over a crossbeam channel by sessions (after a commit)
-//! and by startup (every committed entry). Outbound delivery — DNS MX,
-//! smarthost, TLS, retries and bounces — is not built yet; until it is, this
-//! thread records each id it is given and leaves the message safely in the
-//! queue, where the next version will find it.
+//! One thread (STYLE habit 8) keeps every queued envelope in memory and
+//! sleeps on `recv_timeout(next_due)`. It is fed over a crossbeam channel:
+//! sessions send the id of each newly committed message, start-up sends every
+//! committed entry, and the queue tools ask it to flush or delete. For each
+//! due message it groups the unfinished recipients by destination (the
+//! smarthost, or each domain's MX hosts), delivers with the blocking SMTP
+//! client, records every recipient's result in the envelope with the
+//! durable-write pattern (so a crash never re-sends to a recipient already
+//! done nor forgets one), then sends bounces and delay notices.
+//!
+//! Submodules: `schedule` (when), `route` (where), `dns`, `client` and
+//! `reply` (sans-IO SMTP), `transfer` (the socket driver), `bounce` and
+//! `rewrite` (message text).
 
-use std::thread::{self, JoinHandle};
-
-use crossbeam_channel::Receiver;
-use log::info;
-
-/// Starts the relay thread; it ends when every sender of `ids` is dropped.
 pub mod bounce;
 pub mod client;
 pub mod dns;
@@ -24,10 +26,6 @@ pub mod schedule;
 pub mod test_smtp;
 pub mod transfer;
 
-pub fn spawn(ids: Receiver<String>) -> std::io::Result<JoinHandle<()>> {
-    thread::Builder::new().name("relay".into()).spawn(move || {
-        for id in ids {
-            info!("id={id} status=queued relay=unavailable: outbound delivery is not built yet; the message stays in the queue");
-        }
-    })
-}
+mod worker;
+
+pub use worker::{spawn, Request};

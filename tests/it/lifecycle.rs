@@ -132,7 +132,7 @@ fn listens_on_ipv6_and_ipv4_at_once() {
     let dir = TempDir::new();
     let config = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"[::1]:0\"\n";
     let data = dir.path().join("data");
-    fs::write(dir.path().join("v6.toml"), config).expect("config");
+    fs::write(dir.path().join("v6.toml"), crate::util::isolated(config)).expect("config");
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(dir.path().join("v6.toml"))

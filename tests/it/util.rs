@@ -57,7 +57,7 @@ impl Server {
     pub fn start_at(dir: &Path, config: &str, listen: &str) -> Server {
         let data = dir.join("data");
         let config_path = dir.join("postling.toml");
-        fs::write(&config_path, config).expect("write config");
+        fs::write(&config_path, isolated(config)).expect("write config");
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config_path)
@@ -157,6 +157,23 @@ impl Server {
         }
         out.sort();
         out
+    }
+}
+
+/// Tests must never reach the real DNS: unless the config names its own
+/// name servers, point the relay at a closed loopback port, so every MX
+/// lookup fails at once (temporary failure: the mail stays queued).
+pub fn isolated(config: &str) -> String {
+    if config.contains("dns_servers") {
+        return config.to_string();
+    }
+    const LINE: &str = "dns_servers = [\"127.0.0.1:9\"]\n";
+    match config.find("[relay]\n") {
+        Some(i) => {
+            let at = i + "[relay]\n".len();
+            format!("{}{LINE}{}", &config[..at], &config[at..])
+        }
+        None => format!("{config}\n[relay]\n{LINE}"),
     }
 }
 
