@@ -135,16 +135,17 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-/// The RFC 3463 code in a reply such as "550 5.1.1 unknown", if any.
+/// The RFC 3463 code in a reply such as "550 5.1.1 unknown", or at the
+/// start of our own reasons ("5.1.10 null MX"), if any.
 fn enhanced_code(diagnostic: &str) -> Option<&str> {
-    let code = diagnostic.split_whitespace().nth(1)?;
-    let parts: Vec<&str> = code.split('.').collect();
-    let ok = parts.len() == 3
-        && matches!(parts[0], "2" | "4" | "5")
-        && parts[1..]
-            .iter()
-            .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
-    ok.then_some(code)
+    diagnostic.split_whitespace().take(2).find(|code| {
+        let parts: Vec<&str> = code.split('.').collect();
+        parts.len() == 3
+            && matches!(parts[0], "2" | "4" | "5")
+            && parts[1..]
+                .iter()
+                .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// The header section up to its empty line, at most MAX_QUOTED_HEADER
@@ -268,6 +269,7 @@ mod tests {
         assert_eq!(enhanced_code("550 5.1.1 unknown"), Some("5.1.1"));
         assert_eq!(enhanced_code("451 4.3.0"), Some("4.3.0"));
         assert_eq!(enhanced_code("550 unknown user"), None);
+        assert_eq!(enhanced_code("5.1.10 null MX"), Some("5.1.10"));
         assert_eq!(enhanced_code("550 5.1"), None);
         assert_eq!(enhanced_code(""), None);
     }

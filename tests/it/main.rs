@@ -8,4 +8,5 @@ mod delivery;
 mod lifecycle;
 mod limits;
 mod protocol;
+mod relay;
 mod util;

@@ -1,0 +1,427 @@
+//! Outbound delivery end to end: the real server relays to real SMTP peers
+//! on loopback (a second postling, and the scripted test server), with MX
+//! routing through a DNS server running in this test process.
+
+use std::fs;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postling::relay::dns::test_server::{Record, TestDns};
+use postling::relay::test_smtp::{Script, TestServer};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::ServerConfig;
+
+use crate::util::{split_message, wait_for, Server, TempDir};
+
+const SHORT: Duration = Duration::from_secs(20);
+
+/// A config whose relay retries every second and whose DNS is `dns`.
+fn relay_config(extra_relay: &str, dns: &TestDns) -> String {
+    format!(
+        "hostname = \"relay.test\"\n[local]\ndomains = [\"localhost\"]\n[relay]\ndns_servers = [\"{}\"]\nretry = [\"1s\"]\nconnect_timeout = \"2s\"\n{extra_relay}",
+        dns.addr
+    )
+}
+
+fn send(s: &Server, from: &str, to: &[&str], body: &str) -> String {
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    let r = c.send_mail(from, to, body);
+    assert!(r.starts_with("250"), "{r}");
+    r.rsplit(' ').next().expect("queue id").to_string()
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[test]
+fn relays_via_mx_to_a_second_postling_and_empties_the_queue() {
+    let dir_b = TempDir::new();
+    let b = Server::start(
+        &dir_b,
+        "hostname = \"mx.example.test\"\n[local]\ndomains = [\"example.test\"]\n",
+    );
+    let dns = TestDns::start(vec![
+        Record::mx("example.test", 10, "mx.example.test"),
+        Record::a("mx.example.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir_a = TempDir::new();
+    let a = Server::start(
+        &dir_a,
+        &relay_config(&format!("mx_port = {}\n", b.addr.port()), &dns),
+    );
+    let id = send(
+        &a,
+        "cron@localhost",
+        &["alice@example.test"],
+        "Subject: over MX\r\n\r\n..dot line\r\nbye\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || b.mail("alice").len() == 1),
+        "{}",
+        a.log()
+    );
+    let (header, body) = split_message(&b.mail("alice")[0]);
+    assert_eq!(
+        body, b".dot line\r\nbye\r\n",
+        "dot-stuffed on the way out, unstuffed on arrival"
+    );
+    assert!(header.contains("Return-Path: <cron@localhost>"), "{header}");
+    assert!(
+        header.contains("by relay.test (postling session"),
+        "our Received kept"
+    );
+    assert!(
+        header.contains("by mx.example.test (postling session"),
+        "next hop added its own"
+    );
+    assert!(
+        wait_for(SHORT, || a.queue().is_empty()),
+        "queue entry not removed"
+    );
+    assert!(a.log().contains(&format!(
+        "id={id} to=<alice@example.test> relay=mx.example.test[127.0.0.1]:"
+    )));
+    assert!(a.log().contains("status=sent"));
+}
+
+#[test]
+fn a_host_that_is_down_defers_then_delivers_when_it_comes_up() {
+    let port = free_port();
+    let dir_a = TempDir::new();
+    let dns = TestDns::start(vec![
+        Record::mx("later.test", 10, "mx.later.test"),
+        Record::a("mx.later.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let a = Server::start(&dir_a, &relay_config(&format!("mx_port = {port}\n"), &dns));
+    let id = send(
+        &a,
+        "cron@localhost",
+        &["bob@later.test"],
+        "Subject: patience\r\n\r\nhi\r\n",
+    );
+    assert!(wait_for(SHORT, || a
+        .log()
+        .contains(&format!("id={id} to=<bob@later.test>"))
+        && a.log().contains("status=deferred")));
+    assert!(
+        a.queue()[0].1.contains("rcpt deferred bob@later.test "),
+        "{:?}",
+        a.queue()
+    );
+    // The next hop comes up on that port; the retry (every 1 s here) delivers.
+    let dir_b = TempDir::new();
+    let b = Server::start_at(
+        dir_b.path(),
+        "[local]\ndomains = [\"later.test\"]\n",
+        &format!("127.0.0.1:{port}"),
+    );
+    assert!(wait_for(SHORT, || b.mail("bob").len() == 1), "{}", a.log());
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+}
+
+#[test]
+fn per_recipient_results_accept_defer_reject_and_bounce() {
+    let server = TestServer::start(Script {
+        rcpt_replies: vec![
+            ("later@peer.test".into(), "450 4.2.1 mailbox busy".into()),
+            ("nobody@peer.test".into(), "550 5.1.1 no such user".into()),
+        ],
+        ..Script::default()
+    })
+    .expect("test server");
+    let dns = TestDns::start(vec![
+        Record::mx("peer.test", 10, "mx.peer.test"),
+        Record::a("mx.peer.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
+    );
+    let id = send(
+        &a,
+        "cron@localhost",
+        &["ok@peer.test", "later@peer.test", "nobody@peer.test"],
+        "Subject: mixed\r\n\r\nhi\r\n",
+    );
+    // The bounce for nobody@ reaches the local sender's Maildir.
+    assert!(wait_for(SHORT, || a.mail("cron").len() == 1), "{}", a.log());
+    let bounce = String::from_utf8(a.mail("cron")[0].clone()).expect("utf8");
+    assert!(bounce.starts_with("Return-Path: <>\r\n"), "{bounce}");
+    for want in [
+        "Subject: Undelivered Mail Returned to Sender",
+        "Final-Recipient: rfc822; nobody@peer.test",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1 no such user",
+        "Remote-MTA: dns; mx.peer.test",
+        "Subject: mixed",
+    ] {
+        assert!(bounce.contains(want), "missing {want:?} in\n{bounce}");
+    }
+    assert!(
+        !bounce.contains("ok@peer.test"),
+        "only the failed recipient is reported"
+    );
+    // ok@ was delivered once and never again; later@ stays deferred.
+    assert!(
+        wait_for(SHORT, || {
+            let q = a.queue();
+            q.len() == 1
+                && q[0].1.contains("rcpt delivered ok@peer.test\n")
+                && q[0].1.contains("rcpt deferred later@peer.test ")
+                && q[0].1.contains("rcpt failed nobody@peer.test ")
+        }),
+        "{:?}",
+        a.queue()
+    );
+    assert!(
+        wait_for(SHORT, || a
+            .log()
+            .matches(&format!("id={id} to=<later@peer.test>"))
+            .count()
+            >= 2),
+        "retried"
+    );
+    let ok_rcpts = server
+        .lines()
+        .iter()
+        .filter(|l| l.contains("RCPT TO:<ok@peer.test>"))
+        .count();
+    assert_eq!(ok_rcpts, 1, "a delivered recipient is never sent again");
+}
+
+#[test]
+fn null_mx_and_missing_domain_bounce_at_once_and_bounces_never_bounce() {
+    let dns = TestDns::start(vec![Record::mx("nomail.test", 0, ".")]);
+    let dir = TempDir::new();
+    let a = Server::start(&dir, &relay_config("", &dns));
+    send(
+        &a,
+        "cron@localhost",
+        &["x@nomail.test"],
+        "Subject: a\r\n\r\nhi\r\n",
+    );
+    assert!(wait_for(SHORT, || a.mail("cron").len() == 1), "{}", a.log());
+    let bounce = String::from_utf8(a.mail("cron")[0].clone()).expect("utf8");
+    assert!(bounce.contains("Status: 5.1.10"), "{bounce}");
+    // A message from <> that fails is logged, never bounced.
+    let mut c = a.client();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .send_mail("", &["y@nowhere.test"], "Subject: b\r\n\r\nhi\r\n")
+        .starts_with("250"));
+    assert!(
+        wait_for(SHORT, || a.log().contains("a bounce never bounces")),
+        "{}",
+        a.log()
+    );
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.mail("cron").len(), 1);
+}
+
+#[test]
+fn connection_dropped_mid_data_defers() {
+    let server = TestServer::start(Script {
+        drop_mid_data: true,
+        ..Script::default()
+    })
+    .expect("test server");
+    let dns = TestDns::start(vec![
+        Record::mx("drop.test", 10, "mx.drop.test"),
+        Record::a("mx.drop.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
+    );
+    let id = send(
+        &a,
+        "cron@localhost",
+        &["x@drop.test"],
+        "Subject: a\r\n\r\nline one\r\nline two\r\n",
+    );
+    assert!(wait_for(SHORT, || a
+        .log()
+        .contains(&format!("id={id} to=<x@drop.test>"))
+        && a.log().contains("status=deferred")));
+    assert_eq!(a.queue().len(), 1);
+    assert!(
+        a.mail("cron").is_empty(),
+        "a temporary failure is not bounced"
+    );
+}
+
+#[test]
+fn delay_notice_once_then_expiry_bounces() {
+    let port = free_port(); // nothing listens: every attempt fails
+    let dns = TestDns::start(vec![
+        Record::mx("down.test", 10, "mx.down.test"),
+        Record::a("mx.down.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(
+            &format!("mx_port = {port}\ndelay_warning = \"2s\"\nmax_queue_time = \"5s\"\n"),
+            &dns,
+        ),
+    );
+    send(
+        &a,
+        "cron@localhost",
+        &["x@down.test"],
+        "Subject: doomed\r\n\r\nhi\r\n",
+    );
+    assert!(wait_for(SHORT, || a.mail("cron").len() == 2), "{}", a.log());
+    let notices: Vec<String> = a
+        .mail("cron")
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
+    let delayed = notices
+        .iter()
+        .filter(|n| n.contains("Action: delayed"))
+        .count();
+    let failed: Vec<&String> = notices
+        .iter()
+        .filter(|n| n.contains("Action: failed"))
+        .collect();
+    assert_eq!(delayed, 1, "exactly one delay notice");
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].contains("Status: 4.4.7"), "{}", failed[0]);
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+}
+
+/// A CA and a server config for "localhost"; the CA PEM is written to `dir`.
+fn pki(dir: &TempDir) -> (std::path::PathBuf, Arc<ServerConfig>) {
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "postling test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".into()]).expect("params");
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).expect("leaf");
+    let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let server =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+    let path = dir.path().join("ca.pem");
+    fs::write(&path, ca_cert.pem()).expect("ca file");
+    (path, Arc::new(server))
+}
+
+#[test]
+fn smarthost_with_starttls_auth_and_from_rewriting() {
+    let dir = TempDir::new();
+    let (ca, tls) = pki(&dir);
+    let server = TestServer::start(Script {
+        tls: Some(tls),
+        auth: Some(("me@example.net".into(), "s3cret".into())),
+        ..Script::default()
+    })
+    .expect("test server");
+    let secret = dir.path().join("secret");
+    fs::write(&secret, "s3cret\n").expect("secret");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\n[relay]\nsmarthost = \"localhost:{}\"\nsmarthost_user = \"me@example.net\"\nsmarthost_password_file = \"{}\"\nca_file = \"{}\"\nrewrite_from = \"me@example.net\"\nretry = [\"1s\"]\n",
+        server.addr.port(),
+        secret.display(),
+        ca.display()
+    );
+    let a = Server::start(&dir, &config);
+    send(
+        &a,
+        "cron@localhost",
+        &["friend@gmail.test"],
+        "From: Cron Daemon <cron@localhost>\r\nSubject: via smarthost\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || server.messages().len() == 1),
+        "{}",
+        a.log()
+    );
+    let lines = server.lines();
+    let auth_at = lines
+        .iter()
+        .position(|l| l.starts_with("AUTH "))
+        .expect("AUTH sent");
+    let tls_at = lines
+        .iter()
+        .position(|l| l.starts_with("STARTTLS"))
+        .expect("STARTTLS sent");
+    assert!(tls_at < auth_at, "credentials only after TLS: {lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("MAIL FROM:<me@example.net>")),
+        "{lines:?}"
+    );
+    let msg = String::from_utf8(server.messages()[0].clone()).expect("utf8");
+    assert!(
+        msg.contains("From: Cron Daemon <me@example.net>\r\n"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("Reply-To: Cron Daemon <cron@localhost>\r\n"),
+        "{msg}"
+    );
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+}
+
+#[test]
+fn smarthost_with_an_untrusted_certificate_defers_and_never_sends_credentials() {
+    let dir = TempDir::new();
+    let (_ca, tls) = pki(&dir); // the server's CA is NOT given to postling
+    let server = TestServer::start(Script {
+        tls: Some(tls),
+        implicit_tls: true,
+        auth: Some(("me@example.net".into(), "s3cret".into())),
+        ..Script::default()
+    })
+    .expect("test server");
+    let secret = dir.path().join("secret");
+    fs::write(&secret, "s3cret\n").expect("secret");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\n[relay]\nsmarthost = \"localhost:{}\"\nsmarthost_tls = \"implicit\"\nsmarthost_user = \"me@example.net\"\nsmarthost_password_file = \"{}\"\nretry = [\"1s\"]\n",
+        server.addr.port(),
+        secret.display()
+    );
+    let a = Server::start(&dir, &config);
+    let id = send(
+        &a,
+        "cron@localhost",
+        &["friend@gmail.test"],
+        "Subject: x\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || a
+            .log()
+            .contains(&format!("id={id} to=<friend@gmail.test>"))
+            && a.log().contains("status=deferred")),
+        "{}",
+        a.log()
+    );
+    assert!(
+        server.lines().iter().all(|l| !l.starts_with("AUTH")),
+        "{:?}",
+        server.lines()
+    );
+    assert!(server.messages().is_empty());
+    assert_eq!(a.queue().len(), 1);
+}
