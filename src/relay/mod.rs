@@ -26,6 +26,7 @@ pub mod schedule;
 pub mod test_smtp;
 pub mod transfer;
 
+mod attempt;
 mod worker;
 
 pub use worker::{spawn, Request};

@@ -1,26 +1,29 @@
-//! The relay thread's loop and one delivery attempt (see `relay/mod.rs`).
+//! The relay thread: the schedule, the envelopes, and the notices.
+//!
+//! It alone writes queue envelopes. Each due message is split into one
+//! delivery per destination, run on delivery threads (at most
+//! `MAX_PARALLEL` messages at once) so a slow host never holds up the
+//! others; each result comes back over a channel and is recorded in the
+//! envelope durably before the next one is taken.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::path::Path;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{select, Receiver, Sender};
 use log::{debug, error, info, warn};
-use rustls::ClientConfig;
 
+use super::attempt::{domain_of, read_header, Deliverer, Dest};
 use super::bounce::{self, Entry, Kind};
-use super::client::{Credentials, Job, RcptResult, TlsMode};
+use super::client::RcptResult;
 use super::dns::Resolver;
-use super::rewrite;
-use super::route::{self, Candidate, RouteError};
 use super::schedule::Schedule;
-use super::transfer::{self, Timeouts};
-use crate::config::SmarthostTls;
+use super::transfer::Timeouts;
 use crate::local::Target;
 use crate::server::Context;
 use crate::smtp::conn::unix_now;
@@ -40,26 +43,34 @@ pub enum Request {
 
 /// The longest the thread sleeps without looking at the clock again.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
-/// Message headers quoted in bounces / scanned for From: rewriting.
-const MAX_HEADER: usize = 256 * 1024;
+/// Messages being delivered at the same time.
+const MAX_PARALLEL: usize = 8;
 /// Marks envelopes of notices we generated: a failed notice is never
 /// answered with another one.
 const NOTICE_CLIENT: &str = "postling notice";
 
+/// One destination's results for one message: (recipient index, result,
+/// the host that gave it).
+type Results = Vec<(usize, RcptResult, Option<String>)>;
+
+/// A message whose attempt is running.
+struct Flight {
+    /// Destinations not yet reported.
+    waiting: usize,
+    newly_failed: Vec<usize>,
+    remote_mta: HashMap<usize, String>,
+}
+
 struct Relay {
     ctx: Arc<Context>,
     schedule: Schedule,
-    resolver: Resolver,
-    verified: Arc<ClientConfig>,
-    opportunistic: Arc<ClientConfig>,
-    timeouts: Timeouts,
+    deliverer: Arc<Deliverer>,
     /// Every queued envelope, by id.
     pending: HashMap<String, Envelope>,
     /// Ids to try at the next pass whatever the schedule says.
     forced: HashSet<String>,
-    /// Addresses that refused a connection in this pass: not tried again
-    /// until the next pass, so one dead host costs one timeout.
-    dead: HashSet<SocketAddr>,
+    in_flight: HashMap<String, Flight>,
+    results_tx: Sender<(String, Results)>,
 }
 
 /// Starts the relay thread. Fails only when the TLS trust store cannot be
@@ -68,28 +79,34 @@ pub fn spawn(ctx: Arc<Context>, requests: Receiver<Request>) -> io::Result<JoinH
     let relay_cfg = &ctx.config.relay;
     let verified = crate::tls::client_config(relay_cfg.ca_file.as_deref())
         .map_err(|e| io::Error::other(format!("relay TLS: {e}")))?;
+    let deliverer = Arc::new(Deliverer::new(
+        Arc::clone(&ctx),
+        Resolver::new(&relay_cfg.dns_servers),
+        verified,
+        crate::tls::insecure_client_config(),
+        Timeouts::default(),
+    ));
+    let (results_tx, results) = crossbeam_channel::unbounded();
     let relay = Relay {
         schedule: Schedule {
             retry: relay_cfg.retry.clone(),
             max_queue_time: relay_cfg.max_queue_time,
             delay_warning: relay_cfg.delay_warning,
         },
-        resolver: Resolver::new(&relay_cfg.dns_servers),
-        verified,
-        opportunistic: crate::tls::insecure_client_config(),
-        timeouts: Timeouts::default(),
+        deliverer,
         pending: HashMap::new(),
         forced: HashSet::new(),
-        dead: HashSet::new(),
+        in_flight: HashMap::new(),
+        results_tx,
         ctx,
     };
     thread::Builder::new()
         .name("relay".into())
-        .spawn(move || relay.run(requests))
+        .spawn(move || relay.run(requests, results))
 }
 
 impl Relay {
-    fn run(mut self, requests: Receiver<Request>) {
+    fn run(mut self, requests: Receiver<Request>, results: Receiver<(String, Results)>) {
         loop {
             let now = unix_now();
             let wait = match self.next_due(now) {
@@ -97,28 +114,45 @@ impl Relay {
                 Some(due) => Duration::from_secs(due - now).min(MAX_SLEEP),
                 None => MAX_SLEEP,
             };
-            match requests.recv_timeout(wait) {
-                Ok(req) => {
-                    self.handle(req);
-                    // Take everything already waiting before delivering.
-                    while let Ok(req) = requests.try_recv() {
-                        self.handle(req);
+            select! {
+                recv(requests) -> req => match req {
+                    Ok(req) => self.handle(req),
+                    Err(_) => return,
+                },
+                recv(results) -> r => {
+                    // The sender lives in `self`, so this cannot fail.
+                    if let Ok((id, results)) = r {
+                        self.record(&id, results);
                     }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                },
+                default(wait) => {},
+            }
+            // Take everything already waiting before starting deliveries.
+            while let Ok(req) = requests.try_recv() {
+                self.handle(req);
+            }
+            while let Ok((id, results)) = results.try_recv() {
+                self.record(&id, results);
             }
             self.run_due();
         }
     }
 
     fn next_due(&self, now: u64) -> Option<u64> {
-        if !self.forced.is_empty() {
+        if self.in_flight.len() >= MAX_PARALLEL {
+            return None; // woken by a result
+        }
+        if self
+            .forced
+            .iter()
+            .any(|id| !self.in_flight.contains_key(id))
+        {
             return Some(0);
         }
         self.pending
-            .values()
-            .map(|e| self.schedule.next_due(e, now))
+            .iter()
+            .filter(|(id, _)| !self.in_flight.contains_key(*id))
+            .map(|(_, e)| self.schedule.next_due(e, now))
             .min()
     }
 
@@ -142,8 +176,10 @@ impl Relay {
                 }
             }
             Request::Delete(id, reply) => {
+                // A delivery still running for it reports into nothing.
                 self.pending.remove(&id);
                 self.forced.remove(&id);
+                self.in_flight.remove(&id);
                 let result = self.ctx.queue.remove(&id).map_err(|e| e.to_string());
                 if result.is_ok() {
                     info!("id={id} status=deleted (by the queue tool)");
@@ -162,120 +198,74 @@ impl Relay {
         }
     }
 
-    /// Runs every due attempt, oldest due first.
+    /// Starts every due attempt, oldest due first, up to MAX_PARALLEL.
     fn run_due(&mut self) {
         let now = unix_now();
         let mut due: Vec<(u64, String)> = self
             .pending
             .iter()
+            .filter(|(id, _)| !self.in_flight.contains_key(*id))
             .map(|(id, e)| (self.schedule.next_due(e, now), id.clone()))
             .filter(|(d, id)| *d <= now || self.forced.contains(id))
             .collect();
-        if due.is_empty() {
-            return;
-        }
         due.sort();
-        self.forced.clear();
-        self.dead.clear();
         for (_, id) in due {
-            self.attempt(&id);
+            if self.in_flight.len() >= MAX_PARALLEL {
+                break;
+            }
+            self.forced.remove(&id);
+            self.start(&id);
         }
     }
 
-    /// One delivery attempt for every unfinished recipient of `id`.
-    fn attempt(&mut self, id: &str) {
-        let Some(mut env) = self.pending.remove(id) else {
+    /// Starts one delivery thread per destination of `id`'s unfinished
+    /// recipients.
+    fn start(&mut self, id: &str) {
+        let Some(env) = self.pending.get(id) else {
             return;
         };
         let path = match self.ctx.queue.message_path(id) {
             Ok(p) if p.exists() => p,
             _ => {
                 warn!("id={id} message file gone; dropping it from the relay");
+                self.pending.remove(id);
                 return;
             }
         };
-        let now = unix_now();
         let todo: Vec<usize> = (0..env.recipients.len())
             .filter(|&i| !env.recipients[i].state.is_final())
             .collect();
-        let mut remote_mta: HashMap<usize, String> = HashMap::new();
-        let mut newly_failed = Vec::new();
-        for (dest, idxs) in self.group(&env, &todo) {
-            for (i, result, host) in self.deliver_to(&env, &path, &dest, &idxs) {
-                let addr = env.recipients[i].address.clone();
-                let delay = now.saturating_sub(env.arrived);
-                let relay_name = host.clone().unwrap_or_else(|| "none".into());
-                env.recipients[i].state = match result {
-                    RcptResult::Delivered { reply } => {
-                        info!("id={id} to=<{addr}> relay={relay_name} delay={delay}s status=sent ({reply})");
-                        RcptState::Delivered
-                    }
-                    RcptResult::Deferred { reason } => {
-                        info!("id={id} to=<{addr}> relay={relay_name} delay={delay}s status=deferred ({reason})");
-                        RcptState::Deferred { reason }
-                    }
-                    RcptResult::Failed { reason } => {
-                        info!("id={id} to=<{addr}> relay={relay_name} delay={delay}s status=bounced ({reason})");
-                        newly_failed.push(i);
-                        RcptState::Failed { reason }
-                    }
-                };
-                if let Some(h) = host {
-                    remote_mta.insert(i, h);
-                }
-            }
-        }
-        env.attempts = env.attempts.saturating_add(1);
-        env.tried = now;
-
-        if self.schedule.expired(&env, now) {
-            let days = self.schedule.max_queue_time.as_secs() / 86_400;
-            for (i, r) in env.recipients.iter_mut().enumerate() {
-                let last = match &r.state {
-                    RcptState::Pending => "never tried".to_string(),
-                    RcptState::Deferred { reason } => reason.clone(),
-                    RcptState::Delivered | RcptState::Failed { .. } => continue,
-                };
-                let reason = format!("4.4.7 delivery time expired ({days}d); last error: {last}");
-                info!("id={id} to=<{}> status=expired ({reason})", r.address);
-                r.state = RcptState::Failed { reason };
-                newly_failed.push(i);
-            }
-        }
-
-        // Notices go out before the envelope is saved: a crash in between
-        // repeats a notice rather than losing it.
-        if !newly_failed.is_empty() {
-            let entries = entries(&env, &newly_failed, &remote_mta);
-            self.notify(&env, &path, &entries, Kind::Failed);
-        } else if self.schedule.should_warn(&env, now) {
-            let deferred: Vec<usize> = (0..env.recipients.len())
-                .filter(|&i| matches!(env.recipients[i].state, RcptState::Deferred { .. }))
-                .collect();
-            if !deferred.is_empty() {
-                let entries = entries(&env, &deferred, &remote_mta);
-                self.notify(&env, &path, &entries, Kind::Delayed);
-            }
-            env.warned = true;
-        }
-
-        if env.recipients.iter().all(|r| r.state.is_final()) {
-            match self.ctx.queue.remove(id) {
-                Ok(()) => info!("id={id} status=removed (all recipients done)"),
-                Err(e) => error!("id={id} cannot remove finished entry: {e}"),
-            }
+        let groups = self.group(env, &todo);
+        self.in_flight.insert(
+            id.to_string(),
+            Flight {
+                waiting: groups.len(),
+                newly_failed: Vec::new(),
+                remote_mta: HashMap::new(),
+            },
+        );
+        if groups.is_empty() {
+            self.finish(id);
             return;
         }
-        if let Err(e) = self.ctx.queue.save(&env) {
-            // The old envelope stays: the next attempt may repeat a
-            // delivery (a duplicate), never skip one.
-            error!("id={id} cannot save envelope: {e}");
+        for (dest, idxs) in groups {
+            let (env, path, tx) = (env.clone(), path.clone(), self.results_tx.clone());
+            let deliverer = Arc::clone(&self.deliverer);
+            let (job_id, job_idxs) = (id.to_string(), idxs.clone());
+            let spawned = thread::Builder::new()
+                .name(format!("deliver-{id}"))
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let results = deliverer.deliver_to(&env, &path, &dest, &job_idxs);
+                    let _ = tx.send((job_id, results));
+                });
+            if let Err(e) = spawned {
+                // Reported as deferred, so the attempt still completes.
+                error!("id={id} cannot start a delivery thread: {e}");
+                let results = idxs_deferred(&idxs, &format!("local error: {e}"));
+                let _ = self.results_tx.send((id.to_string(), results));
+            }
         }
-        debug!(
-            "id={id} next attempt at {}",
-            self.schedule.next_due(&env, now)
-        );
-        self.pending.insert(id.to_string(), env);
     }
 
     /// Unfinished recipients grouped by where they go: one group for the
@@ -295,223 +285,109 @@ impl Relay {
         groups
     }
 
-    /// Delivers to one destination, trying its hosts in order; returns a
-    /// result for every index in `idxs`, with the host that gave it.
-    fn deliver_to(
-        &mut self,
-        env: &Envelope,
-        path: &Path,
-        dest: &Dest,
-        idxs: &[usize],
-    ) -> Vec<(usize, RcptResult, Option<String>)> {
-        let all = |r: RcptResult| {
-            idxs.iter()
-                .map(|&i| (i, r.clone(), None))
-                .collect::<Vec<_>>()
+    /// Records one destination's results in the envelope, durably.
+    fn record(&mut self, id: &str, results: Results) {
+        let (Some(env), Some(flight)) = (self.pending.get_mut(id), self.in_flight.get_mut(id))
+        else {
+            return; // deleted meanwhile
         };
-        let relay_cfg = &self.ctx.config.relay;
-        let (candidates, tls) = match (dest, &relay_cfg.smarthost) {
-            (Dest::Smarthost, Some(sh)) => {
-                let tls = match sh.tls {
-                    SmarthostTls::StartTls => TlsMode::RequireStartTls,
-                    SmarthostTls::Implicit => TlsMode::Implicit,
-                    SmarthostTls::None => TlsMode::None,
-                };
-                (route::smarthost(sh), tls)
-            }
-            (Dest::Domain(d), _) => (
-                route::direct(&self.resolver, d, relay_cfg.mx_port),
-                TlsMode::Opportunistic,
-            ),
-            (Dest::Smarthost, None) => unreachable!("Smarthost groups exist only with a smarthost"),
-        };
-        let candidates = match candidates {
-            Ok(c) => c,
-            Err(RouteError::Permanent(reason)) => return all(RcptResult::Failed { reason }),
-            Err(RouteError::Temporary(reason)) => return all(RcptResult::Deferred { reason }),
-        };
-        let auth = match self.credentials() {
-            Ok(a) => a,
-            Err(reason) => return all(RcptResult::Deferred { reason }),
-        };
-        let recipients: Vec<String> = idxs
-            .iter()
-            .map(|&i| env.recipients[i].address.clone())
-            .collect();
-        let mut last_reason = String::from("no host could be reached");
-        for (n, cand) in candidates.iter().enumerate() {
-            if self.dead.contains(&cand.addr) {
-                last_reason = format!(
-                    "{} [{}] did not answer earlier in this run",
-                    cand.host, cand.addr
-                );
-                continue;
-            }
-            let mut outcome = match self.session(env, path, cand, &recipients, tls, auth.clone()) {
-                Ok(o) => o,
-                Err(reason) => {
-                    last_reason = reason;
-                    continue;
+        let now = unix_now();
+        for (i, result, host) in results {
+            let addr = env.recipients[i].address.clone();
+            let delay = now.saturating_sub(env.arrived);
+            let relay_name = host.clone().unwrap_or_else(|| "none".into());
+            env.recipients[i].state = match result {
+                RcptResult::Delivered { reply } => {
+                    info!("id={id} to=<{addr}> relay={relay_name} delay={delay}s status=sent ({reply})");
+                    RcptState::Delivered
+                }
+                RcptResult::Deferred { reason } => {
+                    info!("id={id} to=<{addr}> relay={relay_name} delay={delay}s status=deferred ({reason})");
+                    RcptState::Deferred { reason }
+                }
+                RcptResult::Failed { reason } => {
+                    info!("id={id} to=<{addr}> relay={relay_name} delay={delay}s status=bounced ({reason})");
+                    flight.newly_failed.push(i);
+                    RcptState::Failed { reason }
                 }
             };
-            if outcome.retry_in_clear() {
-                // Opportunistic TLS failed: this host again in clear, as
-                // Postfix's `may` level does.
-                info!(
-                    "id={} {} [{}]: TLS handshake failed; retrying in clear",
-                    env.id, cand.host, cand.addr
-                );
-                match self.session(env, path, cand, &recipients, TlsMode::None, None) {
-                    Ok(o) => outcome = o,
-                    Err(reason) => {
-                        last_reason = reason;
-                        continue;
-                    }
-                }
+            if let Some(h) = host {
+                flight.remote_mta.insert(i, h);
             }
-            let all_deferred = outcome
-                .recipients
-                .iter()
-                .all(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
-            if all_deferred && n + 1 < candidates.len() {
-                if let Some((_, RcptResult::Deferred { reason })) = outcome.recipients.first() {
-                    last_reason = reason.clone();
-                }
-                continue;
-            }
-            let host = format!("{}[{}]:{}", cand.host, cand.addr.ip(), cand.addr.port());
-            return idxs
-                .iter()
-                .zip(outcome.recipients)
-                .map(|(&i, (_, r))| (i, r, Some(host.clone())))
-                .collect();
         }
-        all(RcptResult::Deferred {
-            reason: last_reason,
-        })
-    }
-
-    /// Connects to one candidate and runs one SMTP session.
-    fn session(
-        &mut self,
-        env: &Envelope,
-        path: &Path,
-        cand: &Candidate,
-        recipients: &[String],
-        tls: TlsMode,
-        auth: Option<Credentials>,
-    ) -> Result<super::client::Outcome, String> {
-        let relay_cfg = &self.ctx.config.relay;
-        let stream =
-            TcpStream::connect_timeout(&cand.addr, relay_cfg.connect_timeout).map_err(|e| {
-                self.dead.insert(cand.addr);
-                format!("connect to {} [{}]: {e}", cand.host, cand.addr)
-            })?;
-        let mut msg = self
-            .open_message(env, path)
-            .map_err(|e| format!("cannot read queued message: {e}"))?;
-        let job = Job {
-            id: env.id.clone(),
-            helo: self.ctx.config.hostname.clone(),
-            sender: msg.sender,
-            recipients: recipients.to_vec(),
-            size: msg.size,
-            eightbit: msg.eightbit,
-            smtputf8: !env.sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
-            tls,
-            auth,
-        };
-        debug!(
-            "id={} connected to {} [{}] tls={:?}",
-            env.id, cand.host, cand.addr, tls
-        );
-        Ok(transfer::deliver(
-            stream,
-            &cand.host,
-            job,
-            &mut msg.reader,
-            &self.verified,
-            &self.opportunistic,
-            &self.timeouts,
-        ))
-    }
-
-    /// The smarthost credentials, read fresh (so a changed password file
-    /// needs no restart).
-    fn credentials(&self) -> Result<Option<Credentials>, String> {
-        let Some((user, file)) = self
-            .ctx
-            .config
-            .relay
-            .smarthost
-            .as_ref()
-            .and_then(|s| s.auth.as_ref())
-        else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            format!(
-                "cannot read smarthost_password_file {}: {e}",
-                file.display()
-            )
-        })?;
-        let password = text.lines().next().unwrap_or("").to_string();
-        Ok(Some(Credentials {
-            user: user.clone(),
-            password,
-        }))
-    }
-
-    /// The message as it will be sent: From: rewritten for local senders
-    /// when `relay.rewrite_from` is set.
-    fn open_message(&self, env: &Envelope, path: &Path) -> io::Result<Outgoing> {
-        let mut file = File::open(path)?;
-        let len = file.metadata()?.len();
-        let eightbit = has_8bit(&mut file)?;
-        file.seek(SeekFrom::Start(0))?;
-        let rewrite_to = self
-            .ctx
-            .config
-            .relay
-            .rewrite_from
-            .as_ref()
-            .filter(|_| self.is_local_sender(&env.sender));
-        let Some(new_from) = rewrite_to else {
-            return Ok(Outgoing {
-                reader: Box::new(file),
-                size: len,
-                eightbit,
-                sender: env.sender.clone(),
-            });
-        };
-        let header = read_header(&mut file)?;
-        let Some(end) = header_end(&header) else {
-            // No header/body boundary within the limit: send unchanged,
-            // except the envelope sender.
-            file.seek(SeekFrom::Start(0))?;
-            return Ok(Outgoing {
-                reader: Box::new(file),
-                size: len,
-                eightbit,
-                sender: new_from.clone(),
-            });
-        };
-        let new_header = rewrite::rewrite_header(&header[..end], new_from);
-        file.seek(SeekFrom::Start(end as u64))?;
-        Ok(Outgoing {
-            size: new_header.len() as u64 + len - end as u64,
-            reader: Box::new(Cursor::new(new_header).chain(file)),
-            eightbit,
-            sender: new_from.clone(),
-        })
-    }
-
-    fn is_local_sender(&self, sender: &str) -> bool {
-        !sender.is_empty()
-            && match sender.rsplit_once('@') {
-                None => true,
-                Some((_, domain)) => self.ctx.config.local.is_local_domain(domain),
+        flight.waiting = flight.waiting.saturating_sub(1);
+        if flight.waiting > 0 {
+            // Saved now, so a crash before the other destinations report
+            // never re-sends to these recipients.
+            if let Err(e) = self.ctx.queue.save(env) {
+                error!("id={id} cannot save envelope: {e}");
             }
+            return;
+        }
+        self.finish(id);
+    }
+
+    /// Ends an attempt: counts it, expires, sends notices, saves or removes.
+    fn finish(&mut self, id: &str) {
+        let (Some(mut env), Some(mut flight)) =
+            (self.pending.remove(id), self.in_flight.remove(id))
+        else {
+            return;
+        };
+        let now = unix_now();
+        env.attempts = env.attempts.saturating_add(1);
+        env.tried = now;
+        if self.schedule.expired(&env, now) {
+            let days = self.schedule.max_queue_time.as_secs() / 86_400;
+            for (i, r) in env.recipients.iter_mut().enumerate() {
+                let last = match &r.state {
+                    RcptState::Pending => "never tried".to_string(),
+                    RcptState::Deferred { reason } => reason.clone(),
+                    RcptState::Delivered | RcptState::Failed { .. } => continue,
+                };
+                let reason = format!("4.4.7 delivery time expired ({days}d); last error: {last}");
+                info!("id={id} to=<{}> status=expired ({reason})", r.address);
+                r.state = RcptState::Failed { reason };
+                flight.newly_failed.push(i);
+            }
+        }
+        let path = self
+            .ctx
+            .queue
+            .message_path(id)
+            .unwrap_or_else(|_| PathBuf::new());
+        // Notices go out before the envelope is saved: a crash in between
+        // repeats a notice rather than losing it.
+        if !flight.newly_failed.is_empty() {
+            let entries = entries(&env, &flight.newly_failed, &flight.remote_mta);
+            self.notify(&env, &path, &entries, Kind::Failed);
+        } else if self.schedule.should_warn(&env, now) {
+            let deferred: Vec<usize> = (0..env.recipients.len())
+                .filter(|&i| matches!(env.recipients[i].state, RcptState::Deferred { .. }))
+                .collect();
+            if !deferred.is_empty() {
+                let entries = entries(&env, &deferred, &flight.remote_mta);
+                self.notify(&env, &path, &entries, Kind::Delayed);
+            }
+            env.warned = true;
+        }
+        if env.recipients.iter().all(|r| r.state.is_final()) {
+            match self.ctx.queue.remove(id) {
+                Ok(()) => info!("id={id} status=removed (all recipients done)"),
+                Err(e) => error!("id={id} cannot remove finished entry: {e}"),
+            }
+            return;
+        }
+        if let Err(e) = self.ctx.queue.save(&env) {
+            // The old envelope stays: the next attempt may repeat a
+            // delivery (a duplicate), never skip one.
+            error!("id={id} cannot save envelope: {e}");
+        }
+        debug!(
+            "id={id} next attempt at {}",
+            self.schedule.next_due(&env, now)
+        );
+        self.pending.insert(id.to_string(), env);
     }
 
     /// Sends a bounce or delay notice about `env` to its sender. A notice
@@ -599,22 +475,18 @@ impl Relay {
     }
 }
 
-/// Where a group of recipients goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Dest {
-    Smarthost,
-    Domain(String),
-}
-
-struct Outgoing {
-    reader: Box<dyn Read>,
-    size: u64,
-    eightbit: bool,
-    sender: String,
-}
-
-fn domain_of(address: &str) -> &str {
-    address.rsplit_once('@').map_or("", |(_, d)| d)
+fn idxs_deferred(idxs: &[usize], reason: &str) -> Results {
+    idxs.iter()
+        .map(|&i| {
+            (
+                i,
+                RcptResult::Deferred {
+                    reason: reason.to_string(),
+                },
+                None,
+            )
+        })
+        .collect()
 }
 
 /// Bounce entries for the given recipients.
@@ -637,35 +509,4 @@ fn entries<'a>(
             }
         })
         .collect()
-}
-
-/// Whether the file has any byte >= 0x80 (BODY=8BITMIME needed).
-fn has_8bit(file: &mut File) -> io::Result<bool> {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(false);
-        }
-        if buf[..n].iter().any(|&b| b >= 0x80) {
-            return Ok(true);
-        }
-    }
-}
-
-/// The first MAX_HEADER bytes (or less) of the message.
-fn read_header(file: &mut File) -> io::Result<Vec<u8>> {
-    let mut header = Vec::new();
-    Read::by_ref(file)
-        .take(MAX_HEADER as u64)
-        .read_to_end(&mut header)?;
-    Ok(header)
-}
-
-/// The index just past the header's empty line, if it is within `bytes`.
-fn header_end(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 2)
 }

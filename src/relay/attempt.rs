@@ -1,0 +1,345 @@
+//! One delivery: one queued message to one destination (the smarthost, or
+//! one domain's MX hosts), trying its addresses in order. Runs on a delivery
+//! thread started by the relay thread, so a slow or silent host holds up
+//! only its own delivery; it reads the queue but never writes it (the relay
+//! thread records the results).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Cursor, Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+use rustls::ClientConfig;
+
+use super::client::{Credentials, Job, Outcome, RcptResult, TlsMode};
+use super::dns::Resolver;
+use super::rewrite;
+use super::route::{self, Candidate, RouteError};
+use super::transfer::{self, Timeouts};
+use crate::config::SmarthostTls;
+use crate::server::Context;
+use crate::store::envelope::Envelope;
+
+/// Message headers scanned for From: rewriting, at most.
+pub const MAX_HEADER: usize = 256 * 1024;
+/// An address whose connect timed out is skipped for this long, so one
+/// silent host costs one connect timeout, not one per queued message.
+const DEAD_FOR: Duration = Duration::from_secs(60);
+
+/// Everything a delivery thread needs; shared by all of them.
+pub struct Deliverer {
+    pub ctx: Arc<Context>,
+    pub resolver: Resolver,
+    pub verified: Arc<ClientConfig>,
+    pub opportunistic: Arc<ClientConfig>,
+    pub timeouts: Timeouts,
+    dead: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Deliverer {
+    pub fn new(
+        ctx: Arc<Context>,
+        resolver: Resolver,
+        verified: Arc<ClientConfig>,
+        opportunistic: Arc<ClientConfig>,
+        timeouts: Timeouts,
+    ) -> Deliverer {
+        Deliverer {
+            ctx,
+            resolver,
+            verified,
+            opportunistic,
+            timeouts,
+            dead: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn is_dead(&self, addr: SocketAddr) -> bool {
+        // The map holds plain values: a panicked holder left it consistent.
+        let dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+        dead.get(&addr)
+            .is_some_and(|since| since.elapsed() < DEAD_FOR)
+    }
+
+    fn mark_dead(&self, addr: SocketAddr) {
+        let mut dead = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+        dead.retain(|_, since| since.elapsed() < DEAD_FOR);
+        dead.insert(addr, Instant::now());
+    }
+
+    /// Delivers to one destination, trying its hosts in order; returns a
+    /// result for every index in `idxs`, with the host that gave it.
+    pub fn deliver_to(
+        &self,
+        env: &Envelope,
+        path: &Path,
+        dest: &Dest,
+        idxs: &[usize],
+    ) -> Vec<(usize, RcptResult, Option<String>)> {
+        let all = |r: RcptResult| {
+            idxs.iter()
+                .map(|&i| (i, r.clone(), None))
+                .collect::<Vec<_>>()
+        };
+        let relay_cfg = &self.ctx.config.relay;
+        let (candidates, tls) = match (dest, &relay_cfg.smarthost) {
+            (Dest::Smarthost, Some(sh)) => {
+                let tls = match sh.tls {
+                    SmarthostTls::StartTls => TlsMode::RequireStartTls,
+                    SmarthostTls::Implicit => TlsMode::Implicit,
+                    SmarthostTls::None => TlsMode::None,
+                };
+                (route::smarthost(sh), tls)
+            }
+            (Dest::Domain(d), _) => (
+                route::direct(&self.resolver, d, relay_cfg.mx_port),
+                TlsMode::Opportunistic,
+            ),
+            (Dest::Smarthost, None) => unreachable!("Smarthost groups exist only with a smarthost"),
+        };
+        let candidates = match candidates {
+            Ok(c) => c,
+            Err(RouteError::Permanent(reason)) => return all(RcptResult::Failed { reason }),
+            Err(RouteError::Temporary(reason)) => return all(RcptResult::Deferred { reason }),
+        };
+        let auth = match self.credentials() {
+            Ok(a) => a,
+            Err(reason) => return all(RcptResult::Deferred { reason }),
+        };
+        let recipients: Vec<String> = idxs
+            .iter()
+            .map(|&i| env.recipients[i].address.clone())
+            .collect();
+        let mut last_reason = String::from("no host could be reached");
+        for (n, cand) in candidates.iter().enumerate() {
+            if self.is_dead(cand.addr) {
+                last_reason = format!(
+                    "{} [{}] did not answer a connection less than a minute ago",
+                    cand.host, cand.addr
+                );
+                continue;
+            }
+            let mut outcome = match self.session(env, path, cand, &recipients, tls, auth.clone()) {
+                Ok(o) => o,
+                Err(reason) => {
+                    last_reason = reason;
+                    continue;
+                }
+            };
+            if outcome.retry_in_clear() {
+                // Opportunistic TLS failed: this host again in clear, as
+                // Postfix's `may` level does.
+                info!(
+                    "id={} {} [{}]: TLS handshake failed; retrying in clear",
+                    env.id, cand.host, cand.addr
+                );
+                match self.session(env, path, cand, &recipients, TlsMode::None, None) {
+                    Ok(o) => outcome = o,
+                    Err(reason) => {
+                        last_reason = reason;
+                        continue;
+                    }
+                }
+            }
+            let all_deferred = outcome
+                .recipients
+                .iter()
+                .all(|(_, r)| matches!(r, RcptResult::Deferred { .. }));
+            if all_deferred && n + 1 < candidates.len() {
+                if let Some((_, RcptResult::Deferred { reason })) = outcome.recipients.first() {
+                    last_reason = reason.clone();
+                }
+                continue;
+            }
+            let host = format!("{}[{}]:{}", cand.host, cand.addr.ip(), cand.addr.port());
+            return idxs
+                .iter()
+                .zip(outcome.recipients)
+                .map(|(&i, (_, r))| (i, r, Some(host.clone())))
+                .collect();
+        }
+        all(RcptResult::Deferred {
+            reason: last_reason,
+        })
+    }
+
+    /// Connects to one candidate and runs one SMTP session.
+    fn session(
+        &self,
+        env: &Envelope,
+        path: &Path,
+        cand: &Candidate,
+        recipients: &[String],
+        tls: TlsMode,
+        auth: Option<Credentials>,
+    ) -> Result<Outcome, String> {
+        let relay_cfg = &self.ctx.config.relay;
+        let stream =
+            TcpStream::connect_timeout(&cand.addr, relay_cfg.connect_timeout).map_err(|e| {
+                // A refusal costs nothing; only a silent host (a timeout) is
+                // worth remembering.
+                if e.kind() == io::ErrorKind::TimedOut {
+                    self.mark_dead(cand.addr);
+                }
+                format!("connect to {} [{}]: {e}", cand.host, cand.addr)
+            })?;
+        let mut msg = self
+            .open_message(env, path)
+            .map_err(|e| format!("cannot read queued message: {e}"))?;
+        let job = Job {
+            id: env.id.clone(),
+            helo: self.ctx.config.hostname.clone(),
+            sender: msg.sender,
+            recipients: recipients.to_vec(),
+            size: msg.size,
+            eightbit: msg.eightbit,
+            smtputf8: !env.sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
+            tls,
+            auth,
+        };
+        debug!(
+            "id={} connected to {} [{}] tls={:?}",
+            env.id, cand.host, cand.addr, tls
+        );
+        Ok(transfer::deliver(
+            stream,
+            &cand.host,
+            job,
+            &mut msg.reader,
+            &self.verified,
+            &self.opportunistic,
+            &self.timeouts,
+        ))
+    }
+
+    /// The smarthost credentials, read fresh (so a changed password file
+    /// needs no restart).
+    fn credentials(&self) -> Result<Option<Credentials>, String> {
+        let Some((user, file)) = self
+            .ctx
+            .config
+            .relay
+            .smarthost
+            .as_ref()
+            .and_then(|s| s.auth.as_ref())
+        else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            format!(
+                "cannot read smarthost_password_file {}: {e}",
+                file.display()
+            )
+        })?;
+        let password = text.lines().next().unwrap_or("").to_string();
+        Ok(Some(Credentials {
+            user: user.clone(),
+            password,
+        }))
+    }
+
+    /// The message as it will be sent: From: rewritten for local senders
+    /// when `relay.rewrite_from` is set.
+    fn open_message(&self, env: &Envelope, path: &Path) -> io::Result<Outgoing> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        let eightbit = has_8bit(&mut file)?;
+        file.seek(SeekFrom::Start(0))?;
+        let rewrite_to = self
+            .ctx
+            .config
+            .relay
+            .rewrite_from
+            .as_ref()
+            .filter(|_| self.is_local_sender(&env.sender));
+        let Some(new_from) = rewrite_to else {
+            return Ok(Outgoing {
+                reader: Box::new(file),
+                size: len,
+                eightbit,
+                sender: env.sender.clone(),
+            });
+        };
+        let header = read_header(&mut file)?;
+        let Some(end) = header_end(&header) else {
+            // No header/body boundary within the limit: send unchanged,
+            // except the envelope sender.
+            file.seek(SeekFrom::Start(0))?;
+            return Ok(Outgoing {
+                reader: Box::new(file),
+                size: len,
+                eightbit,
+                sender: new_from.clone(),
+            });
+        };
+        let new_header = rewrite::rewrite_header(&header[..end], new_from);
+        file.seek(SeekFrom::Start(end as u64))?;
+        Ok(Outgoing {
+            size: new_header.len() as u64 + len - end as u64,
+            reader: Box::new(Cursor::new(new_header).chain(file)),
+            eightbit,
+            sender: new_from.clone(),
+        })
+    }
+
+    fn is_local_sender(&self, sender: &str) -> bool {
+        !sender.is_empty()
+            && match sender.rsplit_once('@') {
+                None => true,
+                Some((_, domain)) => self.ctx.config.local.is_local_domain(domain),
+            }
+    }
+}
+
+/// Where a group of recipients goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    Smarthost,
+    Domain(String),
+}
+
+struct Outgoing {
+    reader: Box<dyn Read>,
+    size: u64,
+    eightbit: bool,
+    sender: String,
+}
+
+pub fn domain_of(address: &str) -> &str {
+    address.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+/// Whether the file has any byte >= 0x80 (BODY=8BITMIME needed).
+fn has_8bit(file: &mut File) -> io::Result<bool> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if buf[..n].iter().any(|&b| b >= 0x80) {
+            return Ok(true);
+        }
+    }
+}
+
+/// The first MAX_HEADER bytes (or less) of the message.
+pub fn read_header(file: &mut File) -> io::Result<Vec<u8>> {
+    let mut header = Vec::new();
+    Read::by_ref(file)
+        .take(MAX_HEADER as u64)
+        .read_to_end(&mut header)?;
+    Ok(header)
+}
+
+/// The index just past the header's empty line, if it is within `bytes`.
+fn header_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 2)
+}
