@@ -89,7 +89,9 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Time to wait for a command. Default 5m (RFC 5321 4.5.3.2); > 0.
     pub command_timeout: Duration,
-    /// Time to wait for each chunk of DATA. Default 10m; > 0.
+    /// During DATA: the longest silence, and the base of the whole DATA
+    /// phase, which may take one more second per KiB received (so a slow
+    /// but steady sender is never cut, a trickle is). Default 10m; > 0.
     pub data_timeout: Duration,
     /// Protocol errors before the session is closed with 421. Default 10, >= 1.
     pub max_errors: u32,
@@ -457,6 +459,9 @@ impl<'de> Deserialize<'de> for OptSecs {
             expecting: "a duration such as \"4h\", or \"off\"",
             parse: |s| match s {
                 "off" | "0" => Ok(OptSecs(None)),
+                _ if parse_duration(s).is_some_and(|d| d > MAX_DURATION) => {
+                    Err(format!("duration \"{s}\" is too long (at most 365d)"))
+                }
                 _ => parse_duration(s).map(|d| OptSecs(Some(d))).ok_or_else(|| {
                     format!("invalid duration \"{s}\" (expected e.g. \"4h\", or \"off\")")
                 }),
@@ -498,6 +503,10 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// The longest duration any key accepts: beyond it, adding it to a clock
+/// could overflow, and no mail server needs to wait a year.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// A positive duration: integer seconds, or a string with s, m, h or d suffix.
 #[derive(Clone, Copy)]
 struct Secs(Duration);
@@ -508,6 +517,9 @@ impl<'de> Deserialize<'de> for Secs {
             expecting: "a duration such as 300 or \"5m\"",
             parse: |s| match parse_duration(s) {
                 Some(d) if d.is_zero() => Err("duration must be greater than zero".to_string()),
+                Some(d) if d > MAX_DURATION => {
+                    Err(format!("duration \"{s}\" is too long (at most 365d)"))
+                }
                 Some(d) => Ok(Secs(d)),
                 None => Err(format!(
                     "invalid duration \"{s}\" (expected a number with optional s, m, h or d suffix)"
@@ -1490,6 +1502,8 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
         let cases: &[(&str, &str)] = &[
             ("[limits]\nmax_message_size = \"25Q\"\n", "postling.toml:2: limits.max_message_size: invalid size \"25Q\" (expected a number with optional K, M or G suffix)"),
             ("[limits]\nmax_message_size = 512\n", "postling.toml:2: limits.max_message_size: must be at least 1K"),
+            ("[limits]\ncommand_timeout = 9223372036854775807\n", "postling.toml:2: limits.command_timeout: duration \"9223372036854775807\" is too long"),
+            ("[relay]\ndelay_warning = \"400d\"\n", "postling.toml:2: relay.delay_warning: duration \"400d\" is too long"),
             ("[limits]\nmax_message_size = \"-5M\"\n", "postling.toml:2: limits.max_message_size: invalid size \"-5M\""),
             ("[limits]\nmax_message_size = -5\n", "postling.toml:2: limits.max_message_size: -5 is negative"),
             ("[limits]\nmax_message_size = \"99999999999G\"\n", "postling.toml:2: limits.max_message_size: invalid size"),

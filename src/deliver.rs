@@ -14,7 +14,7 @@
 use std::io::{self, Seek, SeekFrom};
 use std::path::Path;
 
-use log::info;
+use log::{info, warn};
 
 use crate::server::Context;
 use crate::smtp::conn::unix_now;
@@ -44,7 +44,13 @@ pub fn store_with_client(
     spool.sync()?;
     let local = &ctx.config.local;
     let sender = &message.sender;
-    for copy in message.mailboxes() {
+    let copies = message.mailboxes();
+    // Find a broken mailbox before writing any copy, so the 451 that
+    // follows does not leave the others with a copy each retry duplicates.
+    for copy in &copies {
+        maildir::prepare(copy.dir, within(copy.dir, &local.maildir_root))?;
+    }
+    for copy in copies {
         let header = format!(
             "Return-Path: <{sender}>\r\nDelivered-To: {}\r\n",
             copy.delivered_to
@@ -67,11 +73,23 @@ pub fn store_with_client(
     }
     let remote = message.remote();
     if remote.is_empty() {
-        spool.discard()?;
+        // Every copy is durable: a spool we cannot remove is swept at the
+        // next start, and must not turn a delivered message into a 451.
+        if let Err(e) = spool.discard() {
+            warn!("id={id} cannot remove the spool: {e}");
+        }
         return Ok(());
     }
     let envelope = Envelope::new(&id, unix_now(), sender, client.to_string(), &remote);
-    spool.commit(&envelope)?;
+    if let Err(e) = spool.commit(&envelope) {
+        // If the rename happened, the entry is committed (only a later
+        // fsync failed): the relay must still hear of it, though the
+        // client is told to retry.
+        if ctx.queue.load(&id).is_ok() {
+            let _ = ctx.relay.send(crate::relay::Request::Queued(id));
+        }
+        return Err(e);
+    }
     for to in &remote {
         info!("id={id} from=<{sender}> to=<{to}> size={size} status=queued");
     }

@@ -6,8 +6,10 @@
 //! SIGINT: stop accepting, let sessions finish, exit 0; a second one exits at
 //! once). It does not speak SMTP.
 
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -30,6 +32,31 @@ pub struct Context {
     pub relay: Sender<relay::Request>,
     /// Set once on SIGTERM/SIGINT; sessions close when idle.
     pub shutdown: AtomicBool,
+    /// `data_dir/lock`, held (flock) for the life of the server so a second
+    /// instance cannot sweep this one's spools or relay its queue twice.
+    _lock: File,
+}
+
+/// Locks `data_dir` for this process, creating it if needed.
+pub fn lock_data_dir(data_dir: &Path) -> io::Result<File> {
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "another postling is already running with data_dir {}",
+                data_dir.display()
+            ),
+        )),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// A server that is bound and ready to run.
@@ -39,15 +66,21 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the queue (sweeping a crash's leftovers), starts the relay
-    /// thread with every committed message, and binds every listener.
+    /// Binds every listener, locks data_dir, opens the queue (sweeping a
+    /// crash's leftovers) and starts the relay thread with every committed
+    /// message.
     pub fn start(config: Config) -> io::Result<Server> {
-        let (queue, pending) = Queue::open(&config.data_dir).map_err(|e| {
+        // Bind first and lock before touching the queue: a second instance
+        // started by mistake fails here without sweeping our spools.
+        let listeners = listener::bind(&config.listen)?;
+        let in_data_dir = |e: io::Error| {
             io::Error::new(
                 e.kind(),
                 format!("data_dir {}: {e}", config.data_dir.display()),
             )
-        })?;
+        };
+        let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
+        let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         if !pending.is_empty() {
             info!("queue: {} message(s) waiting from before", pending.len());
@@ -56,12 +89,12 @@ impl Server {
             // The receiver is alive: it is still in this scope.
             let _ = tx.send(relay::Request::Queued(id));
         }
-        let listeners = listener::bind(&config.listen)?;
         let ctx = Arc::new(Context {
             config,
             queue,
             relay: tx,
             shutdown: AtomicBool::new(false),
+            _lock: lock,
         });
         relay::spawn(Arc::clone(&ctx), rx)?;
         Ok(Server { ctx, listeners })

@@ -26,6 +26,8 @@ use crate::server::Context;
 pub const MAX_COMMAND_LINE: usize = 512;
 /// The input buffer; DATA is decoded in place in it.
 const INPUT_BUFFER: usize = 16 * 1024;
+/// Bytes per second a DATA transfer must average, beyond `data_timeout`.
+const MIN_DATA_RATE: u64 = 1024;
 /// How often a blocked read wakes up to check deadlines and shutdown.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -67,8 +69,10 @@ struct Input {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
-    /// Discarding the rest of an over-long line up to its LF.
+    /// Discarding the rest of an over-long line up to its CRLF.
     discarding: bool,
+    /// While discarding, the last byte read was a CR.
+    discard_cr: bool,
 }
 
 impl Input {
@@ -78,6 +82,7 @@ impl Input {
             start: 0,
             end: 0,
             discarding: false,
+            discard_cr: false,
         }
     }
 
@@ -97,18 +102,45 @@ impl Input {
     /// input is needed. Never reads from the socket.
     fn take_line(&mut self) -> Option<Line<'_>> {
         if self.discarding {
+            // The same CRLF rules as below, across reads: a bare CR or LF
+            // ends nothing, it closes the connection.
             let pending = &self.buf[self.start..self.end];
-            match pending.iter().position(|&b| b == b'\n') {
+            if self.discard_cr {
+                let first = *pending.first()?;
+                self.discard_cr = false;
+                self.discarding = false;
+                if first == b'\n' {
+                    self.consume(1);
+                    return Some(Line::TooLong);
+                }
+                return Some(Line::BareEnding);
+            }
+            return match pending.iter().position(|&b| b == b'\r' || b == b'\n') {
+                Some(i) if pending[i] == b'\n' => {
+                    self.discarding = false;
+                    self.consume(i + 1);
+                    Some(Line::BareEnding)
+                }
+                Some(i) if i + 1 == pending.len() => {
+                    self.discard_cr = true;
+                    self.consume(i + 1);
+                    None
+                }
+                Some(i) if pending[i + 1] == b'\n' => {
+                    self.discarding = false;
+                    self.consume(i + 2);
+                    Some(Line::TooLong)
+                }
                 Some(i) => {
                     self.discarding = false;
                     self.consume(i + 1);
-                    return Some(Line::TooLong);
+                    Some(Line::BareEnding)
                 }
                 None => {
                     self.consume(pending.len());
-                    return None;
+                    None
                 }
-            }
+            };
         }
         let pending = &self.buf[self.start..self.end];
         let max = MAX_COMMAND_LINE - 2;
@@ -312,9 +344,15 @@ impl Conn<'_> {
             error!("id={id} write failed: {e}");
             decoder.fail(DataError::Storage);
         }
-        let deadline = Instant::now() + ctx.config.limits.data_timeout;
+        // data_timeout bounds silence; the whole DATA phase may also take
+        // one more second per KiB received, so a slow but steady link is
+        // never cut while a trickle still is (RFC 5321 4.5.3.2.5-6).
+        let timeout = ctx.config.limits.data_timeout;
+        let started = Instant::now();
+        let mut received: u64 = 0;
         loop {
             let step = decoder.decode(self.input.pending());
+            received += step.consumed as u64;
             if step.produced > 0 {
                 if let Err(e) = spool
                     .file()
@@ -328,6 +366,8 @@ impl Conn<'_> {
             if step.done {
                 break;
             }
+            let allowed = started + timeout + Duration::from_secs(received / MIN_DATA_RATE);
+            let deadline = (Instant::now() + timeout).min(allowed);
             // The spool is dropped (and removed) if this fails.
             self.wait_input(deadline, false)?;
         }
@@ -410,5 +450,18 @@ mod tests {
         let mut chunks: Vec<&[u8]> = huge.chunks(4000).collect();
         chunks.push(b"\r\nNOOP\r\n");
         assert_eq!(lines(&chunks), ["<too long>", "NOOP"]);
+        // A bare LF or CR inside the discarded part is still a bare ending,
+        // however the bytes were split (review finding: it used to end the line).
+        let long = vec![b'A'; 600];
+        assert_eq!(
+            lines(&[&long, b"\nMAIL FROM:<a@b>\r\n"]),
+            ["<bare>", "MAIL FROM:<a@b>"]
+        );
+        assert_eq!(lines(&[&long, b"\rMAIL\r\n"]), ["<bare>", "MAIL"]);
+        assert_eq!(
+            lines(&[&long, b"\r", b"\nNOOP\r\n"]),
+            ["<too long>", "NOOP"]
+        );
+        assert_eq!(lines(&[&long, b"\r", b"MAIL\r\n"]), ["<bare>", "MAIL"]);
     }
 }

@@ -92,13 +92,21 @@ impl Message {
         for r in &self.recipients {
             for t in &r.targets {
                 if let Target::Remote(addr) = t {
-                    if !out.iter().any(|a| a.eq_ignore_ascii_case(addr)) {
+                    if !out.iter().any(|a| same_address(a, addr)) {
                         out.push(addr);
                     }
                 }
             }
         }
         out
+    }
+}
+
+/// Domains compare case-insensitively; local parts exactly (RFC 5321 2.4).
+fn same_address(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
+        _ => a == b,
     }
 }
 
@@ -167,6 +175,21 @@ mod tests {
         let copies = m.mailboxes();
         assert_eq!(copies.len(), 1);
         assert_eq!(copies[0].delivered_to, "alice@pi.lan");
-        assert_eq!(m.remote(), vec!["b@x.org"]);
+        assert_eq!(
+            m.remote(),
+            vec!["b@x.org", "B@x.org"],
+            "local parts are case-sensitive"
+        );
+        let m = msg(vec![
+            Recipient {
+                address: "b@X.org".into(),
+                targets: vec![Target::Remote("b@X.org".into())],
+            },
+            Recipient {
+                address: "b@x.ORG".into(),
+                targets: vec![Target::Remote("b@x.ORG".into())],
+            },
+        ]);
+        assert_eq!(m.remote(), vec!["b@X.org"], "domains are not");
     }
 }

@@ -174,7 +174,10 @@ impl<'c> Session<'c> {
         let Action::Reply(r) = &action else {
             return action;
         };
-        if !r.is_error() {
+        // 452 "too many recipients" is the client's cue to send the rest in
+        // another transaction (RFC 5321 4.5.3.1.10), not misbehaviour: it
+        // must not end the session before the accepted ones get the mail.
+        if !r.is_error() || r.code == 452 {
             return action;
         }
         self.errors += 1;

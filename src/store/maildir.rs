@@ -58,8 +58,10 @@ pub fn deliver(
     }
 }
 
-/// Checks and creates the directories down to `dir/{tmp,new,cur}`.
-fn prepare(dir: &Path, root: Option<&Path>) -> io::Result<()> {
+/// Checks and creates the directories down to `dir/{tmp,new,cur}`, with the
+/// same rules as `deliver` (which calls it too); lets a caller with several
+/// copies to write find a broken mailbox before writing any.
+pub fn prepare(dir: &Path, root: Option<&Path>) -> io::Result<()> {
     match root {
         Some(root) => {
             let rel = dir.strip_prefix(root).map_err(|_| outside(dir, root))?;

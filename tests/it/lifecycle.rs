@@ -176,3 +176,27 @@ fn listens_on_ipv6_and_ipv4_at_once() {
     assert!(text.iter().any(|t| t.contains("([IPv6:::1])")), "{text:?}");
     assert!(text.iter().any(|t| t.contains("([127.0.0.1])")), "{text:?}");
 }
+
+#[test]
+fn a_second_instance_on_the_same_data_dir_refuses_and_sweeps_nothing() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, "");
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<alice@localhost>");
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: in flight\r\n\r\nhalf");
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&s.data)
+        .output()
+        .expect("run postling");
+    assert_eq!(out.status.code(), Some(71));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another postling is already running"), "{err}");
+    // The first instance's transaction is untouched.
+    c.send(b" and the rest\r\n");
+    assert!(c.cmd(".").starts_with("250"));
+    assert_eq!(s.mail("alice").len(), 1);
+}

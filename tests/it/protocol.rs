@@ -225,3 +225,18 @@ fn bare_lf_or_cr_in_a_command_is_refused_and_closes() {
         );
     }
 }
+
+#[test]
+fn bare_lf_after_an_over_long_line_is_refused_however_it_is_split() {
+    // Regression: in the discard mode of an over-long line, a bare LF used to
+    // end the line when it arrived in a later read, and the next command ran.
+    let dir = TempDir::new();
+    let s = Server::start(&dir, LOCAL);
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    c.send(&[b'A'; 600]);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    c.send(b"\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@localhost>\r\n");
+    assert!(c.reply().starts_with("500 5.5.2 Bare CR or LF"));
+    assert!(c.is_closed(), "the MAIL after the bare LF must never run");
+}
