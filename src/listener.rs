@@ -29,6 +29,8 @@ const WAKER: Token = Token(usize::MAX);
 const SESSION_STACK: usize = 256 * 1024;
 /// How long a shutdown waits for sessions to finish their transaction.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How soon to retry accepting after an accept error.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// listen(2) backlog.
 const BACKLOG: i32 = 256;
 
@@ -88,12 +90,22 @@ impl Listeners {
     pub fn run(mut self, ctx: Arc<Context>) -> io::Result<()> {
         let tracker = Arc::new(Tracker::default());
         let mut events = Events::with_capacity(64);
+        // After an accept error (EMFILE...) the backlog may still hold
+        // clients, and mio is edge-triggered: look again shortly.
+        let mut stalled = false;
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            let timeout = stalled.then_some(ACCEPT_RETRY);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
+            }
+            if stalled {
+                stalled = false;
+                for (listener, _) in &self.sockets {
+                    stalled |= accept_all(listener, &ctx, &tracker);
+                }
             }
             for event in events.iter() {
                 if event.token() == WAKER {
@@ -102,7 +114,7 @@ impl Listeners {
                 let Some((listener, _)) = self.sockets.get(event.token().0) else {
                     continue;
                 };
-                accept_all(listener, &ctx, &tracker);
+                stalled |= accept_all(listener, &ctx, &tracker);
             }
             if ctx.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
@@ -122,16 +134,17 @@ impl Listeners {
     }
 }
 
-fn accept_all(listener: &TcpListener, ctx: &Arc<Context>, tracker: &Arc<Tracker>) {
+/// Accepts until the backlog is empty; true when stopped by an error
+/// (EMFILE and friends), leaving clients in the backlog to retry for.
+fn accept_all(listener: &TcpListener, ctx: &Arc<Context>, tracker: &Arc<Tracker>) -> bool {
     loop {
         match listener.accept() {
             Ok((stream, peer)) => hand_off(stream, peer, ctx, tracker),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                // EMFILE and friends: leave the rest in the backlog for now.
-                error!("accept failed: {e}");
-                return;
+                error!("accept failed: {e}; retrying shortly");
+                return true;
             }
         }
     }

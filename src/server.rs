@@ -59,6 +59,29 @@ pub fn lock_data_dir(data_dir: &Path) -> io::Result<File> {
     }
 }
 
+/// What a crash left in Maildir `tmp/` directories (files older than the
+/// Maildir spec's 36 hours: newer ones may belong to a running delivery).
+fn sweep_maildirs(config: &Config) {
+    const AGE: std::time::Duration = std::time::Duration::from_secs(36 * 3600);
+    let local = &config.local;
+    let mut dirs: Vec<std::path::PathBuf> = local.mailboxes.values().cloned().collect();
+    if let Ok(entries) = std::fs::read_dir(&local.maildir_root) {
+        dirs.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    let removed: usize = dirs
+        .iter()
+        .map(|d| crate::store::maildir::sweep_tmp(d, AGE))
+        .sum();
+    if removed > 0 {
+        info!("startup: removed {removed} stale file(s) from Maildir tmp/ directories");
+    }
+}
+
 /// A server that is bound and ready to run.
 pub struct Server {
     ctx: Arc<Context>,
@@ -81,6 +104,7 @@ impl Server {
         };
         let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
         let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
+        sweep_maildirs(&config);
         let (tx, rx) = crossbeam_channel::unbounded();
         if !pending.is_empty() {
             info!("queue: {} message(s) waiting from before", pending.len());

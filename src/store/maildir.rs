@@ -190,6 +190,32 @@ fn write_and_publish(
     Ok(final_path)
 }
 
+/// Removes files in `<maildir>/tmp/` older than `age` (the Maildir spec's
+/// 36 hours): what a crash left between create and rename. Never follows
+/// a symlink; returns how many were removed. Errors are skipped: a sweep
+/// must never stop the server from starting.
+pub fn sweep_tmp(maildir: &Path, age: std::time::Duration) -> usize {
+    let tmp = maildir.join("tmp");
+    let Ok(entries) = fs::read_dir(&tmp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|e| e > age);
+        if meta.is_file() && old && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testdir::{names, TestDir};
@@ -359,6 +385,21 @@ mod tests {
         assert!(deliver(&dir, None, "h", b"", &mut b).is_err());
         assert!(names(&dir.join("tmp")).is_empty());
         assert_eq!(fs::read(dir.join("new")).expect("still a file"), b"");
+    }
+
+    #[test]
+    fn sweep_removes_only_old_tmp_files() {
+        let t = TestDir::new("sweep");
+        let dir = t.path().join("alice");
+        prepare(&dir, None).expect("maildir");
+        fs::write(dir.join("tmp").join("fresh"), b"x").expect("write");
+        assert_eq!(sweep_tmp(&dir, std::time::Duration::from_secs(3600)), 0);
+        assert_eq!(sweep_tmp(&dir, std::time::Duration::ZERO), 1);
+        assert!(fs::read_dir(dir.join("tmp")).expect("tmp").next().is_none());
+        assert_eq!(
+            sweep_tmp(&t.path().join("none"), std::time::Duration::ZERO),
+            0
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! the destination directory so the new name itself survives a power cut. Only
 //! after that may the SMTP layer answer `250`. Whatever a crash leaves
 //! half-done sits in a temporary place that startup sweeps (`incoming/` for the
-//! queue, `tmp/` for a Maildir). References: the Maildir spec
+//! queue; for a Maildir, `tmp/` files older than the spec's 36 hours). References: the Maildir spec
 //! (<https://cr.yp.to/proto/maildir.html>, "How a message is delivered"),
 //! OpenSMTPD `usr.sbin/smtpd/queue_fs.c`, and fsync(2) on why a directory must
 //! be synced after a rename.
