@@ -425,3 +425,67 @@ fn smarthost_with_an_untrusted_certificate_defers_and_never_sends_credentials() 
     assert!(server.messages().is_empty());
     assert_eq!(a.queue().len(), 1);
 }
+
+#[test]
+fn sigkill_while_relaying_loses_nothing_and_resends_only_what_was_in_flight() {
+    // The next hop is down while 40 messages pile up, comes up, and the
+    // relaying daemon is killed partway through draining its queue.
+    let port = free_port();
+    let dns = TestDns::start(vec![
+        Record::mx("far.test", 10, "mx.far.test"),
+        Record::a("mx.far.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir_a = TempDir::new();
+    let config_a = relay_config(&format!("mx_port = {port}\n"), &dns);
+    let mut a = Server::start(&dir_a, &config_a);
+    let mut c = a.client();
+    c.cmd("EHLO client.test");
+    let total = 40;
+    for n in 0..total {
+        let body = format!("Subject: relay-token-{n}\r\n\r\nhi\r\n");
+        assert!(c
+            .send_mail("cron@localhost", &["bob@far.test"], &body)
+            .starts_with("250"));
+    }
+    drop(c);
+    let dir_b = TempDir::new();
+    let b = Server::start_at(
+        dir_b.path(),
+        "[local]\ndomains = [\"far.test\"]\n",
+        &format!("127.0.0.1:{port}"),
+    );
+    // Kill once a few have arrived, well before all of them.
+    assert!(wait_for(SHORT, || b.mail("bob").len() >= 3), "{}", a.log());
+    a.kill();
+    let before_restart = b.mail("bob").len();
+    assert!(
+        before_restart < total,
+        "the kill came too late to test anything"
+    );
+
+    let a2 = Server::start_at(dir_a.path(), &config_a, "127.0.0.1:0");
+    assert!(
+        wait_for(Duration::from_secs(60), || a2.queue().is_empty()),
+        "{}",
+        a2.log()
+    );
+    let mail: Vec<String> = b
+        .mail("bob")
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
+    let mut duplicates = 0;
+    for n in 0..total {
+        let copies = mail
+            .iter()
+            .filter(|m| m.contains(&format!("Subject: relay-token-{n}\r\n")))
+            .count();
+        assert!(copies >= 1, "relay-token-{n} lost");
+        duplicates += copies - 1;
+    }
+    // Only deliveries running at the moment of the kill may repeat.
+    assert!(
+        duplicates <= 8,
+        "{duplicates} duplicates: delivered recipients were sent again"
+    );
+}
