@@ -9,10 +9,12 @@
 
 pub mod aliases;
 pub mod config;
+pub mod control;
 pub mod date;
 pub mod deliver;
 pub mod listener;
 pub mod local;
+pub mod queue_cli;
 pub mod relay;
 pub mod server;
 pub mod smtp;

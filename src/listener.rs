@@ -25,6 +25,7 @@ use crate::server::Context;
 use crate::smtp::{conn, reply};
 
 const WAKER: Token = Token(usize::MAX);
+const CONTROL: Token = Token(usize::MAX - 1);
 /// Session threads block on one socket and keep their buffers on the heap.
 const SESSION_STACK: usize = 256 * 1024;
 /// How long a shutdown waits for sessions to finish their transaction.
@@ -38,6 +39,8 @@ pub struct Listeners {
     poll: Poll,
     sockets: Vec<(TcpListener, Listen)>,
     waker: Arc<Waker>,
+    /// The queue tools' Unix socket (`control.rs`).
+    control: Option<mio::net::UnixListener>,
 }
 
 fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -68,6 +71,7 @@ pub fn bind(listen: &[Listen]) -> io::Result<Listeners> {
         poll,
         sockets,
         waker,
+        control: None,
     })
 }
 
@@ -78,6 +82,17 @@ impl Listeners {
             .iter()
             .filter_map(|(s, _)| s.local_addr().ok())
             .collect()
+    }
+
+    /// Also accepts on the queue tools' control socket.
+    pub fn add_control(&mut self, listener: std::os::unix::net::UnixListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let mut listener = mio::net::UnixListener::from_std(listener);
+        self.poll
+            .registry()
+            .register(&mut listener, CONTROL, Interest::READABLE)?;
+        self.control = Some(listener);
+        Ok(())
     }
 
     /// Wakes the acceptor (for shutdown).
@@ -109,6 +124,12 @@ impl Listeners {
             }
             for event in events.iter() {
                 if event.token() == WAKER {
+                    continue;
+                }
+                if event.token() == CONTROL {
+                    if let Some(control) = &self.control {
+                        accept_control(control, &ctx);
+                    }
                     continue;
                 }
                 let Some((listener, _)) = self.sockets.get(event.token().0) else {
@@ -145,6 +166,36 @@ fn accept_all(listener: &TcpListener, ctx: &Arc<Context>, tracker: &Arc<Tracker>
             Err(e) => {
                 error!("accept failed: {e}; retrying shortly");
                 return true;
+            }
+        }
+    }
+}
+
+/// Accepts queue-tool connections; each runs `control::serve` on a thread.
+fn accept_control(listener: &mio::net::UnixListener, ctx: &Arc<Context>) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let stream =
+                    std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
+                if let Err(e) = stream.set_nonblocking(false) {
+                    warn!("control: {e}");
+                    continue;
+                }
+                let ctx = Arc::clone(ctx);
+                let spawned = thread::Builder::new()
+                    .name("control".into())
+                    .stack_size(SESSION_STACK)
+                    .spawn(move || crate::control::serve(stream, &ctx));
+                if let Err(e) = spawned {
+                    warn!("control: cannot start a thread: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("control: accept failed: {e}");
+                return;
             }
         }
     }

@@ -23,6 +23,7 @@ struct Cli {
 #[argh(subcommand)]
 enum Sub {
     Serve(Serve),
+    Queue(QueueCmd),
 }
 
 /// Run the SMTP server in the foreground (systemd supervises it).
@@ -42,6 +43,195 @@ struct Serve {
     /// stay in the foreground (postling always does; accepted for scripts)
     #[argh(switch)]
     foreground: bool,
+}
+
+/// Show the mail queue, or retry or delete queued mail (`mailq` is `queue
+/// list`). Without --config or --data-dir, /etc/postling/postling.toml is
+/// read if it exists, so the tools find the installed daemon's queue.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "queue")]
+struct QueueCmd {
+    /// the daemon's TOML config file, to find its data_dir
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// the daemon's data directory (overrides the config file's data_dir)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    #[argh(subcommand)]
+    action: Option<QueueAction>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum QueueAction {
+    List(QueueList),
+    Show(QueueShow),
+    Flush(QueueFlush),
+    Delete(QueueDelete),
+}
+
+/// List queued messages like Postfix's mailq (the default).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+struct QueueList {
+    /// print a JSON array for scripts
+    #[argh(switch)]
+    json: bool,
+    /// the daemon's TOML config file, to find its data_dir
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// the daemon's data directory (overrides the config file's data_dir)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+}
+
+/// Print one message's envelope and header.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "show")]
+struct QueueShow {
+    /// the queue id
+    #[argh(positional)]
+    id: String,
+    /// the daemon's TOML config file, to find its data_dir
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// the daemon's data directory (overrides the config file's data_dir)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+}
+
+/// Try one message, or every message, now.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "flush")]
+struct QueueFlush {
+    /// the queue id (default: every queued message)
+    #[argh(positional)]
+    id: Option<String>,
+    /// the daemon's TOML config file, to find its data_dir
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// the daemon's data directory (overrides the config file's data_dir)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+}
+
+/// Remove a message from the queue without delivering or bouncing it.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "delete")]
+struct QueueDelete {
+    /// the queue id
+    #[argh(positional)]
+    id: String,
+    /// the daemon's TOML config file, to find its data_dir
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// the daemon's data directory (overrides the config file's data_dir)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+}
+
+/// mailq: list the mail queue (the same as `postling queue list`).
+#[derive(FromArgs)]
+struct Mailq {
+    /// print a JSON array for scripts
+    #[argh(switch)]
+    json: bool,
+    /// the daemon's TOML config file, to find its data_dir
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// the daemon's data directory (overrides the config file's data_dir)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+}
+
+/// Where the installed daemon's config lives (the systemd unit passes it).
+const INSTALLED_CONFIG: &str = "/etc/postling/postling.toml";
+
+/// Loads the config the queue tools need (only its data_dir is used) and
+/// runs `cmd`; `name` prefixes error messages.
+fn queue(
+    name: &str,
+    cmd: postling::queue_cli::Command,
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> ExitCode {
+    let config = match (config, &data_dir) {
+        (None, None) => Some(PathBuf::from(INSTALLED_CONFIG)).filter(|p| p.exists()),
+        (config, _) => config,
+    };
+    let flags = postling::config::Flags {
+        config,
+        listen: Vec::new(),
+        data_dir,
+    };
+    let config = match postling::config::load(&flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match postling::queue_cli::run(&cmd, &config.data_dir, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `postling queue ...`: the leaf's location flags win over the parent's.
+fn queue_command(q: QueueCmd) -> ExitCode {
+    use postling::queue_cli::Command;
+    let (cmd, config, data_dir) = match q.action {
+        None => (Command::List { json: false }, None, None),
+        Some(QueueAction::List(a)) => (Command::List { json: a.json }, a.config, a.data_dir),
+        Some(QueueAction::Show(a)) => (Command::Show(a.id), a.config, a.data_dir),
+        Some(QueueAction::Flush(a)) => (Command::Flush(a.id), a.config, a.data_dir),
+        Some(QueueAction::Delete(a)) => (Command::Delete(a.id), a.config, a.data_dir),
+    };
+    queue(
+        "postling",
+        cmd,
+        config.or(q.config),
+        data_dir.or(q.data_dir),
+    )
+}
+
+/// The binary invoked as `mailq` (a symlink): `queue list`.
+fn mailq(argv0: &str, args: &[String]) -> ExitCode {
+    match parse::<Mailq>(argv0, args) {
+        Ok(m) => queue(
+            "mailq",
+            postling::queue_cli::Command::List { json: m.json },
+            m.config,
+            m.data_dir,
+        ),
+        Err(code) => code,
+    }
+}
+
+/// Parses `args` (without argv[0]) as argh does, but a usage error exits
+/// 64 (EX_USAGE, sysexits.h) instead of argh's 1; `--help` exits 0.
+fn parse<T: FromArgs>(argv0: &str, args: &[String]) -> Result<T, ExitCode> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let name = std::path::Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(argv0);
+    T::from_args(&[name], &args).map_err(|argh::EarlyExit { output, status }| {
+        if status.is_ok() {
+            println!("{output}");
+            ExitCode::SUCCESS
+        } else {
+            eprintln!(
+                "{}\nRun {name} --help for more information.",
+                output.trim_end()
+            );
+            ExitCode::from(64) // EX_USAGE
+        }
+    })
 }
 
 fn init_logging() {
@@ -70,14 +260,33 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_default();
+    let name = std::path::Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let args: Vec<String> = args.collect();
+    if name == "mailq" {
+        return mailq(&argv0, &args);
+    }
+    let cli: Cli = match parse(&argv0, &args) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     if cli.version {
         println!("postling {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    let Some(Sub::Serve(serve)) = cli.command else {
-        eprintln!("postling: a subcommand is needed; try `postling serve` or `postling --help`");
-        return ExitCode::from(64); // EX_USAGE
+    let serve = match cli.command {
+        Some(Sub::Serve(serve)) => serve,
+        Some(Sub::Queue(q)) => return queue_command(q),
+        None => {
+            eprintln!(
+                "postling: a subcommand is needed; try `postling serve` or `postling --help`"
+            );
+            return ExitCode::from(64); // EX_USAGE
+        }
     };
     let _ = serve.foreground;
     init_logging();

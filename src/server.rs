@@ -95,7 +95,7 @@ impl Server {
     pub fn start(config: Config) -> io::Result<Server> {
         // Bind first and lock before touching the queue: a second instance
         // started by mistake fails here without sweeping our spools.
-        let listeners = listener::bind(&config.listen)?;
+        let mut listeners = listener::bind(&config.listen)?;
         let in_data_dir = |e: io::Error| {
             io::Error::new(
                 e.kind(),
@@ -104,6 +104,8 @@ impl Server {
         };
         let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
         let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
+        // After the lock: a control.sock already there is a dead daemon's.
+        listeners.add_control(crate::control::bind(&config.data_dir).map_err(in_data_dir)?)?;
         sweep_maildirs(&config);
         let (tx, rx) = crossbeam_channel::unbounded();
         if !pending.is_empty() {

@@ -8,5 +8,6 @@ mod delivery;
 mod lifecycle;
 mod limits;
 mod protocol;
+mod queue;
 mod relay;
 mod util;
