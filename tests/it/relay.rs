@@ -489,3 +489,102 @@ fn sigkill_while_relaying_loses_nothing_and_resends_only_what_was_in_flight() {
         "{duplicates} duplicates: delivered recipients were sent again"
     );
 }
+
+#[test]
+fn opportunistic_tls_that_fails_is_retried_in_clear() {
+    let server = TestServer::start(Script {
+        broken_tls: true,
+        tls: Some(pki(&TempDir::new()).1),
+        ..Script::default()
+    })
+    .expect("test server");
+    let dns = TestDns::start(vec![
+        Record::mx("oddtls.test", 10, "mx.oddtls.test"),
+        Record::a("mx.oddtls.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
+    );
+    send(
+        &a,
+        "cron@localhost",
+        &["x@oddtls.test"],
+        "Subject: clear\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || server.messages().len() == 1),
+        "{}",
+        a.log()
+    );
+    assert!(
+        a.log().contains("TLS handshake failed; retrying in clear"),
+        "{}",
+        a.log()
+    );
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+}
+
+#[test]
+fn implicit_tls_smarthost_with_a_trusted_private_ca_delivers() {
+    let dir = TempDir::new();
+    let (ca, tls) = pki(&dir);
+    let server = TestServer::start(Script {
+        tls: Some(tls),
+        implicit_tls: true,
+        auth: Some(("u".into(), "pw".into())),
+        auth_mechanisms: "LOGIN".into(),
+        ..Script::default()
+    })
+    .expect("test server");
+    let secret = dir.path().join("secret");
+    fs::write(&secret, "pw\n").expect("secret");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\n[relay]\nsmarthost = \"localhost:{}\"\nsmarthost_tls = \"implicit\"\nsmarthost_user = \"u\"\nsmarthost_password_file = \"{}\"\nca_file = \"{}\"\nretry = [\"1s\"]\n",
+        server.addr.port(),
+        secret.display(),
+        ca.display()
+    );
+    let a = Server::start(&dir, &config);
+    send(
+        &a,
+        "cron@localhost",
+        &["friend@example.test"],
+        "Subject: implicit\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || server.messages().len() == 1),
+        "{}",
+        a.log()
+    );
+    assert!(
+        server.lines().iter().any(|l| l == "AUTH LOGIN"),
+        "{:?}",
+        server.lines()
+    );
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+}
+
+#[test]
+fn a_failed_bounce_goes_to_postmaster_when_configured() {
+    let dns = TestDns::start(vec![Record::mx("nomail.test", 0, ".")]);
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config("double_bounce_to_postmaster = true\n", &dns),
+    );
+    let mut c = a.client();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .send_mail("", &["x@nomail.test"], "Subject: from nobody\r\n\r\nhi\r\n")
+        .starts_with("250"));
+    assert!(
+        wait_for(SHORT, || a.mail("postmaster").len() == 1),
+        "{}",
+        a.log()
+    );
+    let notice = String::from_utf8(a.mail("postmaster")[0].clone()).expect("utf8");
+    assert!(notice.contains("Status: 5.1.10"), "{notice}");
+    assert!(notice.contains("Subject: from nobody"));
+}
