@@ -326,6 +326,25 @@ fn pki(dir: &TempDir) -> (std::path::PathBuf, Arc<ServerConfig>) {
     (path, Arc::new(server))
 }
 
+/// Starts postling with `server` as its smarthost, AUTH as `user`/`password`
+/// (the password in a file), and `extra` [relay] lines.
+fn with_smarthost(
+    dir: &TempDir,
+    server: &TestServer,
+    user: &str,
+    password: &str,
+    extra: &str,
+) -> Server {
+    let secret = dir.path().join("secret");
+    fs::write(&secret, format!("{password}\n")).expect("secret");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\n[relay]\nsmarthost = \"localhost:{}\"\nsmarthost_user = \"{user}\"\nsmarthost_password_file = \"{}\"\nretry = [\"1s\"]\n{extra}",
+        server.addr.port(),
+        secret.display(),
+    );
+    Server::start(dir, &config)
+}
+
 #[test]
 fn smarthost_with_starttls_auth_and_from_rewriting() {
     let dir = TempDir::new();
@@ -336,15 +355,11 @@ fn smarthost_with_starttls_auth_and_from_rewriting() {
         ..Script::default()
     })
     .expect("test server");
-    let secret = dir.path().join("secret");
-    fs::write(&secret, "s3cret\n").expect("secret");
-    let config = format!(
-        "[local]\ndomains = [\"localhost\"]\n[relay]\nsmarthost = \"localhost:{}\"\nsmarthost_user = \"me@example.net\"\nsmarthost_password_file = \"{}\"\nca_file = \"{}\"\nrewrite_from = \"me@example.net\"\nretry = [\"1s\"]\n",
-        server.addr.port(),
-        secret.display(),
+    let extra = format!(
+        "rewrite_from = \"me@example.net\"\nca_file = \"{}\"\n",
         ca.display()
     );
-    let a = Server::start(&dir, &config);
+    let a = with_smarthost(&dir, &server, "me@example.net", "s3cret", &extra);
     send(
         &a,
         "cron@localhost",
@@ -395,14 +410,13 @@ fn smarthost_with_an_untrusted_certificate_defers_and_never_sends_credentials() 
         ..Script::default()
     })
     .expect("test server");
-    let secret = dir.path().join("secret");
-    fs::write(&secret, "s3cret\n").expect("secret");
-    let config = format!(
-        "[local]\ndomains = [\"localhost\"]\n[relay]\nsmarthost = \"localhost:{}\"\nsmarthost_tls = \"implicit\"\nsmarthost_user = \"me@example.net\"\nsmarthost_password_file = \"{}\"\nretry = [\"1s\"]\n",
-        server.addr.port(),
-        secret.display()
+    let a = with_smarthost(
+        &dir,
+        &server,
+        "me@example.net",
+        "s3cret",
+        "smarthost_tls = \"implicit\"\n",
     );
-    let a = Server::start(&dir, &config);
     let id = send(
         &a,
         "cron@localhost",
@@ -538,15 +552,11 @@ fn implicit_tls_smarthost_with_a_trusted_private_ca_delivers() {
         ..Script::default()
     })
     .expect("test server");
-    let secret = dir.path().join("secret");
-    fs::write(&secret, "pw\n").expect("secret");
-    let config = format!(
-        "[local]\ndomains = [\"localhost\"]\n[relay]\nsmarthost = \"localhost:{}\"\nsmarthost_tls = \"implicit\"\nsmarthost_user = \"u\"\nsmarthost_password_file = \"{}\"\nca_file = \"{}\"\nretry = [\"1s\"]\n",
-        server.addr.port(),
-        secret.display(),
+    let extra = format!(
+        "smarthost_tls = \"implicit\"\nca_file = \"{}\"\n",
         ca.display()
     );
-    let a = Server::start(&dir, &config);
+    let a = with_smarthost(&dir, &server, "u", "pw", &extra);
     send(
         &a,
         "cron@localhost",
