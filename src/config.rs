@@ -54,6 +54,42 @@ pub struct Config {
     pub limits: Limits,
     pub local: Local,
     pub relay: Relay,
+    /// Certificate and key for STARTTLS and smtps; None: no inbound TLS.
+    pub tls: Option<TlsFiles>,
+    pub auth: Auth,
+}
+
+/// PEM files for inbound TLS, re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Inbound AUTH (RFC 4954).
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    /// `user:HASH` lines (SHA-512-crypt or Argon2id); None: no AUTH.
+    pub users_file: Option<PathBuf>,
+    /// Offer AUTH without TLS to loopback clients. Default false: never
+    /// without TLS.
+    pub allow_plaintext_loopback: bool,
+    /// Which envelope senders an authenticated user may use.
+    pub senders: SenderPolicy,
+    /// Failed AUTH attempts per client address (per hour) before further
+    /// attempts are refused. Default 10.
+    pub max_failures: u32,
+}
+
+/// Envelope senders an authenticated user may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SenderPolicy {
+    /// Their own address: `user@<a local domain>` (or the login itself when
+    /// it is an address), `relay.rewrite_from`, or `<>`. The default.
+    #[default]
+    Own,
+    /// Any sender.
+    Any,
 }
 
 /// One `[[listen]]` block.
@@ -63,14 +99,17 @@ pub struct Listen {
     pub mode: ListenMode,
 }
 
-/// What a listener speaks. Submission (587, AUTH required) and smtps (465,
-/// implicit TLS) will join it with TLS and AUTH support; until then the
-/// file refuses them with a message saying so.
+/// What a listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ListenMode {
-    /// Plain SMTP (RFC 5321), no STARTTLS yet.
+    /// Port 25 style (RFC 5321): STARTTLS offered when [tls] is set; relays
+    /// only for relay.allow_from or an authenticated client.
     #[default]
     Smtp,
+    /// Port 587 (RFC 6409): AUTH required before MAIL; needs [tls] and [auth].
+    Submission,
+    /// Port 465 (RFC 8314): TLS from the first byte, then like submission.
+    Smtps,
 }
 
 /// Resource limits: each bounds what one client can cost us.
@@ -98,6 +137,13 @@ pub struct Limits {
     /// More Received: headers than this is a mail loop (554 5.4.6; loop
     /// detection by counting them is RFC 5321 6.3). Default 50, >= 1.
     pub max_received_headers: usize,
+    /// Wait this long before the 220 and drop clients that talk first
+    /// (554 5.5.0); None: no wait, but a client whose bytes are already
+    /// there is still dropped. Default none.
+    pub greeting_delay: Option<Duration>,
+    /// Messages one client address may send per minute (over it: 421
+    /// 4.7.0); 0: no limit. Default 0.
+    pub max_messages_per_minute_per_ip: u32,
 }
 
 impl Default for Limits {
@@ -111,6 +157,8 @@ impl Default for Limits {
             data_timeout: Duration::from_secs(10 * 60),
             max_errors: 10,
             max_received_headers: 50,
+            greeting_delay: None,
+            max_messages_per_minute_per_ip: 0,
         }
     }
 }
@@ -307,10 +355,11 @@ impl<'de> Deserialize<'de> for ListenMode {
         let s = String::deserialize(d)?;
         match s.as_str() {
             "smtp" => Ok(ListenMode::Smtp),
-            "submission" | "smtps" => Err(de::Error::custom(format!(
-                "mode \"{s}\" needs TLS and AUTH, which this version of postling does not have yet (use \"smtp\")"
+            "submission" => Ok(ListenMode::Submission),
+            "smtps" => Ok(ListenMode::Smtps),
+            _ => Err(de::Error::custom(format!(
+                "unknown mode \"{s}\" (expected \"smtp\", \"submission\" or \"smtps\")"
             ))),
-            _ => Err(de::Error::custom(format!("unknown mode \"{s}\" (expected \"smtp\")"))),
         }
     }
 }
@@ -395,6 +444,25 @@ struct RawConfig {
     local: RawLocal,
     #[serde(default)]
     relay: RawRelay,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    auth: RawAuth,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    users_file: Option<Spanned<PathBuf>>,
+    allow_plaintext_loopback: Option<bool>,
+    senders: Option<Spanned<String>>,
+    max_failures: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -416,6 +484,8 @@ struct RawLimits {
     data_timeout: Option<Spanned<Secs>>,
     max_errors: Option<Spanned<u32>>,
     max_received_headers: Option<Spanned<usize>>,
+    greeting_delay: Option<Spanned<OptSecs>>,
+    max_messages_per_minute_per_ip: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -653,7 +723,8 @@ fn build(raw: RawConfig, ctx: &Ctx<'_>, flags: &Flags) -> Result<Config, ConfigE
         for l in list.into_inner() {
             let addr = l.addr.get_ref().0;
             let line = ctx.line(l.addr.span());
-            if let Some(first) = lines.insert(addr, line) {
+            // Port 0 asks the kernel for any free port: never a duplicate.
+            if let Some(first) = lines.insert(addr, line).filter(|_| addr.port() != 0) {
                 return Err(ctx.error(
                     &l.addr,
                     format!("duplicate listen address {addr} (first on line {first})"),
@@ -672,6 +743,24 @@ fn build(raw: RawConfig, ctx: &Ctx<'_>, flags: &Flags) -> Result<Config, ConfigE
     let limits = build_limits(raw.limits, ctx)?;
     let local = build_local(raw.local, &data_dir, ctx)?;
     let relay = build_relay(raw.relay, ctx)?;
+    let tls = match raw.tls {
+        Some(t) => {
+            for f in [&t.cert, &t.key] {
+                if let Err(e) = std::fs::File::open(f.get_ref()) {
+                    return Err(
+                        ctx.error(f, format!("cannot read \"{}\": {e}", f.get_ref().display()))
+                    );
+                }
+            }
+            Some(TlsFiles {
+                cert: t.cert.into_inner(),
+                key: t.key.into_inner(),
+            })
+        }
+        None => None,
+    };
+    let auth = build_auth(raw.auth, ctx)?;
+    check_listeners(&listen, &relay, tls.is_some(), &auth, ctx)?;
     Ok(Config {
         hostname,
         data_dir,
@@ -679,6 +768,8 @@ fn build(raw: RawConfig, ctx: &Ctx<'_>, flags: &Flags) -> Result<Config, ConfigE
         limits,
         local,
         relay,
+        tls,
+        auth,
     })
 }
 
@@ -723,6 +814,10 @@ fn build_limits(raw: RawLimits, ctx: &Ctx<'_>) -> Result<Limits, ConfigError> {
             1,
             "1",
         )?,
+        greeting_delay: raw.greeting_delay.and_then(|s| s.into_inner().0),
+        max_messages_per_minute_per_ip: raw
+            .max_messages_per_minute_per_ip
+            .map_or(d.max_messages_per_minute_per_ip, |s| s.into_inner()),
     })
 }
 
@@ -886,6 +981,106 @@ fn build_relay(raw: RawRelay, ctx: &Ctx<'_>) -> Result<Relay, ConfigError> {
             .connect_timeout
             .map_or(d.connect_timeout, |s| s.into_inner().0),
     })
+}
+
+fn build_auth(raw: RawAuth, ctx: &Ctx<'_>) -> Result<Auth, ConfigError> {
+    let users_file = match raw.users_file {
+        Some(f) => {
+            if let Err(e) = std::fs::File::open(f.get_ref()) {
+                return Err(ctx.error(
+                    &f,
+                    format!("cannot read \"{}\": {e}", f.get_ref().display()),
+                ));
+            }
+            Some(f.into_inner())
+        }
+        None => None,
+    };
+    let senders = match raw.senders {
+        None => SenderPolicy::Own,
+        Some(s) => match s.get_ref().as_str() {
+            "own" => SenderPolicy::Own,
+            "any" => SenderPolicy::Any,
+            other => {
+                return Err(ctx.error(
+                    &s,
+                    format!("invalid value \"{other}\" (expected \"own\" or \"any\")"),
+                ))
+            }
+        },
+    };
+    Ok(Auth {
+        users_file,
+        allow_plaintext_loopback: raw.allow_plaintext_loopback.unwrap_or(false),
+        senders,
+        max_failures: at_least(ctx, raw.max_failures, 10, 1, "1")?,
+    })
+}
+
+/// Refuses configurations that could not work or would be an open relay:
+/// submission/smtps without TLS and AUTH, and a listener reachable from
+/// outside whose allow_from lets the whole Internet relay.
+fn check_listeners(
+    listen: &[Listen],
+    relay: &Relay,
+    tls: bool,
+    auth: &Auth,
+    ctx: &Ctx<'_>,
+) -> Result<(), ConfigError> {
+    let err = |key: String, message: String| ConfigError {
+        file: ctx.file.map(Path::to_path_buf),
+        line: None,
+        key: Some(key),
+        message,
+    };
+    for (i, l) in listen.iter().enumerate() {
+        let key = format!("listen[{i}].mode");
+        if l.mode != ListenMode::Smtp && !tls {
+            return Err(err(
+                key,
+                format!(
+                    "{} on {} needs a [tls] cert and key",
+                    mode_name(l.mode),
+                    l.addr
+                ),
+            ));
+        }
+        if l.mode != ListenMode::Smtp && auth.users_file.is_none() {
+            return Err(err(
+                key,
+                format!(
+                    "{} on {} needs [auth] users_file",
+                    mode_name(l.mode),
+                    l.addr
+                ),
+            ));
+        }
+        let everyone = relay.allow_from.iter().any(|n| n.prefix == 0);
+        let ip = l.addr.ip();
+        let private = match ip {
+            IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
+        };
+        if everyone && !private {
+            return Err(err(
+                "relay.allow_from".into(),
+                format!(
+                    "contains a /0 network while {} listens on {}: that is an open relay for the whole Internet; list your own networks instead",
+                    mode_name(l.mode),
+                    l.addr
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn mode_name(mode: ListenMode) -> &'static str {
+    match mode {
+        ListenMode::Smtp => "smtp",
+        ListenMode::Submission => "submission",
+        ListenMode::Smtps => "smtps",
+    }
 }
 
 /// "host", "host:587", "[2001:db8::1]:25", "192.0.2.1".
@@ -1530,9 +1725,10 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ("[relay]\nallow_from = [\"10.0.0.1/8\"]\n", "postling.toml:2: relay.allow_from[0]: invalid network \"10.0.0.1/8\": host bits are set (did you mean \"10.0.0.0/8\"?)"),
             ("[relay]\nallow_from = [\"10.0.0.0/33\"]\n", "postling.toml:2: relay.allow_from[0]: invalid network \"10.0.0.0/33\": prefix length must be 0..=32"),
             ("[relay]\nallow_from = [\"fd00::1/8\"]\n", "postling.toml:2: relay.allow_from[0]: invalid network \"fd00::1/8\": host bits are set (did you mean \"fd00::/8\"?)"),
-            ("[[listen]]\naddr = \"0.0.0.0:587\"\nmode = \"submission\"\n", "postling.toml:3: listen[0].mode: mode \"submission\" needs TLS and AUTH, which this version of postling does not have yet"),
-            ("[[listen]]\naddr = \"0.0.0.0:25\"\n[[listen]]\naddr = \"0.0.0.0:465\"\nmode = \"smtps\"\n", "postling.toml:5: listen[1].mode: mode \"smtps\" needs TLS and AUTH"),
-            ("[[listen]]\naddr = \"0.0.0.0:25\"\nmode = \"lmtp\"\n", "postling.toml:3: listen[0].mode: unknown mode \"lmtp\" (expected \"smtp\")"),
+            ("[[listen]]\naddr = \"0.0.0.0:587\"\nmode = \"submission\"\n", "postling.toml: listen[0].mode: submission on 0.0.0.0:587 needs a [tls] cert and key"),
+            ("[[listen]]\naddr = \"0.0.0.0:25\"\nmode = \"lmtp\"\n", "postling.toml:3: listen[0].mode: unknown mode \"lmtp\""),
+            ("[[listen]]\naddr = \"0.0.0.0:25\"\n[[listen]]\naddr = \"0.0.0.0:465\"\nmode = \"smtps\"\n", "postling.toml: listen[1].mode: smtps on 0.0.0.0:465 needs a [tls] cert and key"),
+            ("[[listen]]\naddr = \"0.0.0.0:25\"\nmode = \"lmtp\"\n", "postling.toml:3: listen[0].mode: unknown mode \"lmtp\" (expected \"smtp\", \"submission\" or \"smtps\")"),
             ("[[listen]]\naddr = \"0.0.0.0\"\n", "postling.toml:2: listen[0].addr: invalid address \"0.0.0.0\" (expected IP:PORT"),
             ("[[listen]]\naddr = \"0.0.0.0:25\"\n\n[[listen]]\naddr = \"0.0.0.0:25\"\n", "postling.toml:5: listen[1].addr: duplicate listen address 0.0.0.0:25 (first on line 2)"),
             ("[[listen]]\nmode = \"smtp\"\n", "postling.toml:1: listen: missing field `addr`"),
@@ -1549,7 +1745,7 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ("hostname = \"x\n", "postling.toml:1: hostname: invalid basic string"),
             // Dotted headers leave `local` without a span: the line-based fallback names the key.
             ("[local.mailboxes]\nalice = \"/a\"\n\"b c\" = \"/b\"\n", "postling.toml:3: local.mailboxes.b c: invalid user name \"b c\""),
-            ("[local.mailboxes]\nalice = \"/a\"\n[[listen]]\naddr = \"[::]:25\"\n[[listen]]\naddr = \"[::]:26\"\nmode = \"smtps\"\n", "postling.toml:7: listen[1].mode: mode \"smtps\" needs TLS"),
+            ("[local.mailboxes]\nalice = \"/a\"\n[[listen]]\naddr = \"[::]:25\"\n[[listen]]\naddr = \"[::]:26\"\nmode = \"lmtp\"\n", "postling.toml:7: listen[1].mode: unknown mode \"lmtp\""),
             ("[[listen]]\naddr = \"[::]:25\"\n[[listen]]\naddr = \"[::]:26\" x\n", "postling.toml:4: listen[1].addr: expected newline"),
             ("[[listen]]\naddr = \"[::]:25\"\n[[listen]]\naddr = \"[::]:26\"\n[[ listen ]] x\n", "postling.toml:5: listen[2]: "),
         ];

@@ -8,10 +8,12 @@
 #![forbid(unsafe_code)]
 
 pub mod aliases;
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod date;
 pub mod deliver;
+pub mod limiter;
 pub mod listener;
 pub mod local;
 pub mod queue_cli;

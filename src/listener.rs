@@ -20,7 +20,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Socket, Type};
 
-use crate::config::Listen;
+use crate::config::{Listen, ListenMode};
 use crate::server::Context;
 use crate::smtp::{conn, reply};
 
@@ -118,8 +118,8 @@ impl Listeners {
             }
             if stalled {
                 stalled = false;
-                for (listener, _) in &self.sockets {
-                    stalled |= accept_all(listener, &ctx, &tracker);
+                for (listener, l) in &self.sockets {
+                    stalled |= accept_all(listener, l.mode, &ctx, &tracker);
                 }
             }
             for event in events.iter() {
@@ -132,10 +132,10 @@ impl Listeners {
                     }
                     continue;
                 }
-                let Some((listener, _)) = self.sockets.get(event.token().0) else {
+                let Some((listener, l)) = self.sockets.get(event.token().0) else {
                     continue;
                 };
-                stalled |= accept_all(listener, &ctx, &tracker);
+                stalled |= accept_all(listener, l.mode, &ctx, &tracker);
             }
             if ctx.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
@@ -157,10 +157,15 @@ impl Listeners {
 
 /// Accepts until the backlog is empty; true when stopped by an error
 /// (EMFILE and friends), leaving clients in the backlog to retry for.
-fn accept_all(listener: &TcpListener, ctx: &Arc<Context>, tracker: &Arc<Tracker>) -> bool {
+fn accept_all(
+    listener: &TcpListener,
+    mode: ListenMode,
+    ctx: &Arc<Context>,
+    tracker: &Arc<Tracker>,
+) -> bool {
     loop {
         match listener.accept() {
-            Ok((stream, peer)) => hand_off(stream, peer, ctx, tracker),
+            Ok((stream, peer)) => hand_off(stream, peer, mode, ctx, tracker),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -209,7 +214,13 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn hand_off(mut stream: TcpStream, peer: SocketAddr, ctx: &Arc<Context>, tracker: &Arc<Tracker>) {
+fn hand_off(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mode: ListenMode,
+    ctx: &Arc<Context>,
+    tracker: &Arc<Tracker>,
+) {
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
     let limits = &ctx.config.limits;
     let guard = match tracker.acquire(
@@ -243,7 +254,7 @@ fn hand_off(mut stream: TcpStream, peer: SocketAddr, ctx: &Arc<Context>, tracker
         .stack_size(SESSION_STACK)
         .spawn(move || {
             let _guard = guard;
-            conn::serve(std_stream, peer, id, &ctx);
+            conn::serve(std_stream, peer, id, mode, &ctx);
         });
     if let Err(e) = spawned {
         error!("connect from={peer}: cannot start a session thread: {e}");

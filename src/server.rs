@@ -20,6 +20,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::Config;
+use crate::limiter::PerIp;
 use crate::listener;
 use crate::relay;
 use crate::store::queue::Queue;
@@ -32,6 +33,14 @@ pub struct Context {
     pub relay: Sender<relay::Request>,
     /// Set once on SIGTERM/SIGINT; sessions close when idle.
     pub shutdown: AtomicBool,
+    /// Inbound TLS: the reloadable certificate and the server config.
+    pub tls: Option<(Arc<crate::tls::ServerCerts>, Arc<rustls::ServerConfig>)>,
+    /// Inbound AUTH users, when `auth.users_file` is set.
+    pub users: Option<crate::auth::Users>,
+    /// Failed AUTH attempts per client address, in the last hour.
+    pub auth_failures: PerIp,
+    /// Messages per client address, in the last minute.
+    pub message_rate: PerIp,
     /// `data_dir/lock`, held (flock) for the life of the server so a second
     /// instance cannot sweep this one's spools or relay its queue twice.
     _lock: File,
@@ -103,6 +112,23 @@ impl Server {
             )
         };
         let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
+        let tls = match &config.tls {
+            Some(files) => {
+                let certs = crate::tls::ServerCerts::load(&files.cert, &files.key)
+                    .map_err(|e| io::Error::other(format!("[tls]: {e}")))?;
+                let server = crate::tls::server_config(Arc::clone(&certs))
+                    .map_err(|e| io::Error::other(format!("[tls]: {e}")))?;
+                Some((certs, server))
+            }
+            None => None,
+        };
+        let users = match &config.auth.users_file {
+            Some(path) => Some(
+                crate::auth::Users::load(path)
+                    .map_err(|e| io::Error::other(format!("[auth]: {e}")))?,
+            ),
+            None => None,
+        };
         let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
         // After the lock: a control.sock already there is a dead daemon's.
         listeners.add_control(crate::control::bind(&config.data_dir).map_err(in_data_dir)?)?;
@@ -120,6 +146,10 @@ impl Server {
             queue,
             relay: tx,
             shutdown: AtomicBool::new(false),
+            tls,
+            users,
+            auth_failures: PerIp::new(std::time::Duration::from_secs(3600)),
+            message_rate: PerIp::new(std::time::Duration::from_secs(60)),
             _lock: lock,
         });
         relay::spawn(Arc::clone(&ctx), rx)?;

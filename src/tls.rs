@@ -1,4 +1,6 @@
-//! rustls configurations for outbound TLS, built from files.
+//! rustls configurations, built from files: outbound (the relay client) and
+//! inbound (STARTTLS and smtps, from `[tls]` cert and key, re-read on SIGHUP
+//! without dropping sessions: new handshakes get the new certificate).
 //!
 //! Owns the trust anchors of the relay client — Mozilla's roots compiled in
 //! (`webpki-roots`, so a router with no CA bundle can still verify its
@@ -18,8 +20,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, ProtocolVersion, RootCertStore,
-    SignatureScheme,
+    ClientConfig, DigitallySignedStruct, ProtocolVersion, RootCertStore, SignatureScheme,
 };
 use rustls_pki_types::pem::PemObject;
 
@@ -36,6 +37,11 @@ pub enum TlsError {
     },
     /// A CA file holds no certificate.
     EmptyCaFile(PathBuf),
+    /// The server certificate chain or key file.
+    ServerFile {
+        path: PathBuf,
+        reason: String,
+    },
     Rustls(rustls::Error),
 }
 
@@ -48,6 +54,7 @@ impl fmt::Display for TlsError {
             TlsError::EmptyCaFile(path) => {
                 write!(f, "CA file {}: no PEM certificate in it", path.display())
             }
+            TlsError::ServerFile { path, reason } => write!(f, "{}: {reason}", path.display()),
             TlsError::Rustls(e) => write!(f, "TLS configuration: {e}"),
         }
     }
@@ -171,7 +178,7 @@ impl ServerCertVerifier for AcceptAnyCert {
 }
 
 /// "TLSv1.3 TLS13_AES_256_GCM_SHA384", for logs and `Received:` lines.
-pub fn describe(conn: &ClientConnection) -> String {
+pub fn describe(conn: &rustls::CommonState) -> String {
     let version = match conn.protocol_version() {
         Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
         Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
@@ -225,4 +232,81 @@ mod tests {
         assert!(client_config(None).is_ok());
         let _ = insecure_client_config();
     }
+}
+
+/// The inbound certificate and key, swappable at run time.
+#[derive(Debug)]
+pub struct ServerCerts {
+    cert: PathBuf,
+    key: PathBuf,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServerCerts {
+    /// Loads `cert` (PEM chain, leaf first) and `key` (PEM private key).
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerCerts>, TlsError> {
+        let current = load_certified_key(cert, key)?;
+        Ok(Arc::new(ServerCerts {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: std::sync::RwLock::new(current),
+        }))
+    }
+
+    /// Re-reads both files; on error the old certificate stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = load_certified_key(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCerts {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // A writer only swaps an Arc: a poisoned lock still holds a valid one.
+        Some(Arc::clone(
+            &self.current.read().unwrap_or_else(|p| p.into_inner()),
+        ))
+    }
+}
+
+fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let file_error = |path: &Path, reason: String| TlsError::ServerFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| file_error(cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(file_error(cert, "no PEM certificate in it".into()));
+    }
+    let der = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| file_error(key, format!("no usable PEM private key: {e}")))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| file_error(key, e.to_string()))?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| file_error(key, format!("does not match the certificate: {e}")))?;
+    Ok(Arc::new(certified))
+}
+
+/// The inbound config: TLS 1.2 and 1.3 with the ring provider's safe
+/// defaults, no client certificates, the certificate from `certs`.
+pub fn server_config(certs: Arc<ServerCerts>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    Ok(Arc::new(config))
 }

@@ -460,6 +460,7 @@ impl Relay {
             helo: self.ctx.config.hostname.clone(),
             peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
             protocol: "local",
+            tls: None,
         };
         let mut spool = self.ctx.queue.begin()?;
         let id = spool.id().to_string();

@@ -33,6 +33,10 @@ pub enum Command<'a> {
     Quit,
     Vrfy,
     Help,
+    /// RFC 3207.
+    StartTls,
+    /// RFC 4954: the mechanism and the optional initial response.
+    Auth(&'a str, Option<&'a str>),
 }
 
 /// The MAIL FROM path: `<>` (the null sender of bounces) or a mailbox.
@@ -232,16 +236,23 @@ impl<'a> Command<'a> {
                 Ok(Command::Vrfy)
             };
         }
-        const KNOWN: [&[u8]; 8] = [
-            b"EXPN",
-            b"STARTTLS",
-            b"AUTH",
-            b"BDAT",
-            b"ETRN",
-            b"TURN",
-            b"SEND",
-            b"SAML",
-        ];
+        if is(b"STARTTLS") {
+            return no_args(Command::StartTls, "Syntax: STARTTLS (no parameters)");
+        }
+        if is(b"AUTH") {
+            let usage =
+                ParseError::Syntax(Verb::Other, "Syntax: AUTH mechanism [initial-response]");
+            let text = std::str::from_utf8(trim(rest)).map_err(|_| usage)?;
+            let mut words = text.split(' ').filter(|w| !w.is_empty());
+            let mechanism = words.next().ok_or(usage)?;
+            let initial = words.next();
+            let valid = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+            if words.next().is_some() || !mechanism.bytes().all(valid) {
+                return Err(usage);
+            }
+            return Ok(Command::Auth(mechanism, initial));
+        }
+        const KNOWN: [&[u8]; 6] = [b"EXPN", b"BDAT", b"ETRN", b"TURN", b"SEND", b"SAML"];
         if KNOWN.iter().any(|k| is(k)) {
             return Err(ParseError::NotImplemented);
         }
@@ -490,6 +501,10 @@ mod tests {
             ("HELP", Help),
             ("HELP MAIL", Help),
             ("VRFY root", Vrfy),
+            ("starttls", StartTls),
+            ("AUTH PLAIN", Auth("PLAIN", None)),
+            ("auth login dXNlcg==", Auth("login", Some("dXNlcg=="))),
+            ("AUTH PLAIN =", Auth("PLAIN", Some("="))),
         ];
         for (line, want) in cases {
             assert_eq!(parse(line), Ok(*want), "{line}");
@@ -504,8 +519,18 @@ mod tests {
             ("FOO", Unknown),
             ("MAILFROM:<a@b>", Unknown),
             ("EXPN list", NotImplemented),
-            ("STARTTLS", NotImplemented),
-            ("auth PLAIN", NotImplemented),
+            (
+                "STARTTLS now",
+                Syntax(Verb::Other, "Syntax: STARTTLS (no parameters)"),
+            ),
+            (
+                "AUTH",
+                Syntax(Verb::Other, "Syntax: AUTH mechanism [initial-response]"),
+            ),
+            (
+                "AUTH PLAIN a b",
+                Syntax(Verb::Other, "Syntax: AUTH mechanism [initial-response]"),
+            ),
             ("EHLO", Syntax(Verb::Other, "Syntax: EHLO hostname")),
             ("EHLO ", Syntax(Verb::Other, "Syntax: EHLO hostname")),
             ("DATA x", Syntax(Verb::Other, "Syntax: DATA (no arguments)")),

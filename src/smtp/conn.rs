@@ -16,14 +16,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, error, info, trace, warn};
 
+use std::sync::Arc;
+
+use rustls::{ServerConnection, StreamOwned};
+
 use super::data::{DataDecoder, DataError};
 use super::reply::{self, Reply};
 use super::session::{Action, DataResult, Session};
+use crate::config::ListenMode;
 use crate::deliver;
 use crate::server::Context;
 
-/// RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
+/// RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF
+/// (enforced by the session, which knows the verb).
 pub const MAX_COMMAND_LINE: usize = 512;
+/// What the line reader frames at most: RFC 4954 4 allows AUTH lines and
+/// SASL responses of 12288 octets.
+const MAX_FRAME: usize = 12288;
+/// The pause after a failed AUTH, so guessing passwords is slow.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(2);
 /// The input buffer; DATA is decoded in place in it.
 const INPUT_BUFFER: usize = 16 * 1024;
 /// Bytes per second a DATA transfer must average, beyond `data_timeout`.
@@ -56,6 +67,8 @@ enum End {
     /// The server is shutting down and the session is idle.
     Shutdown,
     Io(io::Error),
+    /// We ended it: a failed TLS handshake, an early talker, a rate limit.
+    Refused(String),
 }
 
 impl From<io::Error> for End {
@@ -143,7 +156,7 @@ impl Input {
             };
         }
         let pending = &self.buf[self.start..self.end];
-        let max = MAX_COMMAND_LINE - 2;
+        let max = MAX_FRAME - 2;
         match pending.iter().position(|&b| b == b'\r' || b == b'\n') {
             Some(i) if pending[i] == b'\n' => {
                 self.consume(i + 1);
@@ -172,9 +185,17 @@ impl Input {
         }
     }
 
+    /// Drops everything buffered (before a TLS handshake: RFC 3207 5).
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        self.discarding = false;
+        self.discard_cr = false;
+    }
+
     /// Reads more input, waiting at most one TICK. Ok(false) means no bytes
     /// arrived in this tick.
-    fn fill(&mut self, stream: &mut TcpStream) -> Result<bool, End> {
+    fn fill(&mut self, stream: &mut Stream) -> Result<bool, End> {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -205,16 +226,52 @@ impl Input {
     }
 }
 
+/// The connection, in clear or encrypted.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
+    /// Only while the TcpStream is moved into a handshake.
+    Taken,
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+            Stream::Taken => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+            Stream::Taken => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+            Stream::Taken => Ok(()),
+        }
+    }
+}
+
 struct Conn<'a> {
-    stream: TcpStream,
+    stream: Stream,
     input: Input,
     output: Vec<u8>,
     ctx: &'a Context,
+    peer: SocketAddr,
 }
 
 /// Runs one session to its end. Never panics on client input; logs one line
 /// at connect and one at disconnect.
-pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, ctx: &Context) {
+pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, mode: ListenMode, ctx: &Context) {
     info!("session={id} connect from={peer}");
     let limits = &ctx.config.limits;
     if let Err(e) = stream
@@ -226,20 +283,24 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, ctx: &Context) {
         return;
     }
     let mut conn = Conn {
-        stream,
+        stream: Stream::Plain(stream),
         input: Input::new(),
         output: Vec::with_capacity(512),
         ctx,
+        peer,
     };
-    let mut session = Session::new(&ctx.config, id, peer.ip());
-    conn.queue(&session.greeting());
-    let end = conn.run(&mut session);
+    let tls_ready = ctx.tls.is_some();
+    let mut session = Session::new(&ctx.config, id, peer.ip(), mode, tls_ready);
+    let end = conn
+        .open(&mut session, mode)
+        .and_then(|()| conn.run(&mut session));
     match end {
         Ok(()) => info!("session={} disconnect", session.id()),
         Err(End::Eof) => info!("session={} disconnect: client closed", session.id()),
         Err(End::Timeout) => info!("session={} disconnect: timeout", session.id()),
         Err(End::Shutdown) => info!("session={} disconnect: shutting down", session.id()),
         Err(End::Io(e)) => info!("session={} disconnect: {e}", session.id()),
+        Err(End::Refused(why)) => info!("session={} disconnect: {why}", session.id()),
     }
 }
 
@@ -285,6 +346,123 @@ impl Conn<'_> {
         }
     }
 
+    /// Before the first command: the smtps handshake, the pre-greeting
+    /// check (a client that talks before the 220 is no real MTA, RFC 5321
+    /// 4.3.1), then the greeting.
+    fn open(&mut self, session: &mut Session, mode: ListenMode) -> Result<(), End> {
+        if mode == ListenMode::Smtps {
+            self.handshake(session)?;
+        } else if self.talks_first()? {
+            self.close_with(&Reply::new(
+                554,
+                "5.5.0",
+                "Protocol error: you talked before my greeting",
+            ));
+            return Err(End::Refused("spoke before the greeting".into()));
+        }
+        self.queue(&session.greeting());
+        Ok(())
+    }
+
+    /// Waits `limits.greeting_delay` (or just looks, when it is zero) for
+    /// bytes the client should not have sent yet.
+    fn talks_first(&mut self) -> Result<bool, End> {
+        let Stream::Plain(tcp) = &self.stream else {
+            return Ok(false);
+        };
+        let wait = self.ctx.config.limits.greeting_delay;
+        let mut probe = [0u8; 1];
+        let peeked = match wait {
+            Some(wait) => {
+                tcp.set_read_timeout(Some(wait))?;
+                let r = tcp.peek(&mut probe);
+                tcp.set_read_timeout(Some(TICK))?;
+                r
+            }
+            None => {
+                tcp.set_nonblocking(true)?;
+                let r = tcp.peek(&mut probe);
+                tcp.set_nonblocking(false)?;
+                r
+            }
+        };
+        Ok(matches!(peeked, Ok(n) if n > 0))
+    }
+
+    /// The TLS handshake on the plain stream (STARTTLS after its 220, or
+    /// smtps at once), bounded by the command timeout.
+    fn handshake(&mut self, session: &mut Session) -> Result<(), End> {
+        let Some((_, config)) = &self.ctx.tls else {
+            return Err(End::Refused("TLS requested but not configured".into()));
+        };
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Taken) else {
+            return Err(End::Refused("TLS is already active".into()));
+        };
+        let mut tls = ServerConnection::new(Arc::clone(config))
+            .map_err(|e| End::Refused(format!("TLS setup: {e}")))?;
+        let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
+        let mut tcp = tcp;
+        while tls.is_handshaking() {
+            match tls.complete_io(&mut tcp) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    if Instant::now() >= deadline {
+                        return Err(End::Timeout);
+                    }
+                }
+                Err(e) => {
+                    return Err(End::Refused(format!(
+                        "TLS handshake failed: {}",
+                        crate::tls::io_reason(&e)
+                    )))
+                }
+            }
+        }
+        session.tls_started(crate::tls::describe(&tls));
+        self.stream = Stream::Tls(Box::new(StreamOwned::new(tls, tcp)));
+        Ok(())
+    }
+
+    /// Checks credentials, with a pause after a failure and a cap on
+    /// failures per client address.
+    fn authenticate(&mut self, session: &mut Session, user: String, password: String) -> Action {
+        let ip = self.peer.ip();
+        if self
+            .ctx
+            .auth_failures
+            .blocked(ip, self.ctx.config.auth.max_failures)
+        {
+            info!(
+                "session={} auth refused: too many failures from {ip}",
+                session.id()
+            );
+            return Action::Close(Reply::new(
+                421,
+                "4.7.0",
+                "Too many failed authentications, try again later",
+            ));
+        }
+        let ok = self
+            .ctx
+            .users
+            .as_ref()
+            .is_some_and(|u| u.verify(&user, &password));
+        if !ok {
+            self.ctx.auth_failures.record(ip);
+            // Flush what is pending first, then make guessing slow.
+            let _ = self.flush();
+            std::thread::sleep(AUTH_FAILURE_DELAY);
+        }
+        session.auth_done(user, ok)
+    }
+
     fn run(&mut self, session: &mut Session) -> Result<(), End> {
         let command_timeout = self.ctx.config.limits.command_timeout;
         let mut deadline = Instant::now() + command_timeout;
@@ -296,30 +474,55 @@ impl Conn<'_> {
                     continue;
                 }
                 Some(Line::Command(line)) => {
-                    trace!("< {}", String::from_utf8_lossy(line));
+                    if log::log_enabled!(log::Level::Trace) {
+                        trace!("< {}", masked(line, session.in_auth_exchange()));
+                    }
                     session.command(line)
                 }
                 Some(Line::TooLong) => session.line_too_long(),
                 Some(Line::BareEnding) => session.bare_line_ending(),
             };
             deadline = Instant::now() + command_timeout;
+            let action = match action {
+                Action::Authenticate { user, password } => {
+                    self.authenticate(session, user, password)
+                }
+                Action::Data(message) => {
+                    if !self.ctx.message_rate.allow(
+                        self.peer.ip(),
+                        self.ctx.config.limits.max_messages_per_minute_per_ip,
+                    ) {
+                        let r = Reply::new(
+                            421,
+                            "4.7.0",
+                            "Too many messages from your address, try again later",
+                        );
+                        self.close_with(&r);
+                        return Err(End::Refused("message rate limit".into()));
+                    }
+                    let result = self.receive(&message)?;
+                    deadline = Instant::now() + command_timeout;
+                    session.data_done(result)
+                }
+                other => other,
+            };
             match action {
                 Action::Reply(r) => self.queue(&r),
                 Action::Close(r) => {
                     self.close_with(&r);
                     return Ok(());
                 }
-                Action::Data(message) => {
-                    let result = self.receive(&message)?;
-                    match session.data_done(result) {
-                        Action::Close(r) => {
-                            self.close_with(&r);
-                            return Ok(());
-                        }
-                        Action::Reply(r) => self.queue(&r),
-                        Action::Data(_) => unreachable!("data_done never starts DATA"),
-                    }
+                Action::StartTls(r) => {
+                    self.queue(&r);
+                    self.flush()?;
+                    // Whatever the client sent before the handshake is not
+                    // trusted: it could have been injected in clear.
+                    self.input.clear();
+                    self.handshake(session)?;
                     deadline = Instant::now() + command_timeout;
+                }
+                Action::Data(_) | Action::Authenticate { .. } => {
+                    unreachable!("handled above; data_done and auth_done never return them")
                 }
             }
         }
@@ -399,6 +602,21 @@ impl Conn<'_> {
     }
 }
 
+/// A command line for the trace log, with AUTH secrets masked.
+fn masked(line: &[u8], in_auth: bool) -> String {
+    if in_auth {
+        return "****".into();
+    }
+    let text = String::from_utf8_lossy(line);
+    let mut words = text.splitn(3, ' ');
+    match (words.next(), words.next(), words.next()) {
+        (Some(verb), Some(mech), Some(_)) if verb.eq_ignore_ascii_case("AUTH") => {
+            format!("{verb} {mech} ****")
+        }
+        _ => text.into_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,10 +658,12 @@ mod tests {
 
     #[test]
     fn line_limit() {
-        let ok = [vec![b'a'; MAX_COMMAND_LINE - 2], b"\r\n".to_vec()].concat();
+        // The framer allows RFC 4954's 12288 octets (AUTH); the session cuts
+        // other commands at 512.
+        let ok = [vec![b'a'; MAX_FRAME - 2], b"\r\n".to_vec()].concat();
         assert_eq!(lines(&[&ok]).len(), 1);
         assert_ne!(lines(&[&ok])[0], "<too long>");
-        let long = [vec![b'a'; MAX_COMMAND_LINE - 1], b"\r\nNOOP\r\n".to_vec()].concat();
+        let long = [vec![b'a'; MAX_FRAME - 1], b"\r\nNOOP\r\n".to_vec()].concat();
         assert_eq!(lines(&[&long]), ["<too long>", "NOOP"]);
         // Much longer than the buffer, in pieces: one error, then in step again.
         let huge = vec![b'x'; 3 * INPUT_BUFFER];
@@ -452,7 +672,7 @@ mod tests {
         assert_eq!(lines(&chunks), ["<too long>", "NOOP"]);
         // A bare LF or CR inside the discarded part is still a bare ending,
         // however the bytes were split (review finding: it used to end the line).
-        let long = vec![b'A'; 600];
+        let long = vec![b'A'; MAX_FRAME + 100];
         assert_eq!(
             lines(&[&long, b"\nMAIL FROM:<a@b>\r\n"]),
             ["<bare>", "MAIL FROM:<a@b>"]

@@ -41,8 +41,10 @@ pub struct Message {
     pub recipients: Vec<Recipient>,
     pub helo: String,
     pub peer: IpAddr,
-    /// `SMTP`, `ESMTP` or `UTF8SMTP` (RFC 3848, RFC 6531 3.7.3).
+    /// `SMTP`, `ESMTP`, `ESMTPSA`, `UTF8SMTP`... (RFC 3848, RFC 6531 3.7.3).
     pub protocol: &'static str,
+    /// TLS protocol and cipher, when the session was encrypted.
+    pub tls: Option<String>,
 }
 
 impl Message {
@@ -59,6 +61,9 @@ impl Message {
             "Received: from {} ({})\r\n\tby {} (postling session {}) with {} id {}",
             self.helo, peer, hostname, self.session, self.protocol, id
         );
+        if let Some(tls) = &self.tls {
+            h.push_str(&format!("\r\n\t(using {tls})"));
+        }
         // Name the recipient only when there is exactly one, so a Bcc
         // recipient is never shown to the others (as Postfix does).
         if let [only] = self.recipients.as_slice() {
@@ -123,6 +128,7 @@ mod tests {
             helo: "printer.lan".into(),
             peer: "192.168.1.5".parse().expect("valid literal"),
             protocol: "ESMTP",
+            tls: None,
         }
     }
 

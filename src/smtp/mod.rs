@@ -13,4 +13,5 @@ pub mod conn;
 pub mod data;
 pub mod message;
 pub mod reply;
+pub mod sasl;
 pub mod session;

@@ -8,10 +8,18 @@
 //!
 //! ```text
 //! Greeted --EHLO/HELO--> Ready --MAIL--> Mail --RCPT ok--> Rcpt --DATA--> (driver streams the data)
-//!    ^                     ^  <--RSET/EHLO--  |  <--RSET/EHLO--'                 |
-//!    |                     '-------------------------- data_done --------------'
+//!    ^                   | ^  <--RSET/EHLO--  |  <--RSET/EHLO--'                 |
+//!    |                   | '-------------------------- data_done --------------'
+//!    |                   '--AUTH--> Auth --(334 challenges, then verdict)--> Ready
+//!    '-- STARTTLS (after the handshake, RFC 3207 4.2) from Greeted or Ready
 //!    '-- RSET keeps Greeted; QUIT or too many errors from anywhere --> Closed
 //! ```
+//!
+//! Policy by listener mode: `submission` and `smtps` need AUTH before MAIL
+//! (RFC 6409 4.3); every mode accepts mail for local domains; relaying needs
+//! an authenticated session or a client in `relay.allow_from`. AUTH is
+//! offered only over TLS (RFC 4954 4), unless `auth.allow_plaintext_loopback`
+//! and the client is on loopback.
 
 use std::net::IpAddr;
 
@@ -21,7 +29,8 @@ use super::command::{Command, ForwardPath, Mailbox, ParseError, ReversePath, Ver
 use super::data::DataError;
 use super::message::{Message, Recipient};
 use super::reply::{self, Reply};
-use crate::config::Config;
+use super::sasl::{Exchange, Mechanism, Step};
+use crate::config::{Config, ListenMode, SenderPolicy};
 use crate::local::{ResolveError, Target};
 
 /// What the driver must do next.
@@ -34,6 +43,13 @@ pub enum Action {
     /// Open a spool file; on success send `354` and stream the data into it,
     /// then report with `data_done`; on failure report `Storage` at once.
     Data(Message),
+    /// Send this 220, discard every byte already read (RFC 3207 5: the
+    /// CVE-2011-0411 class), do the TLS handshake, then call `tls_started`;
+    /// on failure close the connection.
+    StartTls(Reply),
+    /// Check these credentials (the driver owns the users file, the delay
+    /// and the per-address failure count), then call `auth_done`.
+    Authenticate { user: String, password: String },
 }
 
 /// How the DATA phase ended, as the driver saw it.
@@ -69,6 +85,8 @@ enum State {
     Rcpt(Tx),
     /// DATA handed to the driver; waiting for `data_done`.
     Data,
+    /// In an AUTH exchange: lines are SASL responses, not commands.
+    Auth(Box<Exchange>),
     Closed,
 }
 
@@ -80,6 +98,7 @@ impl State {
             State::Mail(_) => "Mail",
             State::Rcpt(_) => "Rcpt",
             State::Data => "Data",
+            State::Auth(_) => "Auth",
             State::Closed => "Closed",
         }
     }
@@ -95,21 +114,76 @@ pub struct Session<'c> {
     config: &'c Config,
     id: String,
     peer: IpAddr,
+    mode: ListenMode,
+    /// The server has a certificate, so STARTTLS can be offered.
+    tls_ready: bool,
+    /// Protocol and cipher once the connection is encrypted.
+    tls: Option<String>,
+    /// The authenticated user.
+    user: Option<String>,
     helo: Option<Helo>,
     state: State,
     errors: u32,
 }
 
 impl<'c> Session<'c> {
-    pub fn new(config: &'c Config, id: String, peer: IpAddr) -> Session<'c> {
+    /// A session on a listener of `mode`; `tls_ready` when the server has
+    /// a certificate. For smtps, call `tls_started` before the greeting.
+    pub fn new(
+        config: &'c Config,
+        id: String,
+        peer: IpAddr,
+        mode: ListenMode,
+        tls_ready: bool,
+    ) -> Session<'c> {
         Session {
             config,
             id,
             peer,
+            mode,
+            tls_ready,
+            tls: None,
+            user: None,
             helo: None,
             state: State::Greeted,
             errors: 0,
         }
+    }
+
+    /// The handshake succeeded: the session starts over (RFC 3207 4.2).
+    pub fn tls_started(&mut self, description: String) {
+        info!("session={} tls={description}", self.id);
+        self.tls = Some(description);
+        self.helo = None;
+        self.set_state(State::Greeted);
+    }
+
+    /// True while an AUTH exchange is running: the next line is a SASL
+    /// response, which may be up to 12288 octets (RFC 4954 4).
+    pub fn in_auth_exchange(&self) -> bool {
+        matches!(self.state, State::Auth(_))
+    }
+
+    /// The verdict on the credentials of an `Authenticate` action.
+    pub fn auth_done(&mut self, user: String, ok: bool) -> Action {
+        if ok {
+            info!("session={} auth user={user}", self.id);
+            self.user = Some(user);
+            return Action::Reply(Reply::new(235, "2.7.0", "Authentication successful"));
+        }
+        info!("session={} auth failed user={user}", self.id);
+        self.count_errors(Action::Reply(Reply::new(
+            535,
+            "5.7.8",
+            "Authentication credentials invalid",
+        )))
+    }
+
+    /// AUTH is offered and accepted on this connection now.
+    fn auth_offered(&self) -> bool {
+        self.config.auth.users_file.is_some()
+            && (self.tls.is_some()
+                || (self.config.auth.allow_plaintext_loopback && self.peer.is_loopback()))
     }
 
     pub fn id(&self) -> &str {
@@ -151,6 +225,17 @@ impl<'c> Session<'c> {
 
     /// Handles one command line (CRLF removed).
     pub fn command(&mut self, line: &[u8]) -> Action {
+        if let State::Auth(exchange) = &mut self.state {
+            let step = match std::str::from_utf8(line) {
+                Ok(text) => exchange.respond(text),
+                Err(_) => Step::Malformed("Response is not valid UTF-8"),
+            };
+            let action = self.auth_step(step);
+            return self.count_errors(action);
+        }
+        if line.len() > super::conn::MAX_COMMAND_LINE - 2 && !starts_with_auth(line) {
+            return self.line_too_long();
+        }
         let action = match Command::parse(line) {
             Ok(cmd) => self.dispatch(cmd),
             Err(e) => Action::Reply(parse_error_reply(e)),
@@ -158,8 +243,14 @@ impl<'c> Session<'c> {
         self.count_errors(action)
     }
 
-    /// A command line longer than RFC 5321 4.5.3.1.4 allows.
+    /// A command line longer than RFC 5321 4.5.3.1.4 allows (or, in an
+    /// AUTH exchange, than RFC 4954 4 allows: 500 5.5.6).
     pub fn line_too_long(&mut self) -> Action {
+        if self.in_auth_exchange() {
+            self.set_state(State::Ready);
+            let r = Reply::new(500, "5.5.6", "Authentication exchange line is too long");
+            return self.count_errors(Action::Reply(r));
+        }
         self.count_errors(Action::Reply(reply::line_too_long()))
     }
 
@@ -212,6 +303,77 @@ impl<'c> Session<'c> {
                 self.set_state(State::Closed);
                 Action::Close(reply::bye())
             }
+            Command::StartTls => self.starttls(),
+            Command::Auth(mechanism, initial) => self.auth(mechanism, initial),
+        }
+    }
+
+    fn starttls(&mut self) -> Action {
+        if self.tls.is_some() {
+            return Action::Reply(reply::bad_sequence("TLS is already active"));
+        }
+        if !self.tls_ready {
+            return Action::Reply(reply::not_implemented());
+        }
+        if !matches!(self.state, State::Greeted | State::Ready) {
+            return Action::Reply(reply::bad_sequence(
+                "STARTTLS is not allowed in a mail transaction",
+            ));
+        }
+        Action::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<&str>) -> Action {
+        if self.config.auth.users_file.is_none() {
+            return Action::Reply(reply::not_implemented());
+        }
+        if self.user.is_some() {
+            return Action::Reply(reply::bad_sequence("Already authenticated"));
+        }
+        match self.state {
+            State::Ready => {}
+            State::Greeted => return Action::Reply(reply::bad_sequence("Send EHLO first")),
+            _ => {
+                return Action::Reply(reply::bad_sequence(
+                    "AUTH is not allowed in a mail transaction",
+                ))
+            }
+        }
+        if !self.auth_offered() {
+            return Action::Reply(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism (use STARTTLS)",
+            ));
+        }
+        let Some(mechanism) = Mechanism::parse(mechanism) else {
+            return Action::Reply(Reply::new(
+                504,
+                "5.5.4",
+                "Unrecognized authentication type (use PLAIN or LOGIN)",
+            ));
+        };
+        let (exchange, step) = Exchange::start(mechanism, initial);
+        self.set_state(State::Auth(Box::new(exchange)));
+        self.auth_step(step)
+    }
+
+    /// Carries out one step of a SASL exchange (state is Auth on entry).
+    fn auth_step(&mut self, step: Step) -> Action {
+        match step {
+            Step::Challenge(challenge) => Action::Reply(Reply::plain(334, challenge)),
+            Step::Done { user, password, .. } => {
+                self.set_state(State::Ready);
+                Action::Authenticate { user, password }
+            }
+            Step::Malformed(why) => {
+                self.set_state(State::Ready);
+                Action::Reply(Reply::new(501, "5.5.2", why))
+            }
+            Step::Cancelled => {
+                self.set_state(State::Ready);
+                Action::Reply(Reply::new(501, "5.0.0", "Authentication cancelled"))
+            }
         }
     }
 
@@ -228,12 +390,19 @@ impl<'c> Session<'c> {
         if !esmtp {
             return Reply::plain(250, greeting);
         }
-        Reply::plain(250, greeting)
+        let mut r = Reply::plain(250, greeting)
             .line("PIPELINING")
             .line(format!("SIZE {}", self.config.limits.max_message_size))
             .line("8BITMIME")
             .line("SMTPUTF8")
-            .line("ENHANCEDSTATUSCODES")
+            .line("ENHANCEDSTATUSCODES");
+        if self.tls_ready && self.tls.is_none() {
+            r = r.line("STARTTLS");
+        }
+        if self.auth_offered() && self.user.is_none() {
+            r = r.line("AUTH PLAIN LOGIN");
+        }
+        r
     }
 
     fn mail(&mut self, from: ReversePath<'_>, params: super::command::MailParams) -> Reply {
@@ -241,7 +410,12 @@ impl<'c> Session<'c> {
             State::Greeted => return reply::bad_sequence("Send EHLO or HELO first"),
             State::Mail(_) | State::Rcpt(_) => return reply::bad_sequence("Nested MAIL command"),
             State::Ready => {}
-            State::Data | State::Closed => return reply::bad_sequence("Bad sequence of commands"),
+            State::Data | State::Auth(_) | State::Closed => {
+                return reply::bad_sequence("Bad sequence of commands")
+            }
+        }
+        if self.mode != ListenMode::Smtp && self.user.is_none() {
+            return Reply::new(530, "5.7.0", "Authentication required");
         }
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
         if !esmtp && params != Default::default() {
@@ -262,6 +436,19 @@ impl<'c> Session<'c> {
             .is_some_and(|s| s > self.config.limits.max_message_size)
         {
             return reply::message_too_big();
+        }
+        if let Some(user) = &self.user {
+            if !self.sender_allowed(user, &sender) {
+                info!(
+                    "session={} reject from=<{sender}>: not owned by user={user}",
+                    self.id
+                );
+                return Reply::new(
+                    553,
+                    "5.7.1",
+                    format!("Sender address <{sender}> is not owned by user {user}"),
+                );
+            }
         }
         info!(
             "session={} from=<{}> size={:?}",
@@ -304,7 +491,7 @@ impl<'c> Session<'c> {
                 if !m.is_literal() && local.is_local_domain(m.domain) {
                     let targets = local.resolve(m.local, m.domain);
                     (address, targets)
-                } else if self.config.relay.allows(self.peer) {
+                } else if self.user.is_some() || self.config.relay.allows(self.peer) {
                     let targets = Ok(vec![Target::Remote(address.clone())]);
                     (address, targets)
                 } else {
@@ -350,11 +537,12 @@ impl<'c> Session<'c> {
         };
         self.set_state(State::Data);
         let helo = self.helo.as_ref();
-        let protocol = match (helo.is_some_and(|h| h.esmtp), tx.smtputf8) {
-            (false, _) => "SMTP",
-            (true, false) => "ESMTP",
-            (true, true) => "UTF8SMTP",
-        };
+        let protocol = protocol(
+            helo.is_some_and(|h| h.esmtp),
+            tx.smtputf8,
+            self.tls.is_some(),
+            self.user.is_some(),
+        );
         Action::Data(Message {
             session: self.id.clone(),
             sender: tx.sender,
@@ -362,6 +550,7 @@ impl<'c> Session<'c> {
             helo: helo.map_or_else(String::new, |h| h.name.clone()),
             peer: self.peer,
             protocol,
+            tls: self.tls.clone(),
         })
     }
 
@@ -375,6 +564,49 @@ impl<'c> Session<'c> {
         };
         self.count_errors(Action::Reply(r))
     }
+}
+
+impl Session<'_> {
+    /// `auth.senders = "own"`: the login's own address at a local domain,
+    /// the login itself when it is an address, the rewrite address, or `<>`.
+    fn sender_allowed(&self, user: &str, sender: &str) -> bool {
+        if self.config.auth.senders == SenderPolicy::Any || sender.is_empty() {
+            return true;
+        }
+        if sender.eq_ignore_ascii_case(user)
+            || self.config.relay.rewrite_from.as_deref() == Some(sender)
+        {
+            return true;
+        }
+        match sender.rsplit_once('@') {
+            Some((local, domain)) => {
+                local.eq_ignore_ascii_case(user)
+                    && !user.contains('@')
+                    && self.config.local.is_local_domain(domain)
+            }
+            None => false,
+        }
+    }
+}
+
+/// RFC 3848 / RFC 6531 3.7.3 protocol names for `Received: ... with`.
+fn protocol(esmtp: bool, utf8: bool, tls: bool, auth: bool) -> &'static str {
+    match (esmtp, utf8, tls, auth) {
+        (false, _, _, _) => "SMTP",
+        (true, false, false, false) => "ESMTP",
+        (true, false, true, false) => "ESMTPS",
+        (true, false, false, true) => "ESMTPA",
+        (true, false, true, true) => "ESMTPSA",
+        (true, true, false, false) => "UTF8SMTP",
+        (true, true, true, false) => "UTF8SMTPS",
+        (true, true, false, true) => "UTF8SMTPA",
+        (true, true, true, true) => "UTF8SMTPSA",
+    }
+}
+
+/// AUTH lines (with an initial response) may be longer than 512 octets.
+fn starts_with_auth(line: &[u8]) -> bool {
+    line.len() > 5 && line[..5].eq_ignore_ascii_case(b"AUTH ")
 }
 
 /// Reconstructs `local@domain` as the client wrote it.
@@ -424,7 +656,13 @@ mod tests {
     /// Runs `script` (commands separated by `|`) and returns each reply's
     /// "code enhanced" prefix, or "DATA" where the driver would stream data.
     fn run(config: &Config, peer: &str, script: &str) -> Vec<String> {
-        let mut s = Session::new(config, "T".into(), peer.parse().expect("ip"));
+        let mut s = Session::new(
+            config,
+            "T".into(),
+            peer.parse().expect("ip"),
+            ListenMode::Smtp,
+            false,
+        );
         script
             .split('|')
             .map(|cmd| match s.command(cmd.as_bytes()) {
@@ -437,6 +675,8 @@ mod tests {
                     s.data_done(DataResult::Stored { id: "X".into() });
                     "DATA".into()
                 }
+                Action::StartTls(r) => format!("{} STARTTLS", r.code),
+                Action::Authenticate { user, .. } => format!("VERIFY {user}"),
             })
             .collect()
     }
@@ -535,7 +775,13 @@ mod tests {
     fn error_limit_closes() {
         let mut c = config();
         c.limits.max_errors = 2;
-        let mut s = Session::new(&c, "T".into(), "127.0.0.1".parse().expect("ip"));
+        let mut s = Session::new(
+            &c,
+            "T".into(),
+            "127.0.0.1".parse().expect("ip"),
+            ListenMode::Smtp,
+            false,
+        );
         assert!(matches!(s.command(b"X"), Action::Reply(_)));
         assert!(matches!(s.command(b"X"), Action::Reply(_)));
         match s.command(b"X") {
@@ -556,7 +802,13 @@ mod tests {
             (DataResult::Refused(DataError::Storage), 451, "4.3.0"),
         ];
         for (result, code, enhanced) in cases {
-            let mut s = Session::new(&c, "T".into(), "127.0.0.1".parse().expect("ip"));
+            let mut s = Session::new(
+                &c,
+                "T".into(),
+                "127.0.0.1".parse().expect("ip"),
+                ListenMode::Smtp,
+                false,
+            );
             for cmd in ["EHLO a", "MAIL FROM:<x@y>", "RCPT TO:<alice@localhost>"] {
                 s.command(cmd.as_bytes());
             }

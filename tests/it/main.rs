@@ -10,4 +10,5 @@ mod limits;
 mod protocol;
 mod queue;
 mod relay;
+mod security;
 mod util;

@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use postling::relay::dns::test_server::{Record, TestDns};
 use postling::relay::test_smtp::{Script, TestServer};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::ServerConfig;
 
 use crate::util::{split_message, wait_for, Server, TempDir};
@@ -302,28 +300,8 @@ fn delay_notice_once_then_expiry_bounces() {
 
 /// A CA and a server config for "localhost"; the CA PEM is written to `dir`.
 fn pki(dir: &TempDir) -> (std::path::PathBuf, Arc<ServerConfig>) {
-    let ca_key = KeyPair::generate().expect("key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "postling test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).expect("ca");
-    let key = KeyPair::generate().expect("key");
-    let leaf = CertificateParams::new(vec!["localhost".into()]).expect("params");
-    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).expect("leaf");
-    let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let server =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server config");
-    let path = dir.path().join("ca.pem");
-    fs::write(&path, ca_cert.pem()).expect("ca file");
-    (path, Arc::new(server))
+    let pki = crate::util::Pki::new(dir);
+    (pki.ca_path.clone(), pki.server_config())
 }
 
 /// Starts postling with `server` as its smarthost, AUTH as `user`/`password`

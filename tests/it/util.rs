@@ -41,7 +41,10 @@ impl Drop for TempDir {
 /// A running `postling serve`, stopped (SIGKILL) when dropped.
 pub struct Server {
     child: Child,
+    /// The first listener's address.
     pub addr: SocketAddr,
+    /// Every listener: (mode, address), in config order.
+    pub listeners: Vec<(String, SocketAddr)>,
     pub data: PathBuf,
     log: Arc<Mutex<String>>,
 }
@@ -55,15 +58,27 @@ impl Server {
     }
 
     pub fn start_at(dir: &Path, config: &str, listen: &str) -> Server {
+        Server::launch(dir, config, Some(listen), 1)
+    }
+
+    /// Starts with the config's own `[[listen]]` blocks (`count` of them).
+    pub fn start_listeners(dir: &TempDir, config: &str, count: usize) -> Server {
+        Server::launch(dir.path(), config, None, count)
+    }
+
+    fn launch(dir: &Path, config: &str, listen: Option<&str>, count: usize) -> Server {
         let data = dir.join("data");
         let config_path = dir.join("postling.toml");
         fs::write(&config_path, isolated(config)).expect("write config");
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config"])
             .arg(&config_path)
             .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", listen])
+            .arg(&data);
+        if let Some(listen) = listen {
+            cmd.args(["--listen", listen]);
+        }
+        let mut child = cmd
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -75,35 +90,43 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = Arc::clone(&log);
         thread::spawn(move || {
-            let mut sent = false;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if !sent {
-                    if let Some(rest) = line.split("listening addr=").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
+                if let Some(rest) = line.split("listening addr=").nth(1) {
+                    let mut words = rest.split_whitespace();
+                    let addr = words.next().unwrap_or("").to_string();
+                    let mode = words
+                        .next()
+                        .and_then(|m| m.strip_prefix("mode="))
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send((mode, addr));
                 }
                 let mut l = sink.lock().expect("log lock");
                 l.push_str(&line);
                 l.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a.parse().expect("listening address"),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "postling did not start; log:\n{}",
-                    log.lock().expect("log lock")
-                );
+        let mut listeners = Vec::new();
+        while listeners.len() < count {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok((mode, addr)) => {
+                    listeners.push((mode, addr.parse().expect("listening address")))
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "postling did not start; log:\n{}",
+                        log.lock().expect("log lock")
+                    );
+                }
             }
-        };
+        }
         Server {
             child,
-            addr,
+            addr: listeners[0].1,
+            listeners,
             data,
             log,
         }
@@ -119,6 +142,15 @@ impl Server {
 
     pub fn client(&self) -> Client {
         Client::connect(self.addr)
+    }
+
+    /// The address of the listener of `mode` ("smtp", "submission", "smtps").
+    pub fn listener(&self, mode: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(m, _)| m == mode)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no {mode} listener"))
     }
 
     /// SIGKILL: the crash case.
@@ -205,7 +237,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Client::from_stream(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// A client on an already connected socket (e.g. bound to 127.0.0.2).
+    pub fn from_stream(stream: TcpStream) -> Client {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
@@ -293,3 +329,75 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A test CA, and a certificate and key for "localhost" signed by it, as
+/// PEM files in a test directory.
+pub struct Pki {
+    pub ca_path: PathBuf,
+    pub ca: rustls::pki_types::CertificateDer<'static>,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key_der: Vec<u8>,
+}
+
+impl Pki {
+    pub fn new(dir: &TempDir) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "postling test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["localhost".into()]).expect("params");
+        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).expect("leaf");
+        let n = N_PKI.fetch_add(1, Ordering::Relaxed);
+        let ca_path = dir.path().join(format!("ca{n}.pem"));
+        let cert_path = dir.path().join(format!("cert{n}.pem"));
+        let key_path = dir.path().join(format!("key{n}.pem"));
+        fs::write(&ca_path, ca_cert.pem()).expect("ca file");
+        fs::write(&cert_path, cert.pem()).expect("cert file");
+        fs::write(&key_path, key.serialize_pem()).expect("key file");
+        Pki {
+            ca_path,
+            ca: ca_cert.der().clone(),
+            cert_path,
+            key_path,
+            chain: vec![cert.der().clone()],
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// A rustls server config presenting the "localhost" certificate.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(self.chain.clone(), key)
+        .expect("server config");
+        Arc::new(config)
+    }
+
+    /// A rustls client config that trusts only this CA.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).expect("CA");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Arc::new(config)
+    }
+}
+
+static N_PKI: AtomicUsize = AtomicUsize::new(0);

@@ -1,0 +1,395 @@
+//! Inbound TLS and AUTH, listener policy and abuse limits, end to end with
+//! real clients (lettre, and a raw rustls client for exact transcripts).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use base64::Engine as _;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::{Message, SmtpTransport, Transport};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
+
+use crate::util::{split_message, Client, Pki, Server, TempDir, BIN};
+
+/// A server with TLS, a users file (alice / "wonderland"), and three
+/// listeners: smtp, submission and smtps.
+struct Fixture {
+    _dir: TempDir,
+    pki: Pki,
+    server: Server,
+}
+
+fn fixture(extra: &str) -> Fixture {
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir);
+    let line = postling::auth::passwd_line("alice", "wonderland").expect("hash");
+    let users = dir.path().join("users");
+    fs::write(&users, format!("{line}\n")).expect("users");
+    let mut perms = fs::metadata(&users).expect("meta").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    fs::set_permissions(&users, perms).expect("chmod");
+    let config = format!(
+        "[[listen]]\naddr = \"127.0.0.1:0\"\nmode = \"smtp\"\n[[listen]]\naddr = \"127.0.0.1:0\"\nmode = \"submission\"\n[[listen]]\naddr = \"127.0.0.1:0\"\nmode = \"smtps\"\n\
+         [local]\ndomains = [\"localhost\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[auth]\nusers_file = \"{}\"\n{extra}",
+        pki.cert_path.display(),
+        pki.key_path.display(),
+        users.display()
+    );
+    let server = Server::start_listeners(&dir, &config, 3);
+    Fixture {
+        _dir: dir,
+        pki,
+        server,
+    }
+}
+
+/// A raw SMTP client over TLS, for exact transcripts.
+struct TlsClient {
+    io: BufReader<StreamOwned<ClientConnection, TcpStream>>,
+}
+
+impl TlsClient {
+    /// Handshakes on `tcp` (right after STARTTLS's 220, or at once for smtps).
+    fn handshake(tcp: TcpStream, pki: &Pki) -> TlsClient {
+        let name = ServerName::try_from("localhost").expect("name");
+        let conn = ClientConnection::new(pki.client_config(), name).expect("client");
+        let mut stream = StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .expect("handshake");
+        }
+        TlsClient {
+            io: BufReader::new(stream),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.io.get_mut().write_all(bytes).expect("send");
+        self.io.get_mut().flush().expect("flush");
+    }
+
+    fn reply(&mut self) -> String {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if self.io.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            let line = line.trim_end().to_string();
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            lines.push(line);
+            if last {
+                break;
+            }
+        }
+        lines.join("\n")
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+}
+
+/// Connects to the smtp listener, STARTTLS, handshake.
+fn starttls(f: &Fixture, mode: &str) -> TlsClient {
+    let mut c = Client::connect(f.server.listener(mode));
+    assert!(c.cmd("EHLO client.test").contains("STARTTLS"));
+    assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
+    TlsClient::handshake(c.stream.try_clone().expect("clone"), &f.pki)
+}
+
+fn plain(user: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+}
+
+fn lettre_transport(
+    f: &Fixture,
+    addr: SocketAddr,
+    implicit: bool,
+    mechanism: Mechanism,
+) -> SmtpTransport {
+    let cert = Certificate::from_pem(&fs::read(&f.pki.ca_path).expect("ca")).expect("ca pem");
+    let params = TlsParameters::builder("localhost".into())
+        .add_root_certificate(cert)
+        .build_rustls()
+        .expect("tls params");
+    let tls = if implicit {
+        Tls::Wrapper(params)
+    } else {
+        Tls::Required(params)
+    };
+    SmtpTransport::builder_dangerous("localhost")
+        .port(addr.port())
+        .tls(tls)
+        .hello_name(ClientId::Domain("laptop.test".into()))
+        .credentials(Credentials::new("alice".into(), "wonderland".into()))
+        .authentication(vec![mechanism])
+        .build()
+}
+
+fn email(subject: &str) -> Message {
+    Message::builder()
+        .from("alice@localhost".parse().expect("from"))
+        .to("bob@localhost".parse().expect("to"))
+        .subject(subject)
+        .body("hello over TLS\r\n".to_string())
+        .expect("message")
+}
+
+#[test]
+fn lettre_submits_over_starttls_and_over_implicit_tls_with_auth() {
+    let f = fixture("");
+    let starttls = lettre_transport(&f, f.server.listener("submission"), false, Mechanism::Plain);
+    starttls
+        .send(&email("via 587"))
+        .expect("send over STARTTLS");
+    let smtps = lettre_transport(&f, f.server.listener("smtps"), true, Mechanism::Login);
+    smtps
+        .send(&email("via 465"))
+        .expect("send over implicit TLS");
+    let mail = f.server.mail("bob");
+    assert_eq!(mail.len(), 2);
+    for m in &mail {
+        let (header, _) = split_message(m);
+        assert!(header.contains(" with ESMTPSA id "), "{header}");
+        assert!(header.contains("(using TLSv1."), "{header}");
+        assert!(!header.contains("wonderland"));
+    }
+    assert!(
+        !f.server.log().contains("wonderland"),
+        "a password reached the log"
+    );
+}
+
+#[test]
+fn starttls_injection_is_discarded() {
+    // CVE-2011-0411: commands sent in clear together with STARTTLS must not
+    // run after the handshake.
+    let f = fixture("");
+    let mut c = Client::connect(f.server.listener("smtp"));
+    c.cmd("EHLO client.test");
+    c.send(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n");
+    assert_eq!(c.reply(), "220 2.0.0 Ready to start TLS");
+    let mut t = TlsClient::handshake(c.stream.try_clone().expect("clone"), &f.pki);
+    // The session starts over: the injected MAIL never ran.
+    assert!(t.cmd("RCPT TO:<bob@localhost>").starts_with("503"));
+    let ehlo = t.cmd("EHLO client.test");
+    assert!(!ehlo.contains("STARTTLS"), "STARTTLS offered twice: {ehlo}");
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    assert!(t.cmd("STARTTLS").starts_with("503 5.5.1"));
+    assert!(t.cmd("MAIL FROM:<alice@localhost>").starts_with("250"));
+}
+
+#[test]
+fn auth_reply_codes() {
+    let f = fixture("[limits]\nmax_errors = 100\n");
+    // In clear: no AUTH offered, 538 when tried; STARTTLS with arguments 501.
+    let mut c = Client::connect(f.server.listener("smtp"));
+    let ehlo = c.cmd("EHLO client.test");
+    assert!(!ehlo.contains("AUTH"), "AUTH offered without TLS: {ehlo}");
+    assert!(c
+        .cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")))
+        .starts_with("538 5.7.11"));
+    assert!(c.cmd("STARTTLS now").starts_with("501"));
+
+    let mut t = starttls(&f, "smtp");
+    assert!(t.cmd("AUTH PLAIN").starts_with("503"), "before EHLO");
+    t.cmd("EHLO client.test");
+    let cases: Vec<(String, &str)> = vec![
+        ("AUTH CRAM-MD5".into(), "504 5.5.4"),
+        ("AUTH PLAIN !!notbase64!!".into(), "501 5.5.2"),
+        (
+            format!(
+                "AUTH PLAIN {}",
+                base64::engine::general_purpose::STANDARD.encode("no-nuls")
+            ),
+            "501 5.5.2",
+        ),
+        (
+            format!("AUTH PLAIN {}", plain("alice", "wrong")),
+            "535 5.7.8",
+        ),
+        (
+            format!("AUTH PLAIN {}", plain("mallory", "wonderland")),
+            "535 5.7.8",
+        ),
+    ];
+    for (cmd, want) in &cases {
+        let r = t.cmd(cmd);
+        assert!(r.starts_with(want), "{cmd}: want {want}, got {r}");
+    }
+    // "*" cancels an exchange; an over-long response is refused.
+    assert_eq!(t.cmd("AUTH PLAIN"), "334");
+    assert!(t.cmd("*").starts_with("501 5.0.0"));
+    assert_eq!(t.cmd("AUTH LOGIN"), "334 VXNlcm5hbWU6");
+    assert!(t.cmd(&"A".repeat(13_000)).starts_with("500 5.5.6"));
+    // AUTH in a transaction: 503.
+    assert!(t.cmd("MAIL FROM:<x@y.test>").starts_with("250"));
+    assert!(t
+        .cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")))
+        .starts_with("503"));
+    t.cmd("RSET");
+    // LOGIN done right, then AUTH twice: 503.
+    assert_eq!(t.cmd("AUTH LOGIN"), "334 VXNlcm5hbWU6");
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    assert_eq!(t.cmd(&b64("alice")), "334 UGFzc3dvcmQ6");
+    assert!(t.cmd(&b64("wonderland")).starts_with("235 2.7.0"));
+    assert!(t
+        .cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")))
+        .starts_with("503"));
+    // Authenticated: own sender only, and relaying is allowed.
+    assert!(t.cmd("MAIL FROM:<bob@localhost>").starts_with("553 5.7.1"));
+    assert!(t.cmd("MAIL FROM:<alice@localhost>").starts_with("250"));
+    assert!(t.cmd("RCPT TO:<friend@example.com>").starts_with("250"));
+    assert!(
+        !f.server.log().contains("wonderland"),
+        "a password reached the log"
+    );
+}
+
+#[test]
+fn submission_needs_auth_and_smtp_does_not_relay_for_strangers() {
+    let f = fixture("[relay]\nallow_from = [\"10.0.0.0/8\"]\n");
+    let mut t = starttls(&f, "submission");
+    t.cmd("EHLO laptop.test");
+    assert!(t
+        .cmd("MAIL FROM:<alice@localhost>")
+        .starts_with("530 5.7.0"));
+    // The plain smtp listener accepts local mail but relays for nobody here.
+    let mut c = Client::connect(f.server.listener("smtp"));
+    c.cmd("EHLO printer.test");
+    assert!(c.cmd("MAIL FROM:<printer@localhost>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<bob@localhost>").starts_with("250"));
+    assert!(c
+        .cmd("RCPT TO:<someone@example.com>")
+        .starts_with("554 5.7.1"));
+}
+
+#[test]
+fn failed_auth_is_delayed_and_capped_per_address() {
+    // The fixture's config ends inside its [auth] table.
+    let f = fixture("max_failures = 2\n");
+    let mut t = starttls(&f, "smtp");
+    t.cmd("EHLO client.test");
+    for _ in 0..2 {
+        assert!(t
+            .cmd(&format!("AUTH PLAIN {}", plain("alice", "guess")))
+            .starts_with("535"));
+    }
+    // Even the right password is refused now, from this address.
+    let r = t.cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")));
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+}
+
+#[test]
+fn a_client_that_talks_before_the_greeting_is_dropped() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, "[limits]\ngreeting_delay = \"1s\"\n");
+    let mut raw = TcpStream::connect(s.addr).expect("connect");
+    raw.write_all(b"EHLO impatient.test\r\n").expect("send");
+    let mut reply = String::new();
+    BufReader::new(raw).read_line(&mut reply).expect("read");
+    assert!(reply.starts_with("554 5.5.0"), "{reply}");
+    // A patient client is served normally.
+    assert!(Client::connect(s.addr).greeting.starts_with("220"));
+}
+
+#[test]
+fn message_rate_per_address_is_capped() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, "[limits]\nmax_messages_per_minute_per_ip = 2\n");
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    for _ in 0..2 {
+        assert!(c
+            .send_mail("a@b.test", &["alice@localhost"], "Subject: r\r\n\r\nhi\r\n")
+            .starts_with("250"));
+    }
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<alice@localhost>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("421 4.7.0"));
+    assert_eq!(s.mail("alice").len(), 2);
+}
+
+#[test]
+fn open_relay_configs_are_refused_at_startup() {
+    let dir = TempDir::new();
+    let path = dir.path().join("open.toml");
+    fs::write(
+        &path,
+        "[[listen]]\naddr = \"0.0.0.0:2599\"\n[relay]\nallow_from = [\"0.0.0.0/0\"]\n",
+    )
+    .expect("config");
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("open relay"), "{err}");
+}
+
+#[test]
+fn relay_denial_battery_from_an_address_outside_allow_from() {
+    // The client connects from 127.0.0.2; only 127.0.0.1 may relay.
+    let dir = TempDir::new();
+    let s = Server::start(&dir, "[local]\ndomains = [\"localhost\"]\n[relay]\nallow_from = [\"127.0.0.1/32\"]\n[limits]\nmax_errors = 100\n");
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&"127.0.0.2:0".parse::<SocketAddr>().expect("addr").into())
+        .expect("bind 127.0.0.2");
+    socket.connect(&s.addr.into()).expect("connect");
+    let mut c = Client::from_stream(socket.into());
+    c.cmd("EHLO prober.test");
+    assert!(c.cmd("MAIL FROM:<spammer@evil.test>").starts_with("250"));
+    let probes = [
+        "<victim@example.com>",
+        "<victim%example.com@localhost>",
+        "<example.com!victim@localhost>",
+        "<\"victim@example.com\">",
+        "<\"victim@example.com\"@localhost>",
+        "<@localhost:victim@example.com>",
+        "<victim@example.com@localhost>",
+        "<victim@[192.0.2.1]>",
+        "<victim@[127.0.0.1]>",
+        "<victim@[IPv6:::1]>",
+    ];
+    for p in probes {
+        let r = c.cmd(&format!("RCPT TO:{p}"));
+        assert!(
+            r.starts_with("554 5.7.1") || r.starts_with("501 5.1.3"),
+            "{p}: {r}"
+        );
+        assert!(!r.starts_with('2'), "{p} accepted: {r}");
+    }
+    assert!(c.cmd("RCPT TO:<alice@localhost>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: probe\r\n\r\nx\r\n");
+    assert!(c.cmd(".").starts_with("250"));
+    assert!(s.queue().is_empty(), "something reached the queue");
+}
+
+#[test]
+fn received_header_records_tls_on_port_25_too() {
+    let f = fixture("");
+    let mut t = starttls(&f, "smtp");
+    t.cmd("EHLO mx.sender.test");
+    assert!(t.cmd("MAIL FROM:<x@sender.test>").starts_with("250"));
+    assert!(t.cmd("RCPT TO:<bob@localhost>").starts_with("250"));
+    assert!(t.cmd("DATA").starts_with("354"));
+    t.send(b"Subject: s\r\n\r\nhi\r\n.\r\n");
+    assert!(t.reply().starts_with("250"));
+    let (header, _) = split_message(&f.server.mail("bob")[0]);
+    assert!(header.contains(" with ESMTPS id "), "{header}");
+}
