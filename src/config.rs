@@ -48,6 +48,10 @@ pub struct Config {
     pub hostname: String,
     /// Queue and state. Default "./postling-data"; `--data-dir` overrides.
     pub data_dir: PathBuf,
+    /// When started as root (not by systemd with `User=`): the user to run
+    /// as once the ports are bound. None: stay as started (with a warning
+    /// when that is root).
+    pub user: Option<String>,
     /// Sockets to listen on, never empty, addresses unique. Default one:
     /// 127.0.0.1:2525 smtp.
     pub listen: Vec<Listen>,
@@ -436,6 +440,7 @@ pub fn parse(text: &str, file: Option<&Path>, flags: &Flags) -> Result<Config, C
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     hostname: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
     data_dir: Option<Spanned<PathBuf>>,
     listen: Option<Spanned<Vec<RawListen>>>,
     #[serde(default)]
@@ -761,8 +766,15 @@ fn build(raw: RawConfig, ctx: &Ctx<'_>, flags: &Flags) -> Result<Config, ConfigE
     };
     let auth = build_auth(raw.auth, ctx)?;
     check_listeners(&listen, &relay, tls.is_some(), &auth, ctx)?;
+    let user = match raw.user {
+        Some(u) if u.get_ref().is_empty() || u.get_ref().contains([':', '/', ' ']) => {
+            return Err(ctx.error(&u, format!("invalid user name \"{}\"", u.get_ref())))
+        }
+        u => u.map(Spanned::into_inner),
+    };
     Ok(Config {
         hostname,
+        user,
         data_dir,
         listen,
         limits,

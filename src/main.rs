@@ -24,6 +24,17 @@ struct Cli {
 enum Sub {
     Serve(Serve),
     Queue(QueueCmd),
+    Passwd(Passwd),
+}
+
+/// Print a users-file line (Argon2id) for inbound AUTH; the password is
+/// read from standard input: `postling passwd alice >> /etc/postling/users`.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "passwd")]
+struct Passwd {
+    /// the user name
+    #[argh(positional)]
+    user: String,
 }
 
 /// Run the SMTP server in the foreground (systemd supervises it).
@@ -259,6 +270,22 @@ fn init_logging() {
         .init();
 }
 
+fn passwd(user: &str) -> ExitCode {
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut out = std::io::stdout();
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("Password for {user} (shown as you type): ");
+    }
+    match postling::auth::run_passwd(user, &mut input, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postling passwd: {e}");
+            ExitCode::from(65) // EX_DATAERR
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args();
     let argv0 = args.next().unwrap_or_default();
@@ -281,6 +308,7 @@ fn main() -> ExitCode {
     let serve = match cli.command {
         Some(Sub::Serve(serve)) => serve,
         Some(Sub::Queue(q)) => return queue_command(q),
+        Some(Sub::Passwd(p)) => return passwd(&p.user),
         None => {
             eprintln!(
                 "postling: a subcommand is needed; try `postling serve` or `postling --help`"

@@ -68,6 +68,37 @@ pub fn lock_data_dir(data_dir: &Path) -> io::Result<File> {
     }
 }
 
+/// Becomes `user` when running as root (setgroups, setgid, then setuid, and
+/// a check that root cannot be regained). Not root: nothing to do.
+fn drop_privileges(user: Option<&str>) -> io::Result<()> {
+    use nix::unistd::{setgid, setgroups, setuid, Uid, User};
+    if !Uid::effective().is_root() {
+        return Ok(());
+    }
+    let Some(name) = user else {
+        warn!("running as root: set `user` in the config to drop privileges after binding");
+        return Ok(());
+    };
+    let entry = User::from_name(name)
+        .map_err(io::Error::from)?
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("user {name}: no such user"),
+            )
+        })?;
+    setgroups(&[entry.gid]).map_err(io::Error::from)?;
+    setgid(entry.gid).map_err(io::Error::from)?;
+    setuid(entry.uid).map_err(io::Error::from)?;
+    if setuid(Uid::from_raw(0)).is_ok() {
+        return Err(io::Error::other(format!(
+            "could not drop root: still root after becoming {name}"
+        )));
+    }
+    info!("running as user={name} uid={} gid={}", entry.uid, entry.gid);
+    Ok(())
+}
+
 /// What a crash left in Maildir `tmp/` directories (files older than the
 /// Maildir spec's 36 hours: newer ones may belong to a running delivery).
 fn sweep_maildirs(config: &Config) {
@@ -111,7 +142,6 @@ impl Server {
                 format!("data_dir {}: {e}", config.data_dir.display()),
             )
         };
-        let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
         let tls = match &config.tls {
             Some(files) => {
                 let certs = crate::tls::ServerCerts::load(&files.cert, &files.key)
@@ -129,6 +159,10 @@ impl Server {
             ),
             None => None,
         };
+        // Ports are bound and root-only files (TLS key, users) read: from
+        // here on, run as the configured user.
+        drop_privileges(config.user.as_deref())?;
+        let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
         let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
         // After the lock: a control.sock already there is a dead daemon's.
         listeners.add_control(crate::control::bind(&config.data_dir).map_err(in_data_dir)?)?;

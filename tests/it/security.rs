@@ -393,3 +393,87 @@ fn received_header_records_tls_on_port_25_too() {
     let (header, _) = split_message(&f.server.mail("bob")[0]);
     assert!(header.contains(" with ESMTPS id "), "{header}");
 }
+
+#[test]
+fn started_as_root_it_drops_to_the_configured_user() {
+    if !nix_is_root() {
+        eprintln!("skipped: not running as root");
+        return;
+    }
+    let dir = TempDir::new();
+    // The data directory must belong to the user it will run as.
+    let data = dir.path().join("data");
+    fs::create_dir(&data).expect("data dir");
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).expect("chown to nobody");
+    let s = Server::start(&dir, "user = \"nobody\"\n");
+    let status = fs::read_to_string(format!("/proc/{}/status", s.pid())).expect("status");
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    let uids: Vec<&str> = uid_line.split_whitespace().skip(1).collect();
+    assert_eq!(uids, ["65534"; 4], "real, effective, saved and fs uid");
+    // It still works: port bound before the drop, files written after.
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .send_mail("a@b.test", &["alice@localhost"], "Subject: d\r\n\r\nhi\r\n")
+        .starts_with("250"));
+    assert_eq!(s.mail("alice").len(), 1);
+}
+
+fn nix_is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn users_from_postling_passwd_and_openssl_passwd_6_can_log_in() {
+    let dir = TempDir::new();
+    let mut child = std::process::Command::new(BIN)
+        .args(["passwd", "carol"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("postling passwd");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"c4rol pass\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    let carol = String::from_utf8(out.stdout).expect("utf8");
+    assert!(carol.starts_with("carol:$argon2id$"), "{carol}");
+    // A SHA-512-crypt hash as `openssl passwd -6 -salt saltsalt secret` prints it.
+    let dave = "dave:$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1\n";
+    let pki = Pki::new(&dir);
+    let users = dir.path().join("users");
+    fs::write(&users, format!("{carol}{dave}")).expect("users");
+    let mut perms = fs::metadata(&users).expect("meta").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    fs::set_permissions(&users, perms).expect("chmod");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[auth]\nusers_file = \"{}\"\n",
+        pki.cert_path.display(),
+        pki.key_path.display(),
+        users.display()
+    );
+    let s = Server::start(&dir, &config);
+    for (user, password) in [("carol", "c4rol pass"), ("dave", "secret")] {
+        let mut c = Client::connect(s.addr);
+        c.cmd("EHLO client.test");
+        assert!(c.cmd("STARTTLS").starts_with("220"));
+        let mut t = TlsClient::handshake(c.stream.try_clone().expect("clone"), &pki);
+        t.cmd("EHLO client.test");
+        let r = t.cmd(&format!("AUTH PLAIN {}", plain(user, password)));
+        assert!(r.starts_with("235 2.7.0"), "{user}: {r}");
+    }
+}
