@@ -65,6 +65,13 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
             addr: SocketAddr::new(ip, port),
         }]);
     }
+    if !domain.is_ascii() {
+        // Waiting would not help: this build cannot convert U-labels to
+        // A-labels (IDNA), so fail at once with a clear reason.
+        return Err(RouteError::Permanent(format!(
+            "5.1.2 domain {domain} needs IDNA, which this server does not support yet"
+        )));
+    }
     let hosts = match resolver.mx(domain) {
         Ok(MxAnswer::Hosts(mx)) => mx.into_iter().map(|m| m.exchange).collect(),
         Ok(MxAnswer::NoMx) => vec![domain.to_ascii_lowercase()],
@@ -175,6 +182,10 @@ mod tests {
             hosts(&direct(&r, "[IPv6:::1]", 25).expect("literal")),
             ["::1 [::1]:25"]
         );
+        assert!(matches!(
+            direct(&r, "bücher.test", 25),
+            Err(RouteError::Permanent(_))
+        ));
     }
 
     #[test]

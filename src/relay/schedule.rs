@@ -32,14 +32,26 @@ impl Schedule {
             .map_or(60, Duration::as_secs)
     }
 
-    /// Unix second at which the next attempt is due (0: at once).
+    /// Unix second at which the next attempt is due (0: at once). Also due
+    /// when the delay notice or expiry falls due before the next retry, so
+    /// neither waits for the next (possibly hours away) attempt.
     pub fn next_due(&self, env: &Envelope, now: u64) -> u64 {
         if env.attempts == 0 {
             return 0;
         }
-        env.tried
-            .min(now)
-            .saturating_add(self.interval(env.attempts))
+        let last = env.tried.min(now);
+        let mut due = last.saturating_add(self.interval(env.attempts));
+        let mut consider = |span: Duration| {
+            let at = env.arrived.saturating_add(span.as_secs());
+            if env.attempts >= self.attempts_within(span) && at > last {
+                due = due.min(at);
+            }
+        };
+        consider(self.max_queue_time);
+        if let (Some(after), false) = (self.delay_warning, env.warned) {
+            consider(after);
+        }
+        due
     }
 
     /// How many attempts the schedule makes in `span` from arrival (the
@@ -109,6 +121,24 @@ mod tests {
         assert_eq!(s.next_due(&env(1000, 0, 0), 1000), 0);
         assert_eq!(s.next_due(&env(1000, 1, 1000), 1001), 1060);
         assert_eq!(s.next_due(&env(1000, 3, 5000), 5001), 5000 + 900);
+    }
+
+    #[test]
+    fn delay_notice_and_expiry_fall_due_on_time() {
+        let s = schedule();
+        // Seven attempts by 3h51m; the next retry would be at 7h51m, but the
+        // 4h notice is due at 4h.
+        let e = env(0, 7, 3 * 3600 + 51 * 60);
+        assert_eq!(s.next_due(&e, e.tried), 4 * 3600);
+        let mut warned = e.clone();
+        warned.warned = true;
+        assert_eq!(s.next_due(&warned, e.tried), e.tried + 4 * 3600);
+        // Likewise expiry at 5 days.
+        let needed = s.attempts_within(s.max_queue_time);
+        let last = 5 * 86_400 - 3600;
+        let mut e = env(0, needed, last);
+        e.warned = true;
+        assert_eq!(s.next_due(&e, last), 5 * 86_400);
     }
 
     #[test]

@@ -45,9 +45,12 @@ pub enum Request {
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// Messages being delivered at the same time.
 const MAX_PARALLEL: usize = 8;
-/// Marks envelopes of notices we generated: a failed notice is never
-/// answered with another one.
+/// Marks envelopes of notices we generated (their sender is `<>`, so a
+/// failed one is never bounced, only given to the postmaster if configured).
 const NOTICE_CLIENT: &str = "postling notice";
+/// Marks the copy given to the postmaster: if that fails too, it is only
+/// logged, so nothing can loop.
+const DOUBLE_BOUNCE_CLIENT: &str = "postling double-bounce";
 
 /// One destination's results for one message: (recipient index, result,
 /// the host that gave it).
@@ -338,14 +341,14 @@ impl Relay {
         env.attempts = env.attempts.saturating_add(1);
         env.tried = now;
         if self.schedule.expired(&env, now) {
-            let days = self.schedule.max_queue_time.as_secs() / 86_400;
+            let limit = human(self.schedule.max_queue_time);
             for (i, r) in env.recipients.iter_mut().enumerate() {
                 let last = match &r.state {
                     RcptState::Pending => "never tried".to_string(),
                     RcptState::Deferred { reason } => reason.clone(),
                     RcptState::Delivered | RcptState::Failed { .. } => continue,
                 };
-                let reason = format!("4.4.7 delivery time expired ({days}d); last error: {last}");
+                let reason = format!("4.4.7 delivery time expired ({limit}); last error: {last}");
                 info!("id={id} to=<{}> status=expired ({reason})", r.address);
                 r.state = RcptState::Failed { reason };
                 flight.newly_failed.push(i);
@@ -395,14 +398,14 @@ impl Relay {
     /// given to the local postmaster when so configured): bounces never
     /// bounce.
     fn notify(&self, env: &Envelope, path: &Path, entries: &[Entry<'_>], kind: Kind) {
-        let to = if env.client == NOTICE_CLIENT || env.sender.is_empty() {
+        let (to, client) = if env.sender.is_empty() {
             warn!(
                 "id={} undeliverable message from <{}>: not bounced (a bounce never bounces)",
                 env.id, env.sender
             );
             if kind != Kind::Failed
                 || !self.ctx.config.relay.double_bounce_to_postmaster
-                || env.client == NOTICE_CLIENT
+                || env.client == DOUBLE_BOUNCE_CLIENT
             {
                 return;
             }
@@ -413,9 +416,9 @@ impl Relay {
                 .domains
                 .first()
                 .map_or("localhost", String::as_str);
-            format!("postmaster@{domain}")
+            (format!("postmaster@{domain}"), DOUBLE_BOUNCE_CLIENT)
         } else {
-            env.sender.clone()
+            (env.sender.clone(), NOTICE_CLIENT)
         };
         let header = File::open(path)
             .and_then(|mut f| read_header(&mut f))
@@ -428,7 +431,7 @@ impl Relay {
             &header,
             unix_now(),
         );
-        match self.inject(&to, &text) {
+        match self.inject(&to, &text, client) {
             Ok(nid) => info!("id={} notice={nid} kind={kind:?} to=<{to}>", env.id),
             Err(e) => error!(
                 "id={} cannot queue the {kind:?} notice to <{to}>: {e}",
@@ -439,7 +442,7 @@ impl Relay {
 
     /// Stores a locally generated message from `<>` for `to` the way an
     /// inbound one is stored: Maildir for local users, queue otherwise.
-    fn inject(&self, to: &str, text: &[u8]) -> io::Result<String> {
+    fn inject(&self, to: &str, text: &[u8], client: &str) -> io::Result<String> {
         let local = &self.ctx.config.local;
         let (local_part, domain) = to.rsplit_once('@').unwrap_or((to, "localhost"));
         let targets = if local.is_local_domain(domain) {
@@ -451,7 +454,7 @@ impl Relay {
             vec![Target::Remote(to.to_string())]
         };
         let message = Message {
-            session: NOTICE_CLIENT.to_string(),
+            session: client.to_string(),
             sender: String::new(),
             recipients: vec![Recipient {
                 address: to.to_string(),
@@ -465,14 +468,19 @@ impl Relay {
         let mut spool = self.ctx.queue.begin()?;
         let id = spool.id().to_string();
         spool.file().write_all(text)?;
-        crate::deliver::store_with_client(
-            &message,
-            spool,
-            text.len() as u64,
-            &self.ctx,
-            NOTICE_CLIENT,
-        )?;
+        crate::deliver::store_with_client(&message, spool, text.len() as u64, &self.ctx, client)?;
         Ok(id)
+    }
+}
+
+/// "5d", "12h", "30m", "45s": the largest whole unit.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        _ if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
     }
 }
 
