@@ -68,6 +68,19 @@ pub fn lock_data_dir(data_dir: &Path) -> io::Result<File> {
     }
 }
 
+/// SIGHUP: re-reads the TLS certificate and key (new handshakes get them;
+/// open sessions keep theirs). The rest of the config needs a restart.
+fn reload(ctx: &Context) {
+    match &ctx.tls {
+        Some((certs, _)) => match certs.reload() {
+            Ok(()) => info!("SIGHUP: TLS certificate reloaded"),
+            Err(e) => warn!("SIGHUP: TLS certificate not reloaded, keeping the old one: {e}"),
+        },
+        None => info!("SIGHUP: no [tls] to reload"),
+    }
+    info!("SIGHUP: other settings apply at the next restart");
+}
+
 /// Becomes `user` when running as root (setgroups, setgid, then setuid, and
 /// a check that root cannot be regained). Not root: nothing to do.
 fn drop_privileges(user: Option<&str>) -> io::Result<()> {
@@ -209,6 +222,7 @@ impl Server {
     /// Installs the signal handlers and accepts until shut down.
     pub fn run(self) -> io::Result<()> {
         let stop = self.stopper();
+        let ctx = Arc::clone(&self.ctx);
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         thread::Builder::new()
             .name("signals".into())
@@ -216,7 +230,7 @@ impl Server {
                 let mut stopping = false;
                 for signal in signals.forever() {
                     match signal {
-                        SIGHUP => warn!("SIGHUP: configuration reload is not supported yet; restart postling to apply changes"),
+                        SIGHUP => reload(&ctx),
                         _ if stopping => {
                             warn!("second signal: exiting now");
                             std::process::exit(0);

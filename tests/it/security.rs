@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 use base64::Engine as _;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
@@ -476,4 +477,55 @@ fn users_from_postling_passwd_and_openssl_passwd_6_can_log_in() {
         let r = t.cmd(&format!("AUTH PLAIN {}", plain(user, password)));
         assert!(r.starts_with("235 2.7.0"), "{user}: {r}");
     }
+}
+
+#[test]
+fn sighup_reloads_the_certificate_without_dropping_sessions() {
+    let f = fixture("");
+    // A session that is open during the reload keeps working.
+    let mut open = starttls(&f, "smtp");
+    open.cmd("EHLO client.test");
+    // Replace the certificate and key with ones from another CA.
+    let other = Pki::new(&f._dir);
+    fs::copy(&other.cert_path, &f.pki.cert_path).expect("cert");
+    fs::copy(&other.key_path, &f.pki.key_path).expect("key");
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &f.server.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    assert!(crate::util::wait_for(Duration::from_secs(5), || f
+        .server
+        .log()
+        .contains("TLS certificate reloaded")));
+    // New handshakes present the new certificate: a client trusting only
+    // the new CA succeeds.
+    let mut c = Client::connect(f.server.listener("smtp"));
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("STARTTLS").starts_with("220"));
+    let mut t = TlsClient::handshake(c.stream.try_clone().expect("clone"), &other);
+    assert!(t.cmd("EHLO client.test").starts_with("250"));
+    assert!(
+        open.cmd("NOOP").starts_with("250"),
+        "the open session was dropped"
+    );
+}
+
+#[test]
+fn a_failed_handshake_closes_only_that_connection() {
+    let f = fixture("");
+    let mut bystander = Client::connect(f.server.listener("smtp"));
+    let mut c = Client::connect(f.server.listener("smtp"));
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("STARTTLS").starts_with("220"));
+    c.send(b"this is not a TLS ClientHello\r\n");
+    // The server may send a TLS alert first; then it closes.
+    let mut rest = Vec::new();
+    let eof = std::io::Read::read_to_end(&mut c.stream, &mut rest);
+    assert!(eof.is_ok(), "connection not closed: {eof:?}");
+    assert!(rest.len() < 64, "more than an alert came back: {rest:?}");
+    assert!(bystander.cmd("NOOP").starts_with("250"));
+    assert!(Client::connect(f.server.listener("smtp"))
+        .greeting
+        .starts_with("220"));
 }
