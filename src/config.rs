@@ -749,19 +749,10 @@ fn build(raw: RawConfig, ctx: &Ctx<'_>, flags: &Flags) -> Result<Config, ConfigE
     let local = build_local(raw.local, &data_dir, ctx)?;
     let relay = build_relay(raw.relay, ctx)?;
     let tls = match raw.tls {
-        Some(t) => {
-            for f in [&t.cert, &t.key] {
-                if let Err(e) = std::fs::File::open(f.get_ref()) {
-                    return Err(
-                        ctx.error(f, format!("cannot read \"{}\": {e}", f.get_ref().display()))
-                    );
-                }
-            }
-            Some(TlsFiles {
-                cert: t.cert.into_inner(),
-                key: t.key.into_inner(),
-            })
-        }
+        Some(t) => Some(TlsFiles {
+            cert: readable(ctx, t.cert)?,
+            key: readable(ctx, t.key)?,
+        }),
         None => None,
     };
     let auth = build_auth(raw.auth, ctx)?;
@@ -871,13 +862,7 @@ fn build_relay(raw: RawRelay, ctx: &Ctx<'_>) -> Result<Relay, ConfigError> {
                     "AUTH needs TLS: credentials are never sent in clear (set smarthost_tls = \"starttls\" or \"implicit\")",
                 ));
             }
-            if let Err(e) = std::fs::File::open(f.get_ref()) {
-                return Err(ctx.error(
-                    &f,
-                    format!("cannot read \"{}\": {e}", f.get_ref().display()),
-                ));
-            }
-            Some((u.into_inner(), f.into_inner()))
+            Some((u.into_inner(), readable(ctx, f)?))
         }
         (Some(u), None) => return Err(ctx.error(&u, "needs relay.smarthost_password_file too")),
         (None, Some(f)) => return Err(ctx.error(&f, "needs relay.smarthost_user too")),
@@ -975,15 +960,7 @@ fn build_relay(raw: RawRelay, ctx: &Ctx<'_>) -> Result<Relay, ConfigError> {
         dns_servers,
         mx_port,
         ca_file: match raw.ca_file {
-            Some(f) => {
-                if let Err(e) = std::fs::File::open(f.get_ref()) {
-                    return Err(ctx.error(
-                        &f,
-                        format!("cannot read \"{}\": {e}", f.get_ref().display()),
-                    ));
-                }
-                Some(f.into_inner())
-            }
+            Some(f) => Some(readable(ctx, f)?),
             None => None,
         },
         double_bounce_to_postmaster: raw
@@ -997,15 +974,7 @@ fn build_relay(raw: RawRelay, ctx: &Ctx<'_>) -> Result<Relay, ConfigError> {
 
 fn build_auth(raw: RawAuth, ctx: &Ctx<'_>) -> Result<Auth, ConfigError> {
     let users_file = match raw.users_file {
-        Some(f) => {
-            if let Err(e) = std::fs::File::open(f.get_ref()) {
-                return Err(ctx.error(
-                    &f,
-                    format!("cannot read \"{}\": {e}", f.get_ref().display()),
-                ));
-            }
-            Some(f.into_inner())
-        }
+        Some(f) => Some(readable(ctx, f)?),
         None => None,
     };
     let senders = match raw.senders {
@@ -1092,6 +1061,18 @@ fn mode_name(mode: ListenMode) -> &'static str {
         ListenMode::Smtp => "smtp",
         ListenMode::Submission => "submission",
         ListenMode::Smtps => "smtps",
+    }
+}
+
+/// A path that must be readable now, so a typo fails at start with the
+/// file, line and key rather than at the first delivery.
+fn readable(ctx: &Ctx<'_>, path: Spanned<PathBuf>) -> Result<PathBuf, ConfigError> {
+    match std::fs::File::open(path.get_ref()) {
+        Ok(_) => Ok(path.into_inner()),
+        Err(e) => Err(ctx.error(
+            &path,
+            format!("cannot read \"{}\": {e}", path.get_ref().display()),
+        )),
     }
 }
 
