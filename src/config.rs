@@ -114,6 +114,9 @@ pub enum ListenMode {
     Submission,
     /// Port 465 (RFC 8314): TLS from the first byte, then like submission.
     Smtps,
+    /// The sendmail submission socket (`data_dir/submit.sock`); internal,
+    /// never written in the config file. The Unix user is the identity.
+    Local,
 }
 
 /// Resource limits: each bounds what one client can cost us.
@@ -501,6 +504,7 @@ struct RawLocal {
     users: Option<Vec<Spanned<String>>>,
     mailboxes: Option<BTreeMap<String, Spanned<PathBuf>>>,
     aliases: Option<Spanned<PathBuf>>,
+    trusted_users: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1061,6 +1065,7 @@ fn mode_name(mode: ListenMode) -> &'static str {
         ListenMode::Smtp => "smtp",
         ListenMode::Submission => "submission",
         ListenMode::Smtps => "smtps",
+        ListenMode::Local => "local",
     }
 }
 
@@ -1183,6 +1188,7 @@ fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, C
         users,
         mailboxes,
         aliases: Aliases::default(),
+        trusted_users: raw.trusted_users.unwrap_or_default(),
     };
     if let Some(path) = raw.aliases {
         local.aliases = aliases::load(path.get_ref()).map_err(|e| match e.line {

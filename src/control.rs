@@ -60,16 +60,23 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 /// temporary name, chmodded and renamed into place, so it never exists at
 /// its real name with a looser mode.
 pub fn bind(data_dir: &Path) -> io::Result<UnixListener> {
-    let path = socket_path(data_dir);
+    bind_socket(data_dir, SOCKET_NAME, 0o600)
+}
+
+/// Binds `data_dir/name` with `mode`, the way [`bind`] does (stale socket
+/// removed, never visible with a looser mode). Also used for the sendmail
+/// submission socket.
+pub fn bind_socket(data_dir: &Path, name: &str, mode: u32) -> io::Result<UnixListener> {
+    let path = data_dir.join(name);
     remove_stale(&path)?;
-    let tmp = data_dir.join(format!("{SOCKET_NAME}.{}.tmp", std::process::id()));
+    let tmp = data_dir.join(format!("{name}.{}.tmp", std::process::id()));
     remove_stale(&tmp)?;
     let at = |p: &Path| {
         let p = p.to_path_buf();
         move |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()))
     };
     let listener = UnixListener::bind(&tmp).map_err(at(&tmp))?;
-    let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+    let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
         .and_then(|()| fs::rename(&tmp, &path));
     if let Err(e) = placed {
         let _ = fs::remove_file(&tmp);

@@ -26,6 +26,7 @@ use crate::smtp::{conn, reply};
 
 const WAKER: Token = Token(usize::MAX);
 const CONTROL: Token = Token(usize::MAX - 1);
+const SUBMIT: Token = Token(usize::MAX - 2);
 /// Session threads block on one socket and keep their buffers on the heap.
 const SESSION_STACK: usize = 256 * 1024;
 /// How long a shutdown waits for sessions to finish their transaction.
@@ -41,6 +42,8 @@ pub struct Listeners {
     waker: Arc<Waker>,
     /// The queue tools' Unix socket (`control.rs`).
     control: Option<mio::net::UnixListener>,
+    /// The sendmail submission socket.
+    submit: Option<mio::net::UnixListener>,
 }
 
 fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -72,6 +75,7 @@ pub fn bind(listen: &[Listen]) -> io::Result<Listeners> {
         sockets,
         waker,
         control: None,
+        submit: None,
     })
 }
 
@@ -92,6 +96,17 @@ impl Listeners {
             .registry()
             .register(&mut listener, CONTROL, Interest::READABLE)?;
         self.control = Some(listener);
+        Ok(())
+    }
+
+    /// Also accepts local submissions (`postling sendmail`) on `listener`.
+    pub fn add_submit(&mut self, listener: std::os::unix::net::UnixListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let mut listener = mio::net::UnixListener::from_std(listener);
+        self.poll
+            .registry()
+            .register(&mut listener, SUBMIT, Interest::READABLE)?;
+        self.submit = Some(listener);
         Ok(())
     }
 
@@ -124,6 +139,12 @@ impl Listeners {
             }
             for event in events.iter() {
                 if event.token() == WAKER {
+                    continue;
+                }
+                if event.token() == SUBMIT {
+                    if let Some(submit) = &self.submit {
+                        accept_submit(submit, &ctx, &tracker);
+                    }
                     continue;
                 }
                 if event.token() == CONTROL {
@@ -200,6 +221,51 @@ fn accept_control(listener: &mio::net::UnixListener, ctx: &Arc<Context>) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 error!("control: accept failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Accepts local submissions; each runs a session thread, counted like a
+/// TCP client from 127.0.0.1 (so local programs are capped too).
+fn accept_submit(listener: &mio::net::UnixListener, ctx: &Arc<Context>, tracker: &Arc<Tracker>) {
+    let local = IpAddr::from([127, 0, 0, 1]);
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let stream =
+                    std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
+                let limits = &ctx.config.limits;
+                let Ok(guard) =
+                    tracker.acquire(local, limits.max_connections, limits.max_connections_per_ip)
+                else {
+                    let mut out = Vec::new();
+                    reply::too_many_connections().write_to(&mut out);
+                    let _ = (&stream).write(&out);
+                    continue;
+                };
+                if let Err(e) = stream.set_nonblocking(false) {
+                    warn!("submit: {e}");
+                    continue;
+                }
+                let ctx = Arc::clone(ctx);
+                let id = crate::store::new_id();
+                let spawned = thread::Builder::new()
+                    .name(format!("session-{id}"))
+                    .stack_size(SESSION_STACK)
+                    .spawn(move || {
+                        let _guard = guard;
+                        conn::serve_local(stream, id, &ctx);
+                    });
+                if let Err(e) = spawned {
+                    error!("submit: cannot start a session thread: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("submit: accept failed: {e}");
                 return;
             }
         }

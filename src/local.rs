@@ -40,6 +40,9 @@ pub struct Local {
     pub mailboxes: BTreeMap<String, PathBuf>,
     /// The aliases(5) table; empty when none is configured.
     pub aliases: Aliases,
+    /// Unix users (besides root) whose `sendmail -f` sender is honoured;
+    /// others always send as `login@<first domain>`. Default none.
+    pub trusted_users: Vec<String>,
 }
 
 /// Where one expanded recipient goes.
@@ -247,6 +250,7 @@ mod tests {
             )]),
             aliases: crate::aliases::parse(aliases, Path::new("aliases"))
                 .expect("test aliases parse"),
+            trusted_users: Vec::new(),
         }
     }
 
@@ -460,6 +464,7 @@ plussed+x: bob@example.com
             users: Some(vec!["alice".into()]),
             mailboxes: BTreeMap::new(),
             aliases,
+            trusted_users: Vec::new(),
         };
         assert_eq!(
             local.resolve("root", "pi.lan"),

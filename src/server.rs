@@ -25,6 +25,9 @@ use crate::listener;
 use crate::relay;
 use crate::store::queue::Queue;
 
+/// The sendmail submission socket's name in data_dir.
+pub const SUBMIT_SOCKET: &str = "submit.sock";
+
 /// What every session thread shares.
 pub struct Context {
     pub config: Config,
@@ -179,6 +182,9 @@ impl Server {
         let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
         // After the lock: a control.sock already there is a dead daemon's.
         listeners.add_control(crate::control::bind(&config.data_dir).map_err(in_data_dir)?)?;
+        // Any local user may submit (the peer's uid decides the sender).
+        let submit = crate::control::bind_socket(&config.data_dir, SUBMIT_SOCKET, 0o666);
+        listeners.add_submit(submit.map_err(in_data_dir)?)?;
         sweep_maildirs(&config);
         let (tx, rx) = crossbeam_channel::unbounded();
         if !pending.is_empty() {

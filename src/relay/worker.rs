@@ -464,6 +464,7 @@ impl Relay {
             peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
             protocol: "local",
             tls: None,
+            local_user: None,
         };
         let mut spool = self.ctx.queue.begin()?;
         let id = spool.id().to_string();

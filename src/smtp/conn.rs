@@ -229,6 +229,8 @@ impl Input {
 /// The connection, in clear or encrypted.
 enum Stream {
     Plain(TcpStream),
+    /// The sendmail submission socket.
+    Unix(std::os::unix::net::UnixStream),
     Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
     /// Only while the TcpStream is moved into a handshake.
     Taken,
@@ -238,6 +240,7 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),
             Stream::Taken => Err(io::ErrorKind::NotConnected.into()),
         }
@@ -248,6 +251,7 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
             Stream::Tls(s) => s.write(buf),
             Stream::Taken => Err(io::ErrorKind::NotConnected.into()),
         }
@@ -255,6 +259,7 @@ impl Write for Stream {
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
             Stream::Tls(s) => s.flush(),
             Stream::Taken => Ok(()),
         }
@@ -294,6 +299,56 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, mode: ListenMode, 
     let end = conn
         .open(&mut session, mode)
         .and_then(|()| conn.run(&mut session));
+    log_end(&session, end);
+}
+
+/// Runs one local submission (the sendmail socket): the peer's Unix user,
+/// from SO_PEERCRED, is the identity; root and `local.trusted_users` may
+/// choose their envelope sender.
+pub fn serve_local(stream: std::os::unix::net::UnixStream, id: String, ctx: &Context) {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = match getsockopt(&stream, PeerCredentials) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("session={id} local connection without credentials: {e}");
+            return;
+        }
+    };
+    let login = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid{}", cred.uid()), |u| u.name);
+    let trusted = cred.uid() == 0 || ctx.config.local.trusted_users.contains(&login);
+    info!(
+        "session={id} connect from=local pid={} uid={} user={login}",
+        cred.pid(),
+        cred.uid()
+    );
+    let limits = &ctx.config.limits;
+    if let Err(e) = stream
+        .set_read_timeout(Some(TICK))
+        .and_then(|()| stream.set_write_timeout(Some(limits.command_timeout)))
+    {
+        warn!("session={id} socket setup failed: {e}");
+        return;
+    }
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut conn = Conn {
+        stream: Stream::Unix(stream),
+        input: Input::new(),
+        output: Vec::with_capacity(512),
+        ctx,
+        peer: loopback,
+    };
+    let mut session = Session::new(&ctx.config, id, loopback.ip(), ListenMode::Local, false);
+    session.set_local_user(login, trusted);
+    let end = conn
+        .open(&mut session, ListenMode::Local)
+        .and_then(|()| conn.run(&mut session));
+    log_end(&session, end);
+}
+
+fn log_end(session: &Session, end: Result<(), End>) {
     match end {
         Ok(()) => info!("session={} disconnect", session.id()),
         Err(End::Eof) => info!("session={} disconnect: client closed", session.id()),

@@ -45,6 +45,8 @@ pub struct Message {
     pub protocol: &'static str,
     /// TLS protocol and cipher, when the session was encrypted.
     pub tls: Option<String>,
+    /// The Unix login, for a local submission (the sendmail socket).
+    pub local_user: Option<String>,
 }
 
 impl Message {
@@ -57,10 +59,18 @@ impl Message {
                 None => format!("[IPv6:{ip}]"),
             },
         };
-        let mut h = format!(
-            "Received: from {} ({})\r\n\tby {} (postling session {}) with {} id {}",
-            self.helo, peer, hostname, self.session, self.protocol, id
-        );
+        let mut h = match &self.local_user {
+            // A local program: no network peer to name (as Postfix's
+            // "from userid" line).
+            Some(login) => format!(
+                "Received: by {} (postling session {}, from user {}) with {} id {}",
+                hostname, self.session, login, self.protocol, id
+            ),
+            None => format!(
+                "Received: from {} ({})\r\n\tby {} (postling session {}) with {} id {}",
+                self.helo, peer, hostname, self.session, self.protocol, id
+            ),
+        };
         if let Some(tls) = &self.tls {
             h.push_str(&format!("\r\n\t(using {tls})"));
         }
@@ -129,6 +139,7 @@ mod tests {
             peer: "192.168.1.5".parse().expect("valid literal"),
             protocol: "ESMTP",
             tls: None,
+            local_user: None,
         }
     }
 

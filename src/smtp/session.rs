@@ -121,6 +121,9 @@ pub struct Session<'c> {
     tls: Option<String>,
     /// The authenticated user.
     user: Option<String>,
+    /// On the sendmail socket: the Unix login and whether it may choose
+    /// its envelope sender (root, `local.trusted_users`).
+    local_user: Option<(String, bool)>,
     helo: Option<Helo>,
     state: State,
     errors: u32,
@@ -144,10 +147,17 @@ impl<'c> Session<'c> {
             tls_ready,
             tls: None,
             user: None,
+            local_user: None,
             helo: None,
             state: State::Greeted,
             errors: 0,
         }
+    }
+
+    /// A local submission (the sendmail socket) by Unix user `login`.
+    pub fn set_local_user(&mut self, login: String, trusted: bool) {
+        info!("session={} local user={login} trusted={trusted}", self.id);
+        self.local_user = Some((login, trusted));
     }
 
     /// The handshake succeeded: the session starts over (RFC 3207 4.2).
@@ -414,7 +424,7 @@ impl<'c> Session<'c> {
                 return reply::bad_sequence("Bad sequence of commands")
             }
         }
-        if self.mode != ListenMode::Smtp && self.user.is_none() {
+        if matches!(self.mode, ListenMode::Submission | ListenMode::Smtps) && self.user.is_none() {
             return Reply::new(530, "5.7.0", "Authentication required");
         }
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
@@ -437,6 +447,27 @@ impl<'c> Session<'c> {
         {
             return reply::message_too_big();
         }
+        // An untrusted local user sends as itself, whatever it asked for
+        // (sendmail's rule; the real sender is known from SO_PEERCRED).
+        let sender = match &self.local_user {
+            Some((login, false)) => {
+                let domain = self
+                    .config
+                    .local
+                    .domains
+                    .first()
+                    .map_or("localhost", String::as_str);
+                let own = format!("{login}@{domain}");
+                if sender != own {
+                    info!(
+                        "session={} local user={login} sender <{sender}> replaced by <{own}>",
+                        self.id
+                    );
+                }
+                own
+            }
+            _ => sender,
+        };
         if let Some(user) = &self.user {
             if !self.sender_allowed(user, &sender) {
                 info!(
@@ -491,7 +522,10 @@ impl<'c> Session<'c> {
                 if !m.is_literal() && local.is_local_domain(m.domain) {
                     let targets = local.resolve(m.local, m.domain);
                     (address, targets)
-                } else if self.user.is_some() || self.config.relay.allows(self.peer) {
+                } else if self.user.is_some()
+                    || self.local_user.is_some()
+                    || self.config.relay.allows(self.peer)
+                {
                     let targets = Ok(vec![Target::Remote(address.clone())]);
                     (address, targets)
                 } else {
@@ -551,6 +585,7 @@ impl<'c> Session<'c> {
             peer: self.peer,
             protocol,
             tls: self.tls.clone(),
+            local_user: self.local_user.as_ref().map(|(login, _)| login.clone()),
         })
     }
 

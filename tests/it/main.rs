@@ -11,4 +11,5 @@ mod protocol;
 mod queue;
 mod relay;
 mod security;
+mod submit;
 mod util;
