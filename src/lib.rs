@@ -16,6 +16,7 @@ pub mod deliver;
 pub mod limiter;
 pub mod listener;
 pub mod local;
+pub mod notify;
 pub mod queue_cli;
 pub mod relay;
 pub mod server;

@@ -123,8 +123,20 @@ impl Listeners {
         // After an accept error (EMFILE...) the backlog may still hold
         // clients, and mio is edge-triggered: look again shortly.
         let mut stalled = false;
+        // With systemd's WatchdogSec=, this loop itself proves it is alive.
+        let watchdog = crate::notify::watchdog_interval().map(|d| d / 2);
+        let mut last_ping = Instant::now();
         loop {
-            let timeout = stalled.then_some(ACCEPT_RETRY);
+            let timeout = match (stalled.then_some(ACCEPT_RETRY), watchdog) {
+                (Some(a), Some(w)) => Some(a.min(w)),
+                (a, w) => a.or(w),
+            };
+            if let Some(w) = watchdog {
+                if last_ping.elapsed() >= w {
+                    crate::notify::notify_or_log("WATCHDOG=1");
+                    last_ping = Instant::now();
+                }
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -163,6 +175,7 @@ impl Listeners {
             }
         }
         drop(self.sockets);
+        crate::notify::notify_or_log("STOPPING=1");
         info!(
             "shutdown: stopped listening; waiting up to {}s for sessions",
             SHUTDOWN_GRACE.as_secs()

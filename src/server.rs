@@ -255,6 +255,7 @@ impl Server {
                 format!("{:?}", l.mode).to_lowercase()
             );
         }
+        crate::notify::notify_or_log("READY=1");
         self.listeners.run(self.ctx)
     }
 }

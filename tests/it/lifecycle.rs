@@ -200,3 +200,28 @@ fn a_second_instance_on_the_same_data_dir_refuses_and_sweeps_nothing() {
     assert!(c.cmd(".").starts_with("250"));
     assert_eq!(s.mail("alice").len(), 1);
 }
+
+#[test]
+fn tells_systemd_it_is_ready_and_pings_the_watchdog() {
+    let dir = TempDir::new();
+    let path = dir.path().join("notify.sock");
+    let sink = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+    sink.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let s = crate::util::Server::start_env(
+        &dir,
+        "",
+        &[
+            ("NOTIFY_SOCKET", path.to_str().expect("utf8 path")),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(seen.iter().any(|m| m == "READY=1") && seen.iter().any(|m| m == "WATCHDOG=1")) {
+        let n = sink.recv(&mut buf).expect("a notification within 10 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // READY=1 comes once the listener accepts.
+    assert!(s.client().greeting.starts_with("220"));
+}

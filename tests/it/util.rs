@@ -58,15 +58,26 @@ impl Server {
     }
 
     pub fn start_at(dir: &Path, config: &str, listen: &str) -> Server {
-        Server::launch(dir, config, Some(listen), 1)
+        Server::launch(dir, config, Some(listen), 1, &[])
+    }
+
+    /// `start`, with extra environment variables for the server process.
+    pub fn start_env(dir: &TempDir, config: &str, env: &[(&str, &str)]) -> Server {
+        Server::launch(dir.path(), config, Some("127.0.0.1:0"), 1, env)
     }
 
     /// Starts with the config's own `[[listen]]` blocks (`count` of them).
     pub fn start_listeners(dir: &TempDir, config: &str, count: usize) -> Server {
-        Server::launch(dir.path(), config, None, count)
+        Server::launch(dir.path(), config, None, count, &[])
     }
 
-    fn launch(dir: &Path, config: &str, listen: Option<&str>, count: usize) -> Server {
+    fn launch(
+        dir: &Path,
+        config: &str,
+        listen: Option<&str>,
+        count: usize,
+        env: &[(&str, &str)],
+    ) -> Server {
         let data = dir.join("data");
         let config_path = dir.join("postling.toml");
         fs::write(&config_path, isolated(config)).expect("write config");
@@ -78,6 +89,7 @@ impl Server {
         if let Some(listen) = listen {
             cmd.args(["--listen", listen]);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
