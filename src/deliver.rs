@@ -42,7 +42,7 @@ pub fn store_with_client(
 ) -> io::Result<()> {
     let id = spool.id().to_string();
     spool.sync()?;
-    let local = &ctx.config.local;
+    let local = &ctx.config().local;
     let sender = &message.sender;
     let copies = message.mailboxes();
     // Find a broken mailbox before writing any copy, so the 451 that
@@ -61,7 +61,7 @@ pub fn store_with_client(
         let path = maildir::deliver(
             copy.dir,
             root,
-            &ctx.config.hostname,
+            &ctx.config().hostname,
             header.as_bytes(),
             file,
         )?;

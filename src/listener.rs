@@ -249,7 +249,7 @@ fn accept_submit(listener: &mio::net::UnixListener, ctx: &Arc<Context>, tracker:
             Ok((stream, _)) => {
                 let stream =
                     std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
-                let limits = &ctx.config.limits;
+                let limits = &ctx.config().limits;
                 let Ok(guard) =
                     tracker.acquire(local, limits.max_connections, limits.max_connections_per_ip)
                 else {
@@ -301,7 +301,7 @@ fn hand_off(
     tracker: &Arc<Tracker>,
 ) {
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-    let limits = &ctx.config.limits;
+    let limits = &ctx.config().limits;
     let guard = match tracker.acquire(
         peer.ip(),
         limits.max_connections,

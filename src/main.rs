@@ -330,7 +330,7 @@ fn main() -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG
         }
     };
-    let server = match postling::server::Server::start(config) {
+    let server = match postling::server::Server::start(config, flags) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("postling: {e}");

@@ -11,7 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread;
 
 use crossbeam_channel::Sender;
@@ -19,7 +19,7 @@ use log::{info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::config::Config;
+use crate::config::{Config, Flags};
 use crate::limiter::PerIp;
 use crate::listener;
 use crate::relay;
@@ -30,7 +30,11 @@ pub const SUBMIT_SOCKET: &str = "submit.sock";
 
 /// What every session thread shares.
 pub struct Context {
-    pub config: Config,
+    /// The configuration; SIGHUP swaps in a new one (sessions keep the one
+    /// they started with).
+    config: RwLock<Arc<Config>>,
+    /// How the configuration was loaded, to load it again on SIGHUP.
+    flags: Flags,
     pub queue: Queue,
     /// Requests for the relay thread (newly committed messages, flush, delete).
     pub relay: Sender<relay::Request>,
@@ -38,8 +42,8 @@ pub struct Context {
     pub shutdown: AtomicBool,
     /// Inbound TLS: the reloadable certificate and the server config.
     pub tls: Option<(Arc<crate::tls::ServerCerts>, Arc<rustls::ServerConfig>)>,
-    /// Inbound AUTH users, when `auth.users_file` is set.
-    pub users: Option<crate::auth::Users>,
+    /// Inbound AUTH users, when `auth.users_file` is set; SIGHUP reloads.
+    users: RwLock<Option<Arc<crate::auth::Users>>>,
     /// Failed AUTH attempts per client address, in the last hour.
     pub auth_failures: PerIp,
     /// Messages per client address, in the last minute.
@@ -47,6 +51,19 @@ pub struct Context {
     /// `data_dir/lock`, held (flock) for the life of the server so a second
     /// instance cannot sweep this one's spools or relay its queue twice.
     _lock: File,
+}
+
+impl Context {
+    /// The current configuration.
+    pub fn config(&self) -> Arc<Config> {
+        // Writers only swap an Arc: a poisoned lock still holds a valid one.
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The current AUTH users, if any.
+    pub fn users(&self) -> Option<Arc<crate::auth::Users>> {
+        self.users.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Locks `data_dir` for this process, creating it if needed.
@@ -71,17 +88,70 @@ pub fn lock_data_dir(data_dir: &Path) -> io::Result<File> {
     }
 }
 
-/// SIGHUP: re-reads the TLS certificate and key (new handshakes get them;
-/// open sessions keep theirs). The rest of the config needs a restart.
+/// SIGHUP: loads the configuration again, as at start, and swaps it in
+/// for new sessions (aliases, local domains and users, relay policy,
+/// limits, AUTH users), and re-reads the TLS certificate and key. Sessions
+/// already open keep what they started with. A new configuration that does
+/// not load is logged and the running one kept. Listeners, data_dir, user,
+/// the TLS file paths and the relay's retry, expiry, DNS and CA settings
+/// need a restart; a change to them is logged and otherwise ignored.
 fn reload(ctx: &Context) {
-    match &ctx.tls {
-        Some((certs, _)) => match certs.reload() {
+    let old = ctx.config();
+    let mut new = match crate::config::load(&ctx.flags) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("SIGHUP: new configuration rejected, keeping the running one: {e}");
+            return;
+        }
+    };
+    let users = match &new.auth.users_file {
+        Some(path) => match crate::auth::Users::load(path) {
+            Ok(u) => Some(Arc::new(u)),
+            Err(e) => {
+                warn!("SIGHUP: new configuration rejected, keeping the running one: [auth]: {e}");
+                return;
+            }
+        },
+        None => None,
+    };
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let fixed: [(&str, bool); 8] = [
+        ("listen", same(&old.listen, &new.listen)),
+        ("data_dir", old.data_dir == new.data_dir),
+        ("user", old.user == new.user),
+        ("tls", old.tls == new.tls),
+        ("relay.retry", old.relay.retry == new.relay.retry),
+        (
+            "relay.max_queue_time / delay_warning",
+            old.relay.max_queue_time == new.relay.max_queue_time
+                && old.relay.delay_warning == new.relay.delay_warning,
+        ),
+        (
+            "relay.dns_servers",
+            old.relay.dns_servers == new.relay.dns_servers,
+        ),
+        ("relay.ca_file", old.relay.ca_file == new.relay.ca_file),
+    ];
+    for (key, unchanged) in fixed {
+        if !unchanged {
+            warn!("SIGHUP: {key} changed; that takes a restart (keeping the running value where it matters)");
+        }
+    }
+    // Keep what running parts were built from.
+    new.listen = old.listen.clone();
+    new.data_dir = old.data_dir.clone();
+    new.user = old.user.clone();
+    new.tls = old.tls.clone();
+    *ctx.users.write().unwrap_or_else(|p| p.into_inner()) = users;
+    *ctx.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+    info!("SIGHUP: configuration reloaded");
+    if let Some((certs, _)) = &ctx.tls {
+        match certs.reload() {
             Ok(()) => info!("SIGHUP: TLS certificate reloaded"),
             Err(e) => warn!("SIGHUP: TLS certificate not reloaded, keeping the old one: {e}"),
-        },
-        None => info!("SIGHUP: no [tls] to reload"),
+        }
     }
-    info!("SIGHUP: other settings apply at the next restart");
 }
 
 /// Becomes `user` when running as root (setgroups, setgid, then setuid, and
@@ -148,7 +218,7 @@ impl Server {
     /// Binds every listener, locks data_dir, opens the queue (sweeping a
     /// crash's leftovers) and starts the relay thread with every committed
     /// message.
-    pub fn start(config: Config) -> io::Result<Server> {
+    pub fn start(config: Config, flags: Flags) -> io::Result<Server> {
         // Bind first and lock before touching the queue: a second instance
         // started by mistake fails here without sweeping our spools.
         let mut listeners = listener::bind(&config.listen)?;
@@ -195,12 +265,13 @@ impl Server {
             let _ = tx.send(relay::Request::Queued(id));
         }
         let ctx = Arc::new(Context {
-            config,
+            config: RwLock::new(Arc::new(config)),
+            flags,
             queue,
             relay: tx,
             shutdown: AtomicBool::new(false),
             tls,
-            users,
+            users: RwLock::new(users.map(Arc::new)),
             auth_failures: PerIp::new(std::time::Duration::from_secs(3600)),
             message_rate: PerIp::new(std::time::Duration::from_secs(60)),
             _lock: lock,
@@ -249,7 +320,8 @@ impl Server {
                     }
                 }
             })?;
-        for (addr, l) in self.local_addrs().iter().zip(&self.ctx.config.listen) {
+        let config = self.ctx.config();
+        for (addr, l) in self.local_addrs().iter().zip(&config.listen) {
             info!(
                 "listening addr={addr} mode={}",
                 format!("{:?}", l.mode).to_lowercase()

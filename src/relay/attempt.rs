@@ -85,7 +85,7 @@ impl Deliverer {
                 .map(|&i| (i, r.clone(), None))
                 .collect::<Vec<_>>()
         };
-        let relay_cfg = &self.ctx.config.relay;
+        let relay_cfg = &self.ctx.config().relay;
         let (candidates, tls) = match (dest, &relay_cfg.smarthost) {
             (Dest::Smarthost, Some(sh)) => {
                 let tls = match sh.tls {
@@ -177,7 +177,7 @@ impl Deliverer {
         tls: TlsMode,
         auth: Option<Credentials>,
     ) -> Result<Outcome, String> {
-        let relay_cfg = &self.ctx.config.relay;
+        let relay_cfg = &self.ctx.config().relay;
         let stream =
             TcpStream::connect_timeout(&cand.addr, relay_cfg.connect_timeout).map_err(|e| {
                 // A refusal costs nothing; only a silent host (a timeout) is
@@ -192,7 +192,7 @@ impl Deliverer {
             .map_err(|e| format!("cannot read queued message: {e}"))?;
         let job = Job {
             id: env.id.clone(),
-            helo: self.ctx.config.hostname.clone(),
+            helo: self.ctx.config().hostname.clone(),
             sender: msg.sender,
             recipients: recipients.to_vec(),
             size: msg.size,
@@ -219,9 +219,8 @@ impl Deliverer {
     /// The smarthost credentials, read fresh (so a changed password file
     /// needs no restart).
     fn credentials(&self) -> Result<Option<Credentials>, String> {
-        let Some((user, file)) = self
-            .ctx
-            .config
+        let config = self.ctx.config();
+        let Some((user, file)) = config
             .relay
             .smarthost
             .as_ref()
@@ -249,9 +248,8 @@ impl Deliverer {
         let len = file.metadata()?.len();
         let eightbit = has_8bit(&mut file)?;
         file.seek(SeekFrom::Start(0))?;
-        let rewrite_to = self
-            .ctx
-            .config
+        let config = self.ctx.config();
+        let rewrite_to = config
             .relay
             .rewrite_from
             .as_ref()
@@ -290,7 +288,7 @@ impl Deliverer {
         !sender.is_empty()
             && match sender.rsplit_once('@') {
                 None => true,
-                Some((_, domain)) => self.ctx.config.local.is_local_domain(domain),
+                Some((_, domain)) => self.ctx.config().local.is_local_domain(domain),
             }
     }
 }

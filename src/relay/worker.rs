@@ -79,7 +79,7 @@ struct Relay {
 /// Starts the relay thread. Fails only when the TLS trust store cannot be
 /// built (an unreadable `relay.ca_file`).
 pub fn spawn(ctx: Arc<Context>, requests: Receiver<Request>) -> io::Result<JoinHandle<()>> {
-    let relay_cfg = &ctx.config.relay;
+    let relay_cfg = &ctx.config().relay;
     let verified = crate::tls::client_config(relay_cfg.ca_file.as_deref())
         .map_err(|e| io::Error::other(format!("relay TLS: {e}")))?;
     let deliverer = Arc::new(Deliverer::new(
@@ -276,7 +276,7 @@ impl Relay {
     fn group(&self, env: &Envelope, todo: &[usize]) -> Vec<(Dest, Vec<usize>)> {
         let mut groups: Vec<(Dest, Vec<usize>)> = Vec::new();
         for &i in todo {
-            let dest = match &self.ctx.config.relay.smarthost {
+            let dest = match &self.ctx.config().relay.smarthost {
                 Some(_) => Dest::Smarthost,
                 None => Dest::Domain(domain_of(&env.recipients[i].address).to_ascii_lowercase()),
             };
@@ -404,14 +404,13 @@ impl Relay {
                 env.id, env.sender
             );
             if kind != Kind::Failed
-                || !self.ctx.config.relay.double_bounce_to_postmaster
+                || !self.ctx.config().relay.double_bounce_to_postmaster
                 || env.client == DOUBLE_BOUNCE_CLIENT
             {
                 return;
             }
-            let domain = self
-                .ctx
-                .config
+            let config = self.ctx.config();
+            let domain = config
                 .local
                 .domains
                 .first()
@@ -425,7 +424,7 @@ impl Relay {
             .unwrap_or_default();
         let text = bounce::render(
             kind,
-            &self.ctx.config.hostname,
+            &self.ctx.config().hostname,
             env,
             entries,
             &header,
@@ -443,7 +442,7 @@ impl Relay {
     /// Stores a locally generated message from `<>` for `to` the way an
     /// inbound one is stored: Maildir for local users, queue otherwise.
     fn inject(&self, to: &str, text: &[u8], client: &str) -> io::Result<String> {
-        let local = &self.ctx.config.local;
+        let local = &self.ctx.config().local;
         let (local_part, domain) = to.rsplit_once('@').unwrap_or((to, "localhost"));
         let targets = if local.is_local_domain(domain) {
             local
@@ -460,7 +459,7 @@ impl Relay {
                 address: to.to_string(),
                 targets,
             }],
-            helo: self.ctx.config.hostname.clone(),
+            helo: self.ctx.config().hostname.clone(),
             peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
             protocol: "local",
             tls: None,

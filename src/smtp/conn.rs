@@ -23,7 +23,7 @@ use rustls::{ServerConnection, StreamOwned};
 use super::data::{DataDecoder, DataError};
 use super::reply::{self, Reply};
 use super::session::{Action, DataResult, Session};
-use crate::config::ListenMode;
+use crate::config::{Config, ListenMode};
 use crate::deliver;
 use crate::server::Context;
 
@@ -267,6 +267,9 @@ impl Write for Stream {
 }
 
 struct Conn<'a> {
+    /// The configuration as it was when this connection arrived (SIGHUP
+    /// applies to the next connections).
+    config: Arc<Config>,
     stream: Stream,
     input: Input,
     output: Vec<u8>,
@@ -278,7 +281,8 @@ struct Conn<'a> {
 /// at connect and one at disconnect.
 pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, mode: ListenMode, ctx: &Context) {
     info!("session={id} connect from={peer}");
-    let limits = &ctx.config.limits;
+    let config = ctx.config();
+    let limits = &config.limits;
     if let Err(e) = stream
         .set_read_timeout(Some(TICK))
         .and_then(|()| stream.set_write_timeout(Some(limits.command_timeout)))
@@ -288,6 +292,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, mode: ListenMode, 
         return;
     }
     let mut conn = Conn {
+        config: Arc::clone(&config),
         stream: Stream::Plain(stream),
         input: Input::new(),
         output: Vec::with_capacity(512),
@@ -295,7 +300,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, mode: ListenMode, 
         peer,
     };
     let tls_ready = ctx.tls.is_some();
-    let mut session = Session::new(&ctx.config, id, peer.ip(), mode, tls_ready);
+    let mut session = Session::new(&config, id, peer.ip(), mode, tls_ready);
     let end = conn
         .open(&mut session, mode)
         .and_then(|()| conn.run(&mut session));
@@ -318,13 +323,14 @@ pub fn serve_local(stream: std::os::unix::net::UnixStream, id: String, ctx: &Con
         .ok()
         .flatten()
         .map_or_else(|| format!("uid{}", cred.uid()), |u| u.name);
-    let trusted = cred.uid() == 0 || ctx.config.local.trusted_users.contains(&login);
+    let config = ctx.config();
+    let trusted = cred.uid() == 0 || config.local.trusted_users.contains(&login);
     info!(
         "session={id} connect from=local pid={} uid={} user={login}",
         cred.pid(),
         cred.uid()
     );
-    let limits = &ctx.config.limits;
+    let limits = &config.limits;
     if let Err(e) = stream
         .set_read_timeout(Some(TICK))
         .and_then(|()| stream.set_write_timeout(Some(limits.command_timeout)))
@@ -334,13 +340,14 @@ pub fn serve_local(stream: std::os::unix::net::UnixStream, id: String, ctx: &Con
     }
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut conn = Conn {
+        config: Arc::clone(&config),
         stream: Stream::Unix(stream),
         input: Input::new(),
         output: Vec::with_capacity(512),
         ctx,
         peer: loopback,
     };
-    let mut session = Session::new(&ctx.config, id, loopback.ip(), ListenMode::Local, false);
+    let mut session = Session::new(&config, id, loopback.ip(), ListenMode::Local, false);
     session.set_local_user(login, trusted);
     let end = conn
         .open(&mut session, ListenMode::Local)
@@ -425,7 +432,7 @@ impl Conn<'_> {
         let Stream::Plain(tcp) = &self.stream else {
             return Ok(false);
         };
-        let wait = self.ctx.config.limits.greeting_delay;
+        let wait = self.config.limits.greeting_delay;
         let mut probe = [0u8; 1];
         let peeked = match wait {
             Some(wait) => {
@@ -455,7 +462,7 @@ impl Conn<'_> {
         };
         let mut tls = ServerConnection::new(Arc::clone(config))
             .map_err(|e| End::Refused(format!("TLS setup: {e}")))?;
-        let deadline = Instant::now() + self.ctx.config.limits.command_timeout;
+        let deadline = Instant::now() + self.config.limits.command_timeout;
         let mut tcp = tcp;
         while tls.is_handshaking() {
             match tls.complete_io(&mut tcp) {
@@ -492,7 +499,7 @@ impl Conn<'_> {
         if self
             .ctx
             .auth_failures
-            .blocked(ip, self.ctx.config.auth.max_failures)
+            .blocked(ip, self.config.auth.max_failures)
         {
             info!(
                 "session={} auth refused: too many failures from {ip}",
@@ -504,11 +511,7 @@ impl Conn<'_> {
                 "Too many failed authentications, try again later",
             ));
         }
-        let ok = self
-            .ctx
-            .users
-            .as_ref()
-            .is_some_and(|u| u.verify(&user, &password));
+        let ok = self.ctx.users().is_some_and(|u| u.verify(&user, &password));
         if !ok {
             self.ctx.auth_failures.record(ip);
             // Flush what is pending first, then make guessing slow.
@@ -519,7 +522,7 @@ impl Conn<'_> {
     }
 
     fn run(&mut self, session: &mut Session) -> Result<(), End> {
-        let command_timeout = self.ctx.config.limits.command_timeout;
+        let command_timeout = self.config.limits.command_timeout;
         let mut deadline = Instant::now() + command_timeout;
         loop {
             let action = match self.input.take_line() {
@@ -545,7 +548,7 @@ impl Conn<'_> {
                 Action::Data(message) => {
                     if !self.ctx.message_rate.allow(
                         self.peer.ip(),
-                        self.ctx.config.limits.max_messages_per_minute_per_ip,
+                        self.config.limits.max_messages_per_minute_per_ip,
                     ) {
                         let r = Reply::new(
                             421,
@@ -596,8 +599,8 @@ impl Conn<'_> {
         self.queue(&reply::start_data());
         self.flush()?;
         let id = spool.id().to_string();
-        let header = message.received_header(&ctx.config.hostname, &id, unix_now());
-        let mut decoder = DataDecoder::new(ctx.config.limits.max_message_size);
+        let header = message.received_header(&self.config.hostname, &id, unix_now());
+        let mut decoder = DataDecoder::new(self.config.limits.max_message_size);
         if let Err(e) = spool.file().write_all(header.as_bytes()) {
             error!("id={id} write failed: {e}");
             decoder.fail(DataError::Storage);
@@ -605,7 +608,7 @@ impl Conn<'_> {
         // data_timeout bounds silence; the whole DATA phase may also take
         // one more second per KiB received, so a slow but steady link is
         // never cut while a trickle still is (RFC 5321 4.5.3.2.5-6).
-        let timeout = ctx.config.limits.data_timeout;
+        let timeout = self.config.limits.data_timeout;
         let started = Instant::now();
         let mut received: u64 = 0;
         loop {
@@ -636,7 +639,7 @@ impl Conn<'_> {
                 return Ok(DataResult::Refused(e));
             }
         };
-        if stats.received_headers > ctx.config.limits.max_received_headers {
+        if stats.received_headers > self.config.limits.max_received_headers {
             info!(
                 "id={id} refused: {} Received headers, mail loop",
                 stats.received_headers

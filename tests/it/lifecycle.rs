@@ -225,3 +225,67 @@ fn tells_systemd_it_is_ready_and_pings_the_watchdog() {
     // READY=1 comes once the listener accepts.
     assert!(s.client().greeting.starts_with("220"));
 }
+
+fn sighup(s: &Server) {
+    let status = Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn sighup_picks_up_a_changed_aliases_file_and_rejects_a_broken_config() {
+    let dir = TempDir::new();
+    let aliases = dir.path().join("aliases");
+    fs::write(&aliases, "root: alice\n").expect("aliases");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\naliases = \"{}\"\n",
+        aliases.display()
+    );
+    let s = Server::start(&dir, &config);
+    let mut open = s.client();
+    open.cmd("EHLO client.test");
+    let send = |c: &mut crate::util::Client| {
+        assert!(c
+            .send_mail(
+                "cron@localhost",
+                &["root@localhost"],
+                "Subject: r\r\n\r\nhi\r\n"
+            )
+            .starts_with("250"));
+    };
+    send(&mut open);
+    assert_eq!(s.mail("alice").len(), 1);
+
+    fs::write(&aliases, "root: bob\n").expect("aliases");
+    sighup(&s);
+    assert!(crate::util::wait_for(Duration::from_secs(5), || s
+        .log()
+        .contains("SIGHUP: configuration reloaded")));
+    let mut fresh = s.client();
+    fresh.cmd("EHLO client.test");
+    send(&mut fresh);
+    assert_eq!(
+        s.mail("bob").len(),
+        1,
+        "the new alias applies to new sessions"
+    );
+
+    // A broken config is rejected; the server keeps running the old one.
+    fs::write(s_config(&dir), "[limits]\nmax_recipients = \"lots\"\n").expect("config");
+    sighup(&s);
+    assert!(crate::util::wait_for(Duration::from_secs(5), || s
+        .log()
+        .contains("new configuration rejected")));
+    let mut after = s.client();
+    after.cmd("EHLO client.test");
+    send(&mut after);
+    assert_eq!(s.mail("bob").len(), 2);
+    // The session open during both reloads still works.
+    assert!(open.cmd("NOOP").starts_with("250"));
+}
+
+fn s_config(dir: &TempDir) -> std::path::PathBuf {
+    dir.path().join("postling.toml")
+}
