@@ -9,6 +9,7 @@
 
 pub mod aliases;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod date;

@@ -25,6 +25,22 @@ enum Sub {
     Serve(Serve),
     Queue(QueueCmd),
     Passwd(Passwd),
+    Check(Check),
+}
+
+/// Validate the config, then test DNS, the smarthost or MX, TLS and AUTH.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "check")]
+struct Check {
+    /// the TOML config file (default: /etc/postling/postling.toml if present)
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// only validate the config; no network
+    #[argh(switch)]
+    offline: bool,
+    /// also send a test message to this address
+    #[argh(option)]
+    send_test: Option<String>,
 }
 
 /// Print a users-file line (Argon2id) for inbound AUTH; the password is
@@ -270,6 +286,33 @@ fn init_logging() {
         .init();
 }
 
+fn check(c: Check) -> ExitCode {
+    let config_path = c.config.or_else(|| {
+        let default = PathBuf::from("/etc/postling/postling.toml");
+        default.exists().then_some(default)
+    });
+    let flags = postling::config::Flags {
+        config: config_path,
+        ..Default::default()
+    };
+    let config = match postling::config::load(&flags) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL  config: {e}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    let opts = postling::check::Options {
+        offline: c.offline,
+        send_test: c.send_test,
+    };
+    if postling::check::run(&config, &opts, &mut std::io::stdout()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(69) // EX_UNAVAILABLE
+    }
+}
+
 fn passwd(user: &str) -> ExitCode {
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
@@ -309,6 +352,7 @@ fn main() -> ExitCode {
         Some(Sub::Serve(serve)) => serve,
         Some(Sub::Queue(q)) => return queue_command(q),
         Some(Sub::Passwd(p)) => return passwd(&p.user),
+        Some(Sub::Check(c)) => return check(c),
         None => {
             eprintln!(
                 "postling: a subcommand is needed; try `postling serve` or `postling --help`"

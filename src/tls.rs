@@ -310,3 +310,87 @@ pub fn server_config(certs: Arc<ServerCerts>) -> Result<Arc<rustls::ServerConfig
         .with_cert_resolver(certs);
     Ok(Arc::new(config))
 }
+
+/// The subject's common name and the expiry ("2027-02-20 12:00:00 UTC") of
+/// a DER certificate, for `postling check`. A small DER walk over the fixed
+/// start of an X.509 TBSCertificate (RFC 5280 4.1); None if it is not one.
+pub fn cert_summary(der: &[u8]) -> Option<(String, String)> {
+    let (_, cert, _) = der_tlv(der)?;
+    let (_, tbs, _) = der_tlv(cert)?;
+    let mut rest = tbs;
+    let (tag, _, after) = der_tlv(rest)?;
+    if tag == 0xa0 {
+        rest = after; // [0] version
+    }
+    let (_, _, rest) = der_tlv(rest)?; // serialNumber
+    let (_, _, rest) = der_tlv(rest)?; // signature algorithm
+    let (_, _, rest) = der_tlv(rest)?; // issuer
+    let (_, validity, rest) = der_tlv(rest)?;
+    let (_, _, validity) = der_tlv(validity)?; // notBefore
+    let (time_tag, not_after, _) = der_tlv(validity)?;
+    let (_, subject, _) = der_tlv(rest)?;
+    Some((
+        common_name(subject).unwrap_or_else(|| "(none)".into()),
+        der_time(time_tag, not_after)?,
+    ))
+}
+
+/// One DER tag-length-value: (tag, contents, the bytes after it).
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *input.first()?;
+    let first = *input.get(1)? as usize;
+    let (len, header) = if first < 0x80 {
+        (first, 2)
+    } else {
+        let n = first & 0x7f;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let bytes = input.get(2..2 + n)?;
+        (
+            bytes.iter().fold(0usize, |a, &b| a << 8 | b as usize),
+            2 + n,
+        )
+    };
+    let end = header.checked_add(len)?;
+    Some((tag, input.get(header..end)?, input.get(end..)?))
+}
+
+/// The CN (OID 2.5.4.3) of a Name.
+fn common_name(mut name: &[u8]) -> Option<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    while !name.is_empty() {
+        let (_, set, rest) = der_tlv(name)?;
+        name = rest;
+        let (_, attr, _) = der_tlv(set)?;
+        let (_, oid, value) = der_tlv(attr)?;
+        if oid == CN {
+            let (_, text, _) = der_tlv(value)?;
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+    }
+    None
+}
+
+/// UTCTime (YYMMDDHHMMSSZ) or GeneralizedTime (YYYYMMDDHHMMSSZ).
+fn der_time(tag: u8, t: &[u8]) -> Option<String> {
+    let t = std::str::from_utf8(t).ok()?;
+    let full = match tag {
+        0x17 if t.len() >= 12 => {
+            let yy: u32 = t[..2].parse().ok()?;
+            format!("{}{}", if yy < 50 { 2000 + yy } else { 1900 + yy }, &t[2..])
+        }
+        0x18 if t.len() >= 14 => t.to_string(),
+        _ => return None,
+    };
+    let d = |a: usize, b: usize| full.get(a..b);
+    Some(format!(
+        "{}-{}-{} {}:{}:{} UTC",
+        d(0, 4)?,
+        d(4, 6)?,
+        d(6, 8)?,
+        d(8, 10)?,
+        d(10, 12)?,
+        d(12, 14)?
+    ))
+}

@@ -2,6 +2,7 @@
 //! 127.0.0.1:0 and talks to it with raw SMTP and with a real client library
 //! (lettre), then reads the Maildir and queue files it wrote.
 
+mod check;
 mod crash;
 mod data;
 mod delivery;

@@ -1,0 +1,169 @@
+//! `postling check` against test servers on loopback: every step reports,
+//! and failures carry the right hint.
+
+use std::fs;
+use std::process::Command;
+
+use postling::relay::dns::test_server::{Record, TestDns};
+use postling::relay::test_smtp::{Script, TestServer};
+
+use crate::util::{Pki, TempDir, BIN};
+
+/// Runs `postling check` with `config`; returns (exit code, stdout).
+fn check(dir: &TempDir, config: &str, args: &[&str]) -> (i32, String) {
+    let path = dir.path().join("check.toml");
+    fs::write(&path, config).expect("config");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("run postling check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn smarthost_config(dir: &TempDir, port: u16, password: &str, ca: Option<&Pki>) -> String {
+    let secret = dir.path().join("secret");
+    fs::write(&secret, format!("{password}\n")).expect("secret");
+    let ca_line = ca.map_or(String::new(), |p| {
+        format!("ca_file = \"{}\"\n", p.ca_path.display())
+    });
+    format!(
+        "hostname = \"pi.test\"\n[relay]\nsmarthost = \"localhost:{port}\"\nsmarthost_user = \"me\"\nsmarthost_password_file = \"{}\"\n{ca_line}",
+        secret.display()
+    )
+}
+
+fn tls_server(pki: &Pki) -> TestServer {
+    TestServer::start(Script {
+        tls: Some(pki.server_config()),
+        auth: Some(("me".into(), "right".into())),
+        ..Script::default()
+    })
+    .expect("test server")
+}
+
+#[test]
+fn every_step_passes_against_a_good_smarthost() {
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir);
+    let server = tls_server(&pki);
+    let (code, out) = check(
+        &dir,
+        &smarthost_config(&dir, server.addr.port(), "right", Some(&pki)),
+        &["--send-test", "friend@example.test"],
+    );
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "OK    config: valid",
+        "OK    resolve smarthost localhost",
+        "OK    connect to localhost",
+        "OK    greeting: 220",
+        "OK    EHLO: ",
+        "OK    TLS handshake: TLSv1.",
+        "certificate verified",
+        "certificate subject CN=",
+        "OK    AUTH: accepted for me",
+        "OK    send test: accepted for friend@example.test",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    assert_eq!(server.messages().len(), 1);
+}
+
+#[test]
+fn a_server_that_is_down_fails_with_a_hint() {
+    let dir = TempDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let (code, out) = check(&dir, &smarthost_config(&dir, port, "x", None), &[]);
+    assert_eq!(code, 69, "{out}");
+    assert!(out.contains("FAIL  connect to localhost"), "{out}");
+    assert!(out.contains("hint: "), "{out}");
+}
+
+#[test]
+fn an_untrusted_certificate_fails_and_credentials_are_not_sent() {
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir);
+    let server = tls_server(&pki);
+    let (code, out) = check(
+        &dir,
+        &smarthost_config(&dir, server.addr.port(), "right", None),
+        &[],
+    );
+    assert_eq!(code, 69, "{out}");
+    assert!(out.contains("FAIL  TLS handshake"), "{out}");
+    assert!(out.contains("relay.ca_file"), "hint names the fix: {out}");
+    assert!(server.lines().iter().all(|l| !l.starts_with("AUTH")));
+}
+
+#[test]
+fn refused_credentials_fail_with_a_hint() {
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir);
+    let server = tls_server(&pki);
+    let (code, out) = check(
+        &dir,
+        &smarthost_config(&dir, server.addr.port(), "wrong", Some(&pki)),
+        &[],
+    );
+    assert_eq!(code, 69, "{out}");
+    assert!(out.contains("FAIL  AUTH"), "{out}");
+    assert!(out.contains("app password"), "{out}");
+}
+
+#[test]
+fn offline_only_validates_and_a_bad_config_names_the_line() {
+    let dir = TempDir::new();
+    let (code, out) = check(
+        &dir,
+        "[relay]\nsmarthost = \"10.255.255.1:587\"\n",
+        &["--offline"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK    config: valid"));
+    assert!(
+        !out.contains("connect"),
+        "--offline touched the network: {out}"
+    );
+    let (code, out) = check(&dir, "[limits]\nmax_recipients = 5\n", &["--offline"]);
+    assert_eq!(code, 78);
+    assert!(out.contains("check.toml:2: limits.max_recipients"), "{out}");
+}
+
+#[test]
+fn direct_mode_resolves_the_mx_of_the_test_address() {
+    let server = TestServer::start(Script::default()).expect("test server");
+    let dns = TestDns::start(vec![
+        Record::mx("peer.test", 10, "mx.peer.test"),
+        Record::a("mx.peer.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let config = format!(
+        "hostname = \"pi.test\"\n[relay]\ndns_servers = [\"{}\"]\nmx_port = {}\n",
+        dns.addr,
+        server.addr.port()
+    );
+    let (code, out) = check(&dir, &config, &["--send-test", "x@peer.test"]);
+    // The test server offers no STARTTLS: direct delivery does not need it.
+    assert!(
+        out.contains("OK    resolve MX of peer.test: mx.peer.test [127.0.0.1:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("OK    send test: accepted for x@peer.test"),
+        "{out}"
+    );
+    assert!(
+        out.contains("STARTTLS not offered: mail to this host goes unencrypted"),
+        "{out}"
+    );
+    assert_eq!(code, 0, "{out}");
+}
