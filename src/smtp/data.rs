@@ -85,9 +85,20 @@ impl DataDecoder {
         }
     }
 
-    /// Marks the message as refused (the first error wins) and stops output.
+    /// Marks the message as refused and stops output. When several errors
+    /// occur, the most serious wins, so the verdict never depends on how
+    /// the input was split into reads (found by fuzzing: the size is
+    /// counted per call, the others per byte).
     pub fn fail(&mut self, error: DataError) {
-        self.error.get_or_insert(error);
+        let rank = |e: DataError| match e {
+            DataError::TooBig => 0,
+            DataError::LineTooLong => 1,
+            DataError::BareLineEnding => 2,
+            DataError::Storage => 3,
+        };
+        if self.error.is_none_or(|old| rank(error) > rank(old)) {
+            self.error = Some(error);
+        }
     }
 
     /// Decodes `buf` in place. Afterwards `buf[..produced]` holds the decoded

@@ -6,6 +6,7 @@ mod check;
 mod crash;
 mod data;
 mod delivery;
+mod fuzz_regressions;
 mod lifecycle;
 mod limits;
 mod protocol;
