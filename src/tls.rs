@@ -83,25 +83,38 @@ pub fn client_config(extra_ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, 
         log::debug!("tls system_bundle={SYSTEM_CA_BUNDLE} added={added} skipped={skipped}");
     }
     if let Some(path) = extra_ca_file {
-        let certs = read_pem_certs(path).map_err(|reason| TlsError::CaFile {
-            path: path.to_owned(),
-            reason,
-        })?;
-        if certs.is_empty() {
-            return Err(TlsError::EmptyCaFile(path.to_owned()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| TlsError::CaFile {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
-        }
+        add_ca_file(&mut roots, path)?;
     }
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// Checks that a CA file holds at least one certificate that parses (at
+/// start, so a broken file is reported then, not at the first delivery).
+pub fn check_ca_file(path: &Path) -> Result<(), TlsError> {
+    add_ca_file(&mut RootCertStore::empty(), path)
+}
+
+/// Adds every certificate of a PEM CA file; an error names the file, and a
+/// file with none is an error too.
+fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), TlsError> {
+    let certs = read_pem_certs(path).map_err(|reason| TlsError::CaFile {
+        path: path.to_owned(),
+        reason,
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::EmptyCaFile(path.to_owned()));
+    }
+    for cert in certs {
+        roots.add(cert).map_err(|e| TlsError::CaFile {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// Every certificate in a PEM file.

@@ -34,7 +34,11 @@ const DEAD_FOR: Duration = Duration::from_secs(60);
 pub struct Deliverer {
     pub ctx: Arc<Context>,
     pub resolver: Resolver,
-    pub verified: Arc<ClientConfig>,
+    /// The verifying config (Mozilla roots, the system bundle, ca_file),
+    /// built at first use: it costs ~1 MB of memory that direct delivery,
+    /// which is opportunistic, never needs.
+    verified: std::sync::OnceLock<Result<Arc<ClientConfig>, String>>,
+    ca_file: Option<std::path::PathBuf>,
     pub opportunistic: Arc<ClientConfig>,
     pub timeouts: Timeouts,
     dead: Mutex<HashMap<SocketAddr, Instant>>,
@@ -44,14 +48,15 @@ impl Deliverer {
     pub fn new(
         ctx: Arc<Context>,
         resolver: Resolver,
-        verified: Arc<ClientConfig>,
+        ca_file: Option<std::path::PathBuf>,
         opportunistic: Arc<ClientConfig>,
         timeouts: Timeouts,
     ) -> Deliverer {
         Deliverer {
             ctx,
             resolver,
-            verified,
+            verified: std::sync::OnceLock::new(),
+            ca_file,
             opportunistic,
             timeouts,
             dead: Mutex::new(HashMap::new()),
@@ -205,15 +210,28 @@ impl Deliverer {
             "id={} connected to {} [{}] tls={:?}",
             env.id, cand.host, cand.addr, tls
         );
+        let verified = match tls {
+            TlsMode::RequireStartTls | TlsMode::Implicit => self.verified()?,
+            TlsMode::Opportunistic | TlsMode::None => Arc::clone(&self.opportunistic),
+        };
         Ok(transfer::deliver(
             stream,
             &cand.host,
             job,
             &mut msg.reader,
-            &self.verified,
+            &verified,
             &self.opportunistic,
             &self.timeouts,
         ))
+    }
+
+    fn verified(&self) -> Result<Arc<ClientConfig>, String> {
+        self.verified
+            .get_or_init(|| {
+                crate::tls::client_config(self.ca_file.as_deref())
+                    .map_err(|e| format!("TLS trust store: {e}"))
+            })
+            .clone()
     }
 
     /// The smarthost credentials, read fresh (so a changed password file

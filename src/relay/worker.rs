@@ -76,16 +76,17 @@ struct Relay {
     results_tx: Sender<(String, Results)>,
 }
 
-/// Starts the relay thread. Fails only when the TLS trust store cannot be
-/// built (an unreadable `relay.ca_file`).
+/// Starts the relay thread. A `relay.ca_file` that holds no certificate
+/// fails here, at start, rather than at the first delivery.
 pub fn spawn(ctx: Arc<Context>, requests: Receiver<Request>) -> io::Result<JoinHandle<()>> {
     let relay_cfg = &ctx.config().relay;
-    let verified = crate::tls::client_config(relay_cfg.ca_file.as_deref())
-        .map_err(|e| io::Error::other(format!("relay TLS: {e}")))?;
+    if let Some(ca) = &relay_cfg.ca_file {
+        crate::tls::check_ca_file(ca).map_err(|e| io::Error::other(format!("relay TLS: {e}")))?;
+    }
     let deliverer = Arc::new(Deliverer::new(
         Arc::clone(&ctx),
         Resolver::new(&relay_cfg.dns_servers),
-        verified,
+        relay_cfg.ca_file.clone(),
         crate::tls::insecure_client_config(),
         Timeouts::default(),
     ));
