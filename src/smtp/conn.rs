@@ -651,7 +651,16 @@ impl Conn<'_> {
             stats.size, stats.received_headers
         );
         match deliver::store(message, spool, stats.size, ctx) {
-            Ok(()) => Ok(DataResult::Stored { id }),
+            Ok(()) => {
+                info!(
+                    "session={} id={id} accepted from=<{}> size={} nrcpt={}",
+                    message.session,
+                    message.sender,
+                    stats.size,
+                    message.recipients.len()
+                );
+                Ok(DataResult::Stored { id })
+            }
             Err(e) => {
                 error!("id={id} delivery failed, client told to retry: {e}");
                 Ok(DataResult::Refused(DataError::Storage))
