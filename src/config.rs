@@ -410,6 +410,16 @@ impl Config {
 
 /// Reads the file named by `--config` (if any), applies the flags,
 /// validates, and loads the aliases file.
+/// Where the installed daemon's config lives (the systemd unit passes it);
+/// the local tools (queue, mailq, check, sendmail) read it when not told.
+pub const INSTALLED_CONFIG: &str = "/etc/postling/postling.toml";
+
+/// `path`, else the installed config if there is one, else none (the
+/// built-in defaults).
+pub fn installed_or(path: Option<PathBuf>) -> Option<PathBuf> {
+    path.or_else(|| Some(PathBuf::from(INSTALLED_CONFIG)).filter(|p| p.exists()))
+}
+
 pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
     let Some(path) = &flags.config else {
         return parse("", None, flags);

@@ -20,6 +20,7 @@ pub mod local;
 pub mod notify;
 pub mod queue_cli;
 pub mod relay;
+pub mod sendmail;
 pub mod server;
 pub mod smtp;
 pub mod store;

@@ -11,6 +11,9 @@ use argh::FromArgs;
 
 /// postling: a small, crash-safe SMTP server for home routers and Pis.
 #[derive(FromArgs)]
+#[argh(
+    note = "`postling sendmail [-t] [-i] [-f SENDER] [-F NAME] [-bs|-bp|-q] [RCPT...]` is the sendmail(8) interface (also when invoked as `sendmail`)."
+)]
 struct Cli {
     /// print the version and exit
     #[argh(switch)]
@@ -171,9 +174,6 @@ struct Mailq {
     data_dir: Option<PathBuf>,
 }
 
-/// Where the installed daemon's config lives (the systemd unit passes it).
-const INSTALLED_CONFIG: &str = "/etc/postling/postling.toml";
-
 /// Loads the config the queue tools need (only its data_dir is used) and
 /// runs `cmd`; `name` prefixes error messages.
 fn queue(
@@ -183,7 +183,7 @@ fn queue(
     data_dir: Option<PathBuf>,
 ) -> ExitCode {
     let config = match (config, &data_dir) {
-        (None, None) => Some(PathBuf::from(INSTALLED_CONFIG)).filter(|p| p.exists()),
+        (None, None) => postling::config::installed_or(None),
         (config, _) => config,
     };
     let flags = postling::config::Flags {
@@ -287,12 +287,8 @@ fn init_logging() {
 }
 
 fn check(c: Check) -> ExitCode {
-    let config_path = c.config.or_else(|| {
-        let default = PathBuf::from("/etc/postling/postling.toml");
-        default.exists().then_some(default)
-    });
     let flags = postling::config::Flags {
-        config: config_path,
+        config: postling::config::installed_or(c.config),
         ..Default::default()
     };
     let config = match postling::config::load(&flags) {
@@ -339,6 +335,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = args.collect();
     if name == "mailq" {
         return mailq(&argv0, &args);
+    }
+    // sendmail's flags are its own (-t, -oi, -fADDR), not argh's: passed raw.
+    if name == "sendmail" {
+        return postling::sendmail::main(&argv0, &args);
+    }
+    if args.first().map(String::as_str) == Some("sendmail") {
+        return postling::sendmail::main(&argv0, &args[1..]);
     }
     let cli: Cli = match parse(&argv0, &args) {
         Ok(cli) => cli,

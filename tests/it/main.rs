@@ -13,5 +13,6 @@ mod protocol;
 mod queue;
 mod relay;
 mod security;
+mod sendmail;
 mod submit;
 mod util;

@@ -1,0 +1,306 @@
+//! The client side of local submission: `postling sendmail` and the binary
+//! invoked as `sendmail`, fed from stdin as cron and mail(1) do, talking to
+//! the real daemon over `data_dir/submit.sock`. (Which envelope sender the
+//! daemon allows each Unix user is tested in `submit.rs`.)
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use crate::util::{split_message, wait_for, Server, TempDir, BIN};
+
+/// The server's config, with its data_dir written in, so the client finds
+/// the socket from the same file (`-C dir/postling.toml`).
+fn config(dir: &TempDir) -> String {
+    format!(
+        "data_dir = {:?}\n[local]\ndomains = [\"pi.test\", \"localhost\"]\n",
+        dir.path().join("data")
+    )
+}
+
+/// Runs `argv0 [sendmail] -C <dir>/postling.toml ARGS` with `input` on stdin.
+fn run(dir: &Path, as_sendmail: bool, args: &[&str], input: &[u8]) -> Output {
+    let mut cmd = Command::new(BIN);
+    if as_sendmail {
+        cmd.arg0("sendmail");
+    } else {
+        cmd.arg("sendmail");
+    }
+    cmd.arg("-C")
+        .arg(dir.join("postling.toml"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run sendmail");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    // The client may stop reading early (a "." line, an error): ignore EPIPE.
+    let writer = thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("wait for sendmail");
+    let _ = writer.join();
+    out
+}
+
+fn sendmail(s: &TempDir, args: &[&str], input: &[u8]) -> Output {
+    run(s.path(), false, args, input)
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits for `n` messages in `user`'s Maildir and returns them.
+fn mail(s: &Server, user: &str, n: usize) -> Vec<Vec<u8>> {
+    assert!(
+        wait_for(Duration::from_secs(10), || s.mail(user).len() >= n),
+        "no mail for {user}; log:\n{}",
+        s.log()
+    );
+    s.mail(user)
+}
+
+fn assert_crlf(msg: &[u8]) {
+    for (i, &b) in msg.iter().enumerate() {
+        if b == b'\n' {
+            assert!(i > 0 && msg[i - 1] == b'\r', "bare LF at {i}");
+        }
+        if b == b'\r' {
+            assert_eq!(msg.get(i + 1), Some(&b'\n'), "bare CR at {i}");
+        }
+    }
+}
+
+#[test]
+fn printf_to_root_is_delivered_with_crlf_and_added_headers() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    let out = sendmail(&dir, &["root"], b"Subject: x\n\nhello\n");
+    ok(&out);
+    let msgs = mail(&s, "root", 1);
+    assert_eq!(msgs.len(), 1);
+    assert_crlf(&msgs[0]);
+    let (header, body) = split_message(&msgs[0]);
+    assert_eq!(body, b"hello\r\n");
+    assert!(header.contains("\r\nSubject: x\r\n"), "{header}");
+    assert!(header.contains("\r\nFrom: <root@pi.test>\r\n"), "{header}");
+    assert!(header.contains("\r\nDate: "), "{header}");
+    assert!(header.contains("\r\nMessage-ID: <"), "{header}");
+}
+
+#[test]
+fn a_message_without_header_is_body_only() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    // As `sendmail` (argv[0]), with a comma list and -F.
+    let out = run(
+        dir.path(),
+        true,
+        &["-F", "Backup Job", "root,alice"],
+        b"hello\r\nworld",
+    );
+    ok(&out);
+    for user in ["root", "alice"] {
+        let msgs = mail(&s, user, 1);
+        let (header, body) = split_message(&msgs[0]);
+        assert_eq!(body, b"hello\r\nworld\r\n");
+        assert!(
+            header.contains("From: Backup Job <root@pi.test>"),
+            "{header}"
+        );
+    }
+}
+
+const CRON: &str = "From: root (Cron Daemon)\n\
+To: root\n\
+Cc: Alice <alice@pi.test>,\n  \"Carol, C.\" <carol@pi.test>\n\
+Bcc: bob\n\
+Subject: Cron <root@pi> run-parts /etc/cron.daily\n\
+Content-Type: text/plain; charset=UTF-8\n\
+X-Cron-Env: <SHELL=/bin/sh>\n\
+\n\
+output line\n\
+.\n\
+.after dot\n";
+
+#[test]
+fn t_i_like_cron_reaches_every_recipient_without_bcc() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    let out = run(dir.path(), true, &["-t", "-i"], CRON.as_bytes());
+    ok(&out);
+    for user in ["root", "alice", "carol", "bob"] {
+        let msgs = mail(&s, user, 1);
+        assert_eq!(msgs.len(), 1, "{user}");
+        assert_crlf(&msgs[0]);
+        let (header, body) = split_message(&msgs[0]);
+        assert!(!header.to_ascii_lowercase().contains("bcc"), "{header}");
+        assert!(
+            header.contains("\r\nFrom: root (Cron Daemon)\r\n"),
+            "{header}"
+        );
+        assert_eq!(header.matches("\r\nFrom:").count(), 1, "{header}");
+        assert!(
+            header.contains("Cc: Alice <alice@pi.test>,\r\n  \"Carol, C.\""),
+            "{header}"
+        );
+        // -i: the "." line is message text, and so is what follows it.
+        assert_eq!(body, b"output line\r\n.\r\n.after dot\r\n");
+    }
+}
+
+#[test]
+fn without_i_a_dot_line_ends_the_message() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    let out = sendmail(&dir, &["-t"], CRON.as_bytes());
+    ok(&out);
+    let msgs = mail(&s, "root", 1);
+    let (_, body) = split_message(&msgs[0]);
+    assert_eq!(body, b"output line\r\n");
+}
+
+#[test]
+fn a_remote_recipient_is_queued_and_listed_by_bp() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    let out = sendmail(
+        &dir,
+        &["-oi", "-oem", "-f", "root", "friend@example.org"],
+        b"Subject: away\n\nhi\n",
+    );
+    ok(&out);
+    assert!(
+        wait_for(Duration::from_secs(10), || s.queue().len() == 1),
+        "queue: {:?}",
+        s.queue()
+    );
+    let (id, envelope) = &s.queue()[0];
+    assert!(envelope.contains("friend@example.org"), "{envelope}");
+    let out = sendmail(&dir, &["-bp"], b"");
+    ok(&out);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains(id.as_str()), "{listing}");
+    assert!(listing.contains("friend@example.org"), "{listing}");
+    // -q: the daemon is asked (over the control socket) to retry now.
+    let out = sendmail(&dir, &["-q"], b"");
+    ok(&out);
+    assert!(
+        wait_for(Duration::from_secs(10), || s
+            .log()
+            .contains("control: flush all")),
+        "{}",
+        s.log()
+    );
+}
+
+#[test]
+fn bs_speaks_smtp_on_stdin_and_stdout() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    // Bare LF line ends, as a person or a script at a pipe would type them.
+    let script = "EHLO me\nMAIL FROM:<root@pi.test>\nRCPT TO:<root@pi.test>\nDATA\nSubject: bs\n\nvia -bs\n.\nQUIT\n";
+    let out = sendmail(&dir, &["-bs"], script.as_bytes());
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let codes: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+        .map(|l| &l[..3])
+        .collect();
+    assert_eq!(
+        codes,
+        ["220", "250", "250", "250", "354", "250", "221"],
+        "{stdout}"
+    );
+    let msgs = mail(&s, "root", 1);
+    let (_, body) = split_message(&msgs[0]);
+    assert_eq!(body, b"via -bs\r\n");
+}
+
+#[test]
+fn a_large_message_is_streamed_whole() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    let line = format!("{}\n", "x".repeat(99));
+    let body = line.repeat(50_000); // 5 MB
+    let input = format!("Subject: big\n\n{body}");
+    let out = sendmail(&dir, &["-i", "root"], input.as_bytes());
+    ok(&out);
+    let msgs = mail(&s, "root", 1);
+    let (_, stored) = split_message(&msgs[0]);
+    assert_eq!(stored.len(), 50_000 * 101);
+}
+
+#[test]
+fn daemon_not_running_is_tempfail() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
+    let out = sendmail(&dir, &["root"], b"Subject: x\n\nhello\n");
+    assert_eq!(out.status.code(), Some(75));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sendmail: postling is not running (no ")
+            && stderr.contains("submit.sock); message not sent"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
+    let out = sendmail(&dir, &["-x", "root"], b"");
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "sendmail: unknown option -x\n"
+    );
+    let out = run(dir.path(), true, &["-i"], b"Subject: x\n\nhi\n");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no recipients"));
+    // -t with no recipient header either.
+    let out = sendmail(&dir, &["-t"], b"Subject: x\n\nhi\n");
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn refused_recipients_are_reported_and_none_accepted_is_nouser() {
+    let dir = TempDir::new();
+    let config = format!("{}users = [\"root\"]\n", config(&dir));
+    let s = Server::start(&dir, &config);
+    let out = sendmail(&dir, &["nobody-here", "root"], b"Subject: x\n\nhi\n");
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sendmail: nobody-here@pi.test: 5"),
+        "{stderr}"
+    );
+    assert_eq!(mail(&s, "root", 1).len(), 1);
+    let out = sendmail(&dir, &["nobody-here"], b"Subject: x\n\nhi\n");
+    assert_eq!(out.status.code(), Some(67), "{out:?}");
+}
+
+#[test]
+fn an_endless_header_is_a_data_error() {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
+    let input = b"X-Filler: some header text here\n".repeat(40_000); // 1.3 MB
+    let out = sendmail(&dir, &["root"], &input);
+    assert_eq!(out.status.code(), Some(65));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "sendmail: header too long\n"
+    );
+}
