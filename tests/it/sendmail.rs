@@ -304,3 +304,48 @@ fn an_endless_header_is_a_data_error() {
         "sendmail: header too long\n"
     );
 }
+
+#[test]
+fn the_envelope_sender_is_the_unix_user_unless_trusted() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    let message = b"Subject: who\n\nhi\n";
+    // root is trusted: -f is honoured.
+    ok(&sendmail(
+        &dir,
+        &["-f", "backup@example.net", "alice"],
+        message,
+    ));
+    // nobody is not: -f is ignored, the envelope sender is its own address.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["sendmail", "-C"])
+        .arg(dir.path().join("postling.toml"))
+        .args(["-f", "boss@example.net", "alice"])
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("sendmail as nobody");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(message)
+        .expect("write");
+    ok(&child.wait_with_output().expect("wait"));
+    assert!(wait_for(Duration::from_secs(5), || s.mail("alice").len() == 2));
+    let senders: Vec<String> = s
+        .mail("alice")
+        .iter()
+        .map(|m| split_message(m).0.lines().next().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        senders.contains(&"Return-Path: <backup@example.net>".to_string()),
+        "{senders:?}"
+    );
+    assert!(
+        senders.contains(&"Return-Path: <nobody@pi.test>".to_string()),
+        "{senders:?}"
+    );
+}
