@@ -806,17 +806,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn error_limit_closes() {
-        let mut c = config();
-        c.limits.max_errors = 2;
-        let mut s = Session::new(
-            &c,
+    /// A plain-SMTP session from 127.0.0.1.
+    fn session(c: &Config) -> Session<'_> {
+        Session::new(
+            c,
             "T".into(),
             "127.0.0.1".parse().expect("ip"),
             ListenMode::Smtp,
             false,
-        );
+        )
+    }
+
+    #[test]
+    fn error_limit_closes() {
+        let mut c = config();
+        c.limits.max_errors = 2;
+        let mut s = session(&c);
         assert!(matches!(s.command(b"X"), Action::Reply(_)));
         assert!(matches!(s.command(b"X"), Action::Reply(_)));
         match s.command(b"X") {
@@ -837,13 +842,7 @@ mod tests {
             (DataResult::Refused(DataError::Storage), 451, "4.3.0"),
         ];
         for (result, code, enhanced) in cases {
-            let mut s = Session::new(
-                &c,
-                "T".into(),
-                "127.0.0.1".parse().expect("ip"),
-                ListenMode::Smtp,
-                false,
-            );
+            let mut s = session(&c);
             for cmd in ["EHLO a", "MAIL FROM:<x@y>", "RCPT TO:<alice@localhost>"] {
                 s.command(cmd.as_bytes());
             }

@@ -76,20 +76,7 @@ impl TlsClient {
     }
 
     fn reply(&mut self) -> String {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            if self.io.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            let line = line.trim_end().to_string();
-            let last = line.as_bytes().get(3) != Some(&b'-');
-            lines.push(line);
-            if last {
-                break;
-            }
-        }
-        lines.join("\n")
+        crate::util::read_reply(&mut self.io)
     }
 
     fn cmd(&mut self, line: &str) -> String {

@@ -274,22 +274,7 @@ impl Client {
     /// Reads one reply; multi-line replies are joined with '\n'. Returns ""
     /// when the server closed the connection.
     pub fn reply(&mut self) -> String {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
-            let line = line.trim_end().to_string();
-            let last = line.as_bytes().get(3) != Some(&b'-');
-            lines.push(line);
-            if last {
-                break;
-            }
-        }
-        lines.join("\n")
+        read_reply(&mut self.reader)
     }
 
     /// Sends one command line and returns the reply.
@@ -413,3 +398,24 @@ impl Pki {
 }
 
 static N_PKI: AtomicUsize = AtomicUsize::new(0);
+
+/// Reads one SMTP reply; multi-line replies are joined with '\n'. Returns
+/// "" when the connection closed first. Every line must end with CRLF.
+pub fn read_reply(reader: &mut impl BufRead) -> String {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        assert!(line.ends_with("\r\n"), "reply line without CRLF: {line:?}");
+        let line = line.trim_end().to_string();
+        let last = line.as_bytes().get(3) != Some(&b'-');
+        lines.push(line);
+        if last {
+            break;
+        }
+    }
+    lines.join("\n")
+}
