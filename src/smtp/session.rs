@@ -482,8 +482,12 @@ impl<'c> Session<'c> {
             }
         }
         info!(
-            "session={} from=<{}> size={:?}",
-            self.id, sender, params.size
+            "session={} from=<{}> size={}",
+            self.id,
+            sender,
+            params
+                .size
+                .map_or_else(|| "-".to_string(), |n| n.to_string())
         );
         self.set_state(State::Mail(Tx {
             sender,
