@@ -55,6 +55,10 @@ fn an_untrusted_user_always_sends_as_itself() {
     let dir = TempDir::new();
     let s = Server::start(&dir, CONFIG);
     let socket = s.data.join("submit.sock");
+    if !crate::util::others_can_reach(&s.data) {
+        eprintln!("skipped: the data directory is not reachable by the user nobody");
+        return;
+    }
     // A small client running as `nobody` (uid 65534).
     let py = format!(
         "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.sendall({:?}.encode())\nsys.stdout.write(s.makefile().read())\n",
@@ -74,6 +78,13 @@ fn an_untrusted_user_always_sends_as_itself() {
             return;
         }
     };
+    if !out.status.success() && out.stdout.is_empty() {
+        eprintln!(
+            "skipped: python3 did not run as nobody: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
     let replies = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         replies.contains("250 2.0.0 OK: queued as"),

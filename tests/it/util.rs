@@ -419,3 +419,14 @@ pub fn read_reply(reader: &mut impl BufRead) -> String {
     }
     lines.join("\n")
 }
+
+/// Whether an unprivileged user (`nobody`) can reach and run `path`: every
+/// directory on the way must be searchable by others. Tests that run as
+/// `nobody` skip themselves when the checkout sits somewhere private.
+pub fn others_can_reach(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().all(|p| {
+        p.as_os_str().is_empty()
+            || fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+    })
+}
