@@ -106,8 +106,11 @@ fn a_host_that_is_down_defers_then_delivers_when_it_comes_up() {
         .log()
         .contains(&format!("id={id} to=<bob@later.test>"))
         && a.log().contains("status=deferred")));
+    // The log line comes just before the envelope is saved: wait for both.
     assert!(
-        a.queue()[0].1.contains("rcpt deferred bob@later.test "),
+        wait_for(SHORT, || a.queue().first().is_some_and(
+            |(_, env)| env.contains("rcpt deferred bob@later.test ")
+        )),
         "{:?}",
         a.queue()
     );
