@@ -42,7 +42,8 @@ pub fn store_with_client(
 ) -> io::Result<()> {
     let id = spool.id().to_string();
     spool.sync()?;
-    let local = &ctx.config().local;
+    let config = ctx.config();
+    let local = &config.local;
     let sender = &message.sender;
     let copies = message.mailboxes();
     // Find a broken mailbox before writing any copy, so the 451 that
@@ -57,14 +58,7 @@ pub fn store_with_client(
         );
         let file = spool.file();
         file.seek(SeekFrom::Start(0))?;
-        let root = within(copy.dir, &local.maildir_root);
-        let path = maildir::deliver(
-            copy.dir,
-            root,
-            &ctx.config().hostname,
-            header.as_bytes(),
-            file,
-        )?;
+        let path = maildir::deliver_prepared(copy.dir, &config.hostname, header.as_bytes(), file)?;
         info!(
             "id={id} from=<{sender}> to=<{}> size={size} status=delivered maildir={}",
             copy.delivered_to,

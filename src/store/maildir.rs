@@ -47,6 +47,17 @@ pub fn deliver(
     body: &mut File,
 ) -> io::Result<PathBuf> {
     prepare(dir, root)?;
+    deliver_prepared(dir, hostname, header, body)
+}
+
+/// `deliver` into a Maildir that `prepare` has just checked: for a caller
+/// that prepares every mailbox first, so the checks are not done twice.
+pub fn deliver_prepared(
+    dir: &Path,
+    hostname: &str,
+    header: &[u8],
+    body: &mut File,
+) -> io::Result<PathBuf> {
     let (tmp_path, mut file, unique) = create_tmp(dir, hostname)?;
     match write_and_publish(dir, &tmp_path, &mut file, &unique, header, body) {
         Ok(path) => Ok(path),
