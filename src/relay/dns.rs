@@ -303,8 +303,7 @@ impl Resolver {
                 .map_err(|e| format!("UDP timeout: {e}"))?;
             let (n, from) = match sock.recv_from(&mut buf) {
                 Ok(got) => got,
-                Err(e) if is_timeout(&e) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if crate::wait::is_retry(&e) => continue,
                 Err(e) => return Err(format!("UDP receive: {e}")),
             };
             if from != server {
@@ -328,7 +327,7 @@ impl Resolver {
         let mut stream =
             TcpStream::connect_timeout(&server, left()).map_err(|e| format!("TCP connect: {e}"))?;
         let io_err = |e: io::Error| {
-            if is_timeout(&e) {
+            if crate::wait::is_retry(&e) {
                 "TCP timeout".to_string()
             } else {
                 format!("TCP: {e}")
@@ -559,13 +558,6 @@ pub fn fuzz_decode(bytes: &[u8]) {
         };
         let _ = decode_reply(bytes, &q);
     }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 /// 64 unpredictable-enough bits from the time, a process counter and std's

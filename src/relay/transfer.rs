@@ -284,13 +284,7 @@ fn read_reply(
                 trace!("read {n} bytes");
                 parser.feed(&buf[..n]);
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if crate::wait::is_retry(&e) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Err("connection closed by the server".into())
             }

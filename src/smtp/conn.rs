@@ -212,15 +212,7 @@ impl Input {
                 self.end += n;
                 Ok(true)
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+            Err(e) if crate::wait::is_retry(&e) => Ok(false),
             Err(e) => Err(End::Io(e)),
         }
     }
@@ -467,14 +459,7 @@ impl Conn<'_> {
         while tls.is_handshaking() {
             match tls.complete_io(&mut tcp) {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
+                Err(e) if crate::wait::is_retry(&e) => {
                     if Instant::now() >= deadline {
                         return Err(End::Timeout);
                     }
