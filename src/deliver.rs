@@ -1,74 +1,158 @@
-//! Final disposition of one received message, before the `250` is sent.
+//! Where one received message goes, and its final disposition before the
+//! `250` is sent.
 //!
-//! Takes the spooled message (already holding the `Received:` field and the
-//! body) and makes every recipient's copy durable: one Maildir file per
-//! distinct local mailbox (with `Return-Path:` and `Delivered-To:`, RFC 5321
-//! 4.4, RFC 9228), then, if any recipient is remote, the spool is committed to
-//! the queue with its envelope and the relay thread is told its id. Only
-//! when all of that succeeded does the caller reply 250; on any error the
-//! spool is removed (Maildir copies already made stay: a retry by the client
-//! may duplicate them, but nothing acknowledged is ever lost).
+//! [`open`] picks the file the message is written to as it arrives: for
+//! mail whose recipients are all local, the first mailbox's Maildir `tmp/`
+//! (the message is written once, as qmail's local delivery does); otherwise
+//! the queue's spool. [`store`] then makes every recipient's copy durable:
+//! one Maildir file per distinct local mailbox (with `Return-Path:` and
+//! `Delivered-To:`, RFC 5321 4.4, RFC 9228), then, if any recipient is
+//! remote, the spool is committed to the queue with its envelope and the
+//! relay thread is told its id. Only when all of that succeeded does the
+//! caller reply 250; on any error the unfinished file is removed (Maildir
+//! copies already made stay: a retry by the client may duplicate them, but
+//! nothing acknowledged is ever lost).
 //!
 //! It does not parse SMTP or decide who is local: the session did that.
 
-use std::io::{self, Seek, SeekFrom};
+use std::fs::File;
+use std::io;
 use std::path::Path;
 
 use log::{info, warn};
 
+use crate::config::Config;
 use crate::server::Context;
 use crate::smtp::conn::unix_now;
 use crate::smtp::message::Message;
 use crate::store::envelope::Envelope;
-use crate::store::maildir;
+use crate::store::maildir::{self, Draft};
+use crate::store::new_id;
 use crate::store::queue::Spool;
 
+/// Where a message is written while it is received.
+#[derive(Debug)]
+pub enum Sink {
+    /// Some recipient is remote: the queue's spool, `incoming/<id>/message`.
+    Queue(Spool),
+    /// Every recipient is local: straight into the first mailbox's `tmp/`,
+    /// after that mailbox's `Return-Path:` and `Delivered-To:`, so a local
+    /// message is written once and no spool file is made and removed.
+    Maildir { id: String, draft: Draft },
+}
+
+impl Sink {
+    /// The message id, for the `Received:` field and the logs.
+    pub fn id(&self) -> &str {
+        match self {
+            Sink::Queue(spool) => spool.id(),
+            Sink::Maildir { id, .. } => id,
+        }
+    }
+
+    /// The file the message (from its `Received:` field on) is written to.
+    pub fn file(&mut self) -> &mut File {
+        match self {
+            Sink::Queue(spool) => spool.file(),
+            Sink::Maildir { draft, .. } => draft.file(),
+        }
+    }
+}
+
+/// Opens the sink for `message` before its data arrives. Every local
+/// mailbox is checked (and created) first, so a broken one refuses the
+/// transaction before the client sends the body.
+pub fn open(message: &Message, ctx: &Context) -> io::Result<Sink> {
+    let config = ctx.config();
+    let copies = message.mailboxes();
+    for copy in &copies {
+        maildir::prepare(copy.dir, within(copy.dir, &config.local.maildir_root))?;
+    }
+    match copies.first() {
+        Some(first) if message.remote().is_empty() => {
+            let header = trace_header(&message.sender, &first.delivered_to);
+            let draft = Draft::create(first.dir, &config.hostname, header.as_bytes())?;
+            Ok(Sink::Maildir {
+                id: new_id(),
+                draft,
+            })
+        }
+        _ => ctx.queue.begin().map(Sink::Queue),
+    }
+}
+
+/// The fields a Maildir copy starts with (RFC 5321 4.4, RFC 9228).
+fn trace_header(sender: &str, delivered_to: &str) -> String {
+    format!("Return-Path: <{sender}>\r\nDelivered-To: {delivered_to}\r\n")
+}
+
 /// Delivers local copies and queues remote recipients; Ok means durable.
-pub fn store(message: &Message, spool: Spool, size: u64, ctx: &Context) -> io::Result<()> {
+pub fn store(message: &Message, sink: Sink, size: u64, ctx: &Context) -> io::Result<()> {
     let client = format!(
         "[{}] helo={} session={}",
         message.peer, message.helo, message.session
     );
-    store_with_client(message, spool, size, ctx, &client)
+    store_with_client(message, sink, size, ctx, &client)
 }
 
 /// `store`, with the envelope's informational `client` field given.
 pub fn store_with_client(
     message: &Message,
-    mut spool: Spool,
+    sink: Sink,
     size: u64,
     ctx: &Context,
     client: &str,
 ) -> io::Result<()> {
-    let id = spool.id().to_string();
-    spool.sync()?;
     let config = ctx.config();
-    let local = &config.local;
-    let sender = &message.sender;
-    let copies = message.mailboxes();
-    // Find a broken mailbox before writing any copy, so the 451 that
-    // follows does not leave the others with a copy each retry duplicates.
-    for copy in &copies {
-        maildir::prepare(copy.dir, within(copy.dir, &local.maildir_root))?;
+    match sink {
+        Sink::Maildir { id, mut draft } => {
+            let mut copies = message.mailboxes().into_iter();
+            // `open` made the draft in the first mailbox.
+            if let Some(first) = copies.next() {
+                let path = draft.publish()?;
+                log_delivered(&id, message, first.delivered_to.as_str(), size, &path);
+            }
+            for copy in copies {
+                let header = trace_header(&message.sender, &copy.delivered_to);
+                let body = draft.body()?;
+                let path =
+                    maildir::deliver_prepared(copy.dir, &config.hostname, header.as_bytes(), body)?;
+                log_delivered(&id, message, &copy.delivered_to, size, &path);
+            }
+            Ok(())
+        }
+        Sink::Queue(spool) => store_queued(message, spool, size, ctx, &config, client),
     }
-    for copy in copies {
-        let header = format!(
-            "Return-Path: <{sender}>\r\nDelivered-To: {}\r\n",
-            copy.delivered_to
-        );
-        let file = spool.file();
-        file.seek(SeekFrom::Start(0))?;
-        let path = maildir::deliver_prepared(copy.dir, &config.hostname, header.as_bytes(), file)?;
-        info!(
-            "id={id} from=<{sender}> to=<{}> size={size} status=delivered maildir={}",
-            copy.delivered_to,
-            path.display()
-        );
+}
+
+/// A message with remote recipients: local copies from the spool, then the
+/// spool committed to the queue.
+fn store_queued(
+    message: &Message,
+    mut spool: Spool,
+    size: u64,
+    ctx: &Context,
+    config: &Config,
+    client: &str,
+) -> io::Result<()> {
+    let id = spool.id().to_string();
+    let sender = &message.sender;
+    for copy in message.mailboxes() {
+        let header = trace_header(sender, &copy.delivered_to);
+        let path = maildir::deliver_prepared(
+            copy.dir,
+            &config.hostname,
+            header.as_bytes(),
+            spool.rewound()?,
+        )?;
+        log_delivered(&id, message, &copy.delivered_to, size, &path);
     }
     let remote = message.remote();
     if remote.is_empty() {
-        // Every copy is durable: a spool we cannot remove is swept at the
-        // next start, and must not turn a delivered message into a 451.
+        // Not reached from `open`, which writes local-only mail straight
+        // into a Maildir. Every copy is durable: a spool we cannot remove is
+        // swept at the next start, and must not turn a delivered message
+        // into a 451.
         if let Err(e) = spool.discard() {
             warn!("id={id} cannot remove the spool: {e}");
         }
@@ -91,6 +175,14 @@ pub fn store_with_client(
     // closed channel (shutting down) loses nothing.
     let _ = ctx.relay.send(crate::relay::Request::Queued(id));
     Ok(())
+}
+
+fn log_delivered(id: &str, message: &Message, to: &str, size: u64, path: &Path) {
+    info!(
+        "id={id} from=<{}> to=<{to}> size={size} status=delivered maildir={}",
+        message.sender,
+        path.display()
+    );
 }
 
 /// The Maildir root to confine symlink checks to, when `dir` is under it.

@@ -466,10 +466,10 @@ impl Relay {
             tls: None,
             local_user: None,
         };
-        let mut spool = self.ctx.queue.begin()?;
-        let id = spool.id().to_string();
-        spool.file().write_all(text)?;
-        crate::deliver::store_with_client(&message, spool, text.len() as u64, &self.ctx, client)?;
+        let mut sink = crate::deliver::open(&message, &self.ctx)?;
+        let id = sink.id().to_string();
+        sink.file().write_all(text)?;
+        crate::deliver::store_with_client(&message, sink, text.len() as u64, &self.ctx, client)?;
         Ok(id)
     }
 }

@@ -574,19 +574,19 @@ impl Conn<'_> {
     /// The DATA phase: spool, 354, stream through the decoder, deliver.
     fn receive(&mut self, message: &crate::smtp::message::Message) -> Result<DataResult, End> {
         let ctx = self.ctx;
-        let mut spool = match ctx.queue.begin() {
+        let mut sink = match deliver::open(message, ctx) {
             Ok(s) => s,
             Err(e) => {
-                error!("session={} cannot create spool file: {e}", message.session);
+                error!("session={} cannot store a message: {e}", message.session);
                 return Ok(DataResult::Refused(DataError::Storage));
             }
         };
         self.queue(&reply::start_data());
         self.flush()?;
-        let id = spool.id().to_string();
+        let id = sink.id().to_string();
         let header = message.received_header(&self.config.hostname, &id, unix_now());
         let mut decoder = DataDecoder::new(self.config.limits.max_message_size);
-        if let Err(e) = spool.file().write_all(header.as_bytes()) {
+        if let Err(e) = sink.file().write_all(header.as_bytes()) {
             error!("id={id} write failed: {e}");
             decoder.fail(DataError::Storage);
         }
@@ -600,7 +600,7 @@ impl Conn<'_> {
             let step = decoder.decode(self.input.pending());
             received += step.consumed as u64;
             if step.produced > 0 {
-                if let Err(e) = spool
+                if let Err(e) = sink
                     .file()
                     .write_all(&self.input.pending()[..step.produced])
                 {
@@ -614,7 +614,7 @@ impl Conn<'_> {
             }
             let allowed = started + timeout + Duration::from_secs(received / MIN_DATA_RATE);
             let deadline = (Instant::now() + timeout).min(allowed);
-            // The spool is dropped (and removed) if this fails.
+            // The sink is dropped (and its file removed) if this fails.
             self.wait_input(deadline, false)?;
         }
         let stats = match decoder.finish() {
@@ -635,7 +635,7 @@ impl Conn<'_> {
             "id={id} size={} received={}",
             stats.size, stats.received_headers
         );
-        match deliver::store(message, spool, stats.size, ctx) {
+        match deliver::store(message, sink, stats.size, ctx) {
             Ok(()) => {
                 info!(
                     "session={} id={id} accepted from=<{}> size={} nrcpt={}",

@@ -10,16 +10,21 @@
 //! with `symlink_metadata` before use; they defeat symlinks placed in advance,
 //! not a concurrent swap by someone who can already write to the Maildir.
 //!
+//! A message for local recipients only is written straight into `tmp/` as it
+//! arrives ([`Draft`]); other copies are made from a file the caller passes.
+//! The fsync of `new/` after the rename is shared with other sessions
+//! delivering into the same Maildir at the same moment ([`super::group`]).
+//!
 //! This file does not decide who is local or where a user's Maildir is (the
 //! caller passes the directory), does not build the header it is given, and
-//! never seeks the body: the caller rewinds it.
+//! never seeks a body it is given: the caller positions it.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::{at, create_dir_durable, next_counter, now_micros, symlink_refused, sync_dir};
+use super::{at, create_dir_durable, group, next_counter, now_micros, symlink_refused};
 
 /// Attempts at a fresh tmp name before giving up (a clash means a clock jump
 /// and a pid reused in the same microsecond, or a stray file).
@@ -58,13 +63,105 @@ pub fn deliver_prepared(
     header: &[u8],
     body: &mut File,
 ) -> io::Result<PathBuf> {
-    let (tmp_path, mut file, unique) = create_tmp(dir, hostname)?;
-    match write_and_publish(dir, &tmp_path, &mut file, &unique, header, body) {
-        Ok(path) => Ok(path),
-        Err(e) => {
+    let mut draft = Draft::create(dir, hostname, header)?;
+    io::copy(body, draft.file()).map_err(at(&draft.tmp))?;
+    draft.publish()
+}
+
+/// A message being written straight into a Maildir's `tmp/`, for mail whose
+/// recipients are all local: the session writes the body into it as it
+/// arrives, so the message is written once, with no spool file to create,
+/// copy and remove. [`Draft::publish`] makes it durable and moves it into
+/// `new/`; dropped unpublished, the file is removed.
+#[derive(Debug)]
+pub struct Draft {
+    dir: PathBuf,
+    tmp: PathBuf,
+    unique: String,
+    file: File,
+    header_len: u64,
+    published: bool,
+}
+
+impl Draft {
+    /// Creates `dir/tmp/<unique>` and writes `header` into it. `dir` must
+    /// have been checked by [`prepare`].
+    pub fn create(dir: &Path, hostname: &str, header: &[u8]) -> io::Result<Draft> {
+        let (tmp, file, unique) = create_tmp(dir, hostname)?;
+        let mut draft = Draft {
+            dir: dir.to_path_buf(),
+            tmp,
+            unique,
+            file,
+            header_len: header.len() as u64,
+            published: false,
+        };
+        draft.file.write_all(header).map_err(at(&draft.tmp))?;
+        Ok(draft)
+    }
+
+    /// The file, positioned at the end of what was written so far.
+    pub fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// The file positioned just after the header given to `create`: what
+    /// follows is the message as received, for copying into other
+    /// mailboxes (each with its own header).
+    pub fn body(&mut self) -> io::Result<&mut File> {
+        self.file
+            .seek(SeekFrom::Start(self.header_len))
+            .map_err(at(&self.tmp))?;
+        Ok(&mut self.file)
+    }
+
+    /// fsyncs the file, renames it into `new/` (with `,S=<size>`) and makes
+    /// the new name durable; returns the final path. On `Err` the message
+    /// is in neither `tmp/` nor `new/`.
+    pub fn publish(&mut self) -> io::Result<PathBuf> {
+        self.published = true;
+        let result = self.try_publish();
+        if result.is_err() {
             // Best effort: the file may already be gone, and the original error matters more.
-            let _ = fs::remove_file(&tmp_path);
-            Err(e)
+            let _ = fs::remove_file(&self.tmp);
+        }
+        result
+    }
+
+    fn try_publish(&mut self) -> io::Result<PathBuf> {
+        let tmp = &self.tmp;
+        let new_dir = self.dir.join("new");
+        // Announced before the slow file fsync, so a directory sync that
+        // other sessions are about to start waits for this rename too.
+        let rename = group::intend(&new_dir);
+        self.file.sync_all().map_err(at(tmp))?;
+        let size = self.file.metadata().map_err(at(tmp))?.len();
+        let final_path = new_dir.join(format!("{},S={size}", self.unique));
+        // rename(2) would silently replace an existing message; names are
+        // unique, so this only guards against a stray file.
+        if fs::symlink_metadata(&final_path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: already exists", final_path.display()),
+            ));
+        }
+        fs::rename(tmp, &final_path).map_err(at(&final_path))?;
+        // Shared with other sessions delivering into this Maildir now.
+        if let Err(e) = rename.sync() {
+            // Not durable, so report failure; take the copy back so `Err`
+            // always means "not delivered" (a retry cannot duplicate it).
+            let _ = fs::remove_file(&final_path);
+            return Err(e);
+        }
+        Ok(final_path)
+    }
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        if !self.published {
+            // Best effort: a leftover in tmp/ is swept after 36 hours.
+            let _ = fs::remove_file(&self.tmp);
         }
     }
 }
@@ -142,6 +239,7 @@ fn create_tmp(dir: &Path, hostname: &str) -> io::Result<(PathBuf, File, String)>
         );
         let path = dir.join("tmp").join(&unique);
         match OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(super::FILE_MODE)
@@ -166,39 +264,6 @@ fn escape_host(hostname: &str) -> String {
         hostname
     };
     host.replace('/', "\\057").replace(':', "\\072")
-}
-
-fn write_and_publish(
-    dir: &Path,
-    tmp_path: &Path,
-    file: &mut File,
-    unique: &str,
-    header: &[u8],
-    body: &mut File,
-) -> io::Result<PathBuf> {
-    file.write_all(header).map_err(at(tmp_path))?;
-    let copied = io::copy(body, file).map_err(at(tmp_path))?;
-    file.sync_all().map_err(at(tmp_path))?;
-    let size = header.len() as u64 + copied;
-
-    let new_dir = dir.join("new");
-    let final_path = new_dir.join(format!("{unique},S={size}"));
-    // rename(2) would silently replace an existing message; names are unique,
-    // so this only guards against a stray file.
-    if fs::symlink_metadata(&final_path).is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{}: already exists", final_path.display()),
-        ));
-    }
-    fs::rename(tmp_path, &final_path).map_err(at(&final_path))?;
-    if let Err(e) = sync_dir(&new_dir) {
-        // Not durable, so report failure; take the copy back so `Err` always
-        // means "not delivered" (a retry then cannot produce a duplicate).
-        let _ = fs::remove_file(&final_path);
-        return Err(e);
-    }
-    Ok(final_path)
 }
 
 /// Removes files in `<maildir>/tmp/` older than `age` (the Maildir spec's

@@ -12,13 +12,15 @@
 //! be synced after a rename.
 //!
 //! This module owns the small helpers ([`sync_dir`], [`create_dir_durable`],
-//! [`new_id`]); [`maildir`] owns local delivery, [`queue`] the on-disk queue
-//! and [`envelope`] the envelope file format. It does not own policy (who is
+//! [`new_id`]); [`maildir`] owns local delivery, [`queue`] the on-disk queue,
+//! [`envelope`] the envelope file format, and [`group`] the directory fsyncs
+//! that concurrent sessions share. It does not own policy (who is
 //! local, what is relayed) nor any protocol code.
 
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod group;
 pub mod maildir;
 pub mod queue;
 

@@ -16,12 +16,12 @@
 //! checked with [`super::is_valid_id`] wherever one arrives from outside.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::envelope::Envelope;
-use super::{at, check_real_dir, create_dir_durable, is_valid_id, new_id, sync_dir};
+use super::{at, check_real_dir, create_dir_durable, group, is_valid_id, new_id, sync_dir};
 
 const MESSAGE: &str = "message";
 const ENVELOPE: &str = "envelope";
@@ -279,7 +279,7 @@ impl Queue {
         check_real_dir(&dir)?;
         let trash = self.incoming.join(id);
         fs::rename(&dir, &trash).map_err(at(&dir))?;
-        sync_dir(&self.queue)?;
+        group::sync_dir(&self.queue)?;
         fs::remove_dir_all(&trash).map_err(at(&trash))?;
         log::debug!("queue: removed id={id}");
         Ok(())
@@ -343,6 +343,14 @@ impl Spool {
         &mut self.file
     }
 
+    /// The message file rewound to its start, for copying it elsewhere.
+    pub fn rewound(&mut self) -> io::Result<&mut File> {
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(at(&self.dir.join(MESSAGE)))?;
+        Ok(&mut self.file)
+    }
+
     /// fsyncs the message file (call before delivering copies or committing).
     pub fn sync(&mut self) -> io::Result<()> {
         self.file.sync_all().map_err(at(&self.dir.join(MESSAGE)))
@@ -372,10 +380,11 @@ impl Spool {
         let dest = self.queue.join(&self.id);
         fs::rename(&self.dir, &dest).map_err(at(&dest))?;
         self.done = true;
-        sync_dir(&self.queue)?;
+        // Both directory syncs are shared with concurrent sessions.
+        group::sync_dir(&self.queue)?;
         // Makes the removal from incoming/ durable too, so the entry cannot
         // reappear there after a crash.
-        sync_dir(&self.incoming)?;
+        group::sync_dir(&self.incoming)?;
         log::debug!("queue: committed id={}", self.id);
         Ok(())
     }

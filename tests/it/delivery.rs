@@ -224,21 +224,16 @@ fn a_failed_write_gets_451_and_leaves_no_partial_file() {
     let s = Server::start(&dir, &config);
     let mut c = s.client();
     c.cmd("EHLO client.test");
-    let r = c.send_mail(
-        "a@b.test",
-        &["bob@localhost", "alice@localhost", "x@example.com"],
-        "Subject: f\r\n\r\nhi\r\n",
-    );
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    for to in ["bob@localhost", "alice@localhost", "x@example.com"] {
+        assert!(c.cmd(&format!("RCPT TO:<{to}>")).starts_with("250"));
+    }
+    // The broken mailbox is found before the body is asked for.
+    let r = c.cmd("DATA");
     assert!(r.starts_with("451 4.3.0"), "{r}");
     // Nothing was committed to the queue, and no spool is left behind.
     assert!(s.queue().is_empty());
-    let spool_gone = crate::util::wait_for(std::time::Duration::from_secs(5), || {
-        fs::read_dir(s.data.join("incoming"))
-            .expect("incoming")
-            .count()
-            == 0
-    });
-    assert!(spool_gone);
+    assert!(s.nothing_unfinished());
     // The session goes on, and mail that can be stored still is.
     assert!(c
         .send_mail("a@b.test", &["bob@localhost"], "Subject: g\r\n\r\nhi\r\n")
@@ -248,4 +243,60 @@ fn a_failed_write_gets_451_and_leaves_no_partial_file() {
     let bob = s.mail("bob");
     assert_eq!(bob.len(), 1);
     assert!(String::from_utf8_lossy(&bob[0]).contains("Subject: g"));
+}
+
+#[test]
+fn local_mail_is_written_straight_into_the_maildir_and_a_dropped_one_is_removed() {
+    let dir = TempDir::new();
+    let aliases = dir.path().join("aliases");
+    fs::write(&aliases, "both: alice, bob\n").expect("aliases");
+    let s = Server::start(
+        &dir,
+        &format!(
+            "[local]\ndomains = [\"localhost\"]\naliases = \"{}\"\n",
+            aliases.display()
+        ),
+    );
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    assert!(c.cmd("RCPT TO:<both@localhost>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: half\r\n\r\nthe first half");
+    // While the body arrives it sits in the first mailbox's tmp/, with no
+    // spool file beside it.
+    let tmp = s.data.join("mail/alice/tmp");
+    assert!(crate::util::wait_for(
+        std::time::Duration::from_secs(5),
+        || fs::read_dir(&tmp).map_or(0, |d| d.count()) == 1
+    ));
+    assert_eq!(s.unfinished(), 1, "only the Maildir draft exists");
+    // The client goes away: the draft is removed, nothing is delivered.
+    drop(c);
+    assert!(s.nothing_unfinished());
+    assert!(s.mail("alice").is_empty() && s.mail("bob").is_empty());
+
+    // A finished one reaches both mailboxes, each with its own header.
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    let r = c.send_mail(
+        "a@b.test",
+        &["both@localhost"],
+        "Subject: whole\r\n\r\nall\r\n",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    for user in ["alice", "bob"] {
+        let mail = s.mail(user);
+        assert_eq!(mail.len(), 1, "{user}");
+        let text = String::from_utf8_lossy(&mail[0]).into_owned();
+        assert!(
+            text.starts_with(&format!(
+                "Return-Path: <a@b.test>\r\nDelivered-To: {user}@localhost\r\nReceived: from client.test"
+            )),
+            "{text}"
+        );
+        assert!(text.ends_with("Subject: whole\r\n\r\nall\r\n"), "{text}");
+    }
+    assert_eq!(s.unfinished(), 0);
+    assert!(s.queue().is_empty());
 }

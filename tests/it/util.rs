@@ -188,6 +188,25 @@ impl Server {
         read_new(&self.data.join("mail").join(user))
     }
 
+    /// Unfinished messages: entries in the spool (`incoming/`) plus files in
+    /// the `tmp/` of every Maildir under the default root, where local-only
+    /// mail is written while it arrives.
+    pub fn unfinished(&self) -> usize {
+        let count = |dir: &Path| fs::read_dir(dir).map_or(0, |d| d.count());
+        let mut n = count(&self.data.join("incoming"));
+        if let Ok(users) = fs::read_dir(self.data.join("mail")) {
+            for user in users.flatten() {
+                n += count(&user.path().join("tmp"));
+            }
+        }
+        n
+    }
+
+    /// Waits up to 5 s for [`Server::unfinished`] to reach 0.
+    pub fn nothing_unfinished(&self) -> bool {
+        wait_for(std::time::Duration::from_secs(5), || self.unfinished() == 0)
+    }
+
     /// Committed queue entries: (id, envelope text).
     pub fn queue(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();

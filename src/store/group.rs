@@ -1,0 +1,322 @@
+//! Group commit for directory fsyncs: when several sessions have each
+//! renamed a file into the same directory (a Maildir's `new/`, the queue's
+//! `queue/`), one fsync of the directory makes all of their names durable.
+//!
+//! A caller that has finished its rename asks for a sync that *starts after*
+//! that moment, because only such a sync is certain to include its entry. If
+//! none is running, it runs one itself; if one is running, it waits for it to
+//! end and then for the next one, which one of the waiters runs for all of
+//! them. So no caller returns before its own entry is on disk (nobody answers
+//! `250` early), and N concurrent callers cost about two fsyncs instead of N.
+//! This is the group commit of databases' write-ahead logs, applied per
+//! directory; Postfix and OpenSMTPD fsync once per message instead.
+//!
+//! A caller may also announce a rename before it makes it ([`intend`], just
+//! before fsyncing its file): a sync about to start then waits, for at most
+//! [`LINGER`], until every announced rename has been made, so one sync
+//! covers them all instead of each starting the next. A single session
+//! never waits: its own announcement ends before it asks for the sync.
+//!
+//! It owns only the bookkeeping; the fsync itself is [`super::sync_dir`].
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+/// The longest a sync waits for announced renames: about one file fsync on
+/// a slow SD card; on a fast disk the renames come much sooner.
+pub const LINGER: Duration = Duration::from_millis(10);
+
+/// The syncs of one directory.
+#[derive(Default)]
+struct Group {
+    state: Mutex<State>,
+    /// Signalled when a sync ends or an announced rename is made.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Number of syncs started so far (the generation of the latest).
+    started: u64,
+    /// Generation of the latest sync that has ended.
+    done: u64,
+    /// A sync is running now (its generation is `started`).
+    running: bool,
+    /// Generation and error of the latest sync that failed.
+    failed: Option<(u64, io::ErrorKind, String)>,
+    /// Renames announced with [`intend`] and not yet made.
+    pending: usize,
+}
+
+/// Directories with a sync in progress or callers waiting; an entry is
+/// removed when its last caller leaves, so the map stays as small as the
+/// number of directories being written at this moment.
+fn groups() -> MutexGuard<'static, HashMap<PathBuf, Arc<Group>>> {
+    static GROUPS: OnceLock<Mutex<HashMap<PathBuf, Arc<Group>>>> = OnceLock::new();
+    GROUPS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Makes every entry created, renamed or removed in `dir` before this call
+/// durable, sharing the fsync with concurrent callers for the same path.
+/// Fails if the sync that covered this call failed.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    intend(dir).sync()
+}
+
+/// Announces a rename into `dir` that this thread is about to make; call
+/// [`Intent::sync`] once it is made. Dropping the intent withdraws it.
+pub fn intend(dir: &Path) -> Intent {
+    let group = Arc::clone(groups().entry(dir.to_path_buf()).or_default());
+    lock(&group.state).pending += 1;
+    Intent {
+        group,
+        dir: dir.to_path_buf(),
+        pending: true,
+    }
+}
+
+/// A rename announced to the directory's group; see [`intend`].
+pub struct Intent {
+    group: Arc<Group>,
+    dir: PathBuf,
+    /// Still counted in the group's `pending`.
+    pending: bool,
+}
+
+impl Intent {
+    /// The rename is made: makes it durable, like [`sync_dir`].
+    pub fn sync(self) -> io::Result<()> {
+        self.sync_with(super::sync_dir, LINGER)
+    }
+
+    /// [`Intent::sync`] with the fsync and the longest linger given (tests
+    /// count and fail the fsync, and linger long enough not to be hurried
+    /// by a slow machine).
+    fn sync_with(
+        mut self,
+        fsync: impl Fn(&Path) -> io::Result<()>,
+        linger: Duration,
+    ) -> io::Result<()> {
+        let group = Arc::clone(&self.group);
+        let mut state = lock(&group.state);
+        self.withdraw_locked(&mut state);
+        // The first sync to start from now on covers this caller's rename.
+        // Computed under the same lock as the withdrawal, so a sync that
+        // lingered for this rename is the one this caller waits for.
+        let needed = state.started + 1;
+        wait_for_sync(&group, state, needed, &self.dir, fsync, linger)
+    }
+
+    fn withdraw_locked(&mut self, state: &mut State) {
+        if self.pending {
+            self.pending = false;
+            state.pending -= 1;
+            self.group.changed.notify_all();
+        }
+    }
+}
+
+impl Drop for Intent {
+    fn drop(&mut self) {
+        if self.pending {
+            let group = Arc::clone(&self.group);
+            self.withdraw_locked(&mut lock(&group.state));
+        }
+        let mut map = groups();
+        // Two references: the map's and ours; nobody else can take one
+        // without the map's lock, which is held.
+        if Arc::strong_count(&self.group) == 2 {
+            map.remove(&self.dir);
+        }
+    }
+}
+
+/// [`sync_dir`] with the fsync given, lingering [`LINGER`].
+#[cfg(test)]
+fn sync_with(dir: &Path, fsync: impl Fn(&Path) -> io::Result<()>) -> io::Result<()> {
+    intend(dir).sync_with(fsync, LINGER)
+}
+
+/// Waits until sync number `needed` has ended, running it (or a later one)
+/// if nobody else does; `state` is the group's locked state.
+fn wait_for_sync<'a>(
+    group: &'a Group,
+    mut state: MutexGuard<'a, State>,
+    needed: u64,
+    dir: &Path,
+    fsync: impl Fn(&Path) -> io::Result<()>,
+    linger: Duration,
+) -> io::Result<()> {
+    let mut linger_until: Option<Instant> = None;
+    while state.done < needed {
+        let now = Instant::now();
+        let lingering = state.pending > 0 && linger_until.is_none_or(|t| now < t);
+        if state.running || lingering {
+            let wait = if state.running {
+                linger
+            } else {
+                *linger_until.get_or_insert(now + linger) - now
+            };
+            state = group
+                .changed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            continue;
+        }
+        state.running = true;
+        state.started += 1;
+        let generation = state.started;
+        drop(state);
+        let result = fsync(dir);
+        state = lock(&group.state);
+        state.running = false;
+        state.done = generation;
+        if let Err(e) = result {
+            state.failed = Some((generation, e.kind(), e.to_string()));
+        }
+        group.changed.notify_all();
+    }
+    match &state.failed {
+        // A failed sync at or after the one needed may have been the one
+        // that should have covered this entry: report it (the client
+        // retries; a duplicate is possible, a loss is not).
+        Some((generation, kind, text)) if *generation >= needed => {
+            Err(io::Error::new(*kind, text.clone()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Barrier;
+    use std::time::Duration;
+
+    #[test]
+    fn one_caller_runs_one_sync() {
+        let calls = AtomicUsize::new(0);
+        let dir = Path::new("/group-test/one");
+        sync_with(dir, |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .expect("sync");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(!groups().contains_key(dir), "entry removed after use");
+    }
+
+    #[test]
+    fn concurrent_callers_share_syncs_and_each_waits_for_one_started_after_it() {
+        // Each caller records the number of syncs *started* when it arrived;
+        // when it returns, a sync that started later must have finished.
+        let started = AtomicUsize::new(0);
+        let finished = AtomicUsize::new(0);
+        let callers = 16;
+        let barrier = Barrier::new(callers);
+        let dir = Path::new("/group-test/many");
+        std::thread::scope(|s| {
+            for _ in 0..callers {
+                s.spawn(|| {
+                    barrier.wait();
+                    let seen = started.load(Ordering::SeqCst);
+                    sync_with(dir, |_| {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(20));
+                        finished.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    })
+                    .expect("sync");
+                    assert!(
+                        finished.load(Ordering::SeqCst) > seen,
+                        "returned before a sync that started after it ended"
+                    );
+                });
+            }
+        });
+        let syncs = started.load(Ordering::SeqCst);
+        assert!(syncs >= 1);
+        assert!(
+            syncs < callers,
+            "{syncs} syncs for {callers} callers: not shared"
+        );
+        assert!(!groups().contains_key(dir));
+    }
+
+    #[test]
+    fn a_sync_waits_for_an_announced_rename_and_covers_it() {
+        let calls = AtomicUsize::new(0);
+        let count = |_: &Path| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        let dir = Path::new("/group-test/linger");
+        // Long enough that no scheduling delay ends the wait early.
+        let linger = Duration::from_secs(60);
+        let announced = intend(dir);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| intend(dir).sync_with(count, linger));
+            // The other caller lingers for the announced rename ...
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "did not wait");
+            // ... which, once made, shares the one sync.
+            announced.sync_with(count, linger).expect("announced");
+            other.join().expect("thread").expect("other");
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(!groups().contains_key(dir));
+    }
+
+    #[test]
+    fn a_sync_lingers_at_most_linger_and_a_withdrawn_intent_frees_it() {
+        let dir = Path::new("/group-test/withdrawn");
+        let stuck = intend(dir);
+        let started = Instant::now();
+        let linger = Duration::from_millis(100);
+        intend(dir).sync_with(|_| Ok(()), linger).expect("sync");
+        assert!(started.elapsed() >= linger);
+        drop(stuck);
+        assert!(!groups().contains_key(dir));
+    }
+
+    #[test]
+    fn a_failed_sync_fails_its_callers_and_the_next_one_succeeds() {
+        let dir = Path::new("/group-test/fail");
+        let e = sync_with(dir, |_| Err(io::Error::other("disk on fire"))).expect_err("fails");
+        assert!(e.to_string().contains("disk on fire"), "{e}");
+        // A new caller needs a new sync, which succeeds.
+        sync_with(dir, |_| Ok(())).expect("next sync");
+    }
+
+    #[test]
+    fn different_directories_do_not_share() {
+        let calls = AtomicUsize::new(0);
+        for dir in ["/group-test/a", "/group-test/b"] {
+            sync_with(Path::new(dir), |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .expect("sync");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn syncs_a_real_directory() {
+        let t = super::super::testdir::TestDir::new("group");
+        sync_dir(t.path()).expect("real dir");
+        assert!(sync_dir(&t.path().join("missing")).is_err());
+    }
+}
