@@ -46,6 +46,7 @@ TOML
   [ -n "$port" ] || { echo "postling did not start:" >&2; cat "$work/log" >&2; exit 1; }
   start=$(date +%s.%N)
   timeout 600 smtp-source -s "$s" -m "$messages" -l 4096 -f a@bench.test -t user@remote.test 127.0.0.1:"$port"
+  [ -n "${BENCH_VERBOSE:-}" ] && echo "received after $(python3 -c "import time; print(round(time.time()-$start,2))") s, queue $(ls "$work/data/queue" | wc -l)" >&2
   # Until every queued message has been relayed (bounded: 10 minutes).
   for _ in $(seq 12000); do
     [ -z "$(ls -A "$work/data/queue" 2>/dev/null)" ] && break

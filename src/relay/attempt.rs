@@ -192,6 +192,11 @@ impl Deliverer {
                 }
                 format!("connect to {} [{}]: {e}", cand.host, cand.addr)
             })?;
+        // Every command is one write followed by a wait for the reply, so
+        // Nagle's algorithm could only delay them.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!("id={} TCP_NODELAY: {e}", env.id);
+        }
         let mut msg = self
             .open_message(env, path)
             .map_err(|e| format!("cannot read queued message: {e}"))?;

@@ -295,12 +295,19 @@ fn read_reply(
 
 /// Streams the message, dot-stuffed and CRLF-clean, with the final dot.
 /// On a read error nothing more is sent, so the server never sees the
-/// final dot of a truncated message.
+/// final dot of a truncated message. Each chunk is sent once the next read
+/// has succeeded, so the last one goes out in the same write as the final
+/// dot: a dot written on its own would wait for the server's delayed ACK
+/// (~40 ms on Linux) behind Nagle's algorithm, for every message.
 fn send_data(conn: &mut Conn, message: &mut dyn Read, timeout: Duration) -> Result<(), String> {
     let mut stuffer = DotStuffer::new();
     let mut input = vec![0u8; 16 * 1024];
     let mut out = Vec::with_capacity(17 * 1024);
     let mut total = 0u64;
+    let send = |conn: &mut Conn, out: &[u8]| {
+        conn.send(out, timeout)
+            .map_err(|e| format!("write failed during DATA: {}", tls::io_reason(&e)))
+    };
     loop {
         let n = match message.read(&mut input) {
             Ok(0) => break,
@@ -308,16 +315,15 @@ fn send_data(conn: &mut Conn, message: &mut dyn Read, timeout: Duration) -> Resu
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(format!("reading the queued message: {e}")),
         };
-        out.clear();
+        if !out.is_empty() {
+            send(conn, &out)?;
+            total += out.len() as u64;
+            out.clear();
+        }
         stuffer.encode(&input[..n], &mut out);
-        total += out.len() as u64;
-        conn.send(&out, timeout)
-            .map_err(|e| format!("write failed during DATA: {}", tls::io_reason(&e)))?;
     }
-    out.clear();
     stuffer.finish(&mut out);
-    conn.send(&out, timeout)
-        .map_err(|e| format!("write failed during DATA: {}", tls::io_reason(&e)))?;
+    send(conn, &out)?;
     trace!("sent {} bytes of message data", total + out.len() as u64);
     Ok(())
 }

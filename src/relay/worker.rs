@@ -74,6 +74,8 @@ struct Relay {
     forced: HashSet<String>,
     in_flight: HashMap<String, Flight>,
     results_tx: Sender<(String, Results)>,
+    /// Entries were removed since the last fsync of `queue/`.
+    unsynced_removals: bool,
 }
 
 /// Starts the relay thread. A `relay.ca_file` that holds no certificate
@@ -102,6 +104,7 @@ pub fn spawn(ctx: Arc<Context>, requests: Receiver<Request>) -> io::Result<JoinH
         forced: HashSet::new(),
         in_flight: HashMap::new(),
         results_tx,
+        unsynced_removals: false,
         ctx,
     };
     thread::Builder::new()
@@ -121,7 +124,7 @@ impl Relay {
             select! {
                 recv(requests) -> req => match req {
                     Ok(req) => self.handle(req),
-                    Err(_) => return,
+                    Err(_) => return self.sync_removals(),
                 },
                 recv(results) -> r => {
                     // The sender lives in `self`, so this cannot fail.
@@ -138,7 +141,21 @@ impl Relay {
             while let Ok((id, results)) = results.try_recv() {
                 self.record(&id, results);
             }
+            self.sync_removals();
             self.run_due();
+        }
+    }
+
+    /// One fsync for every entry removed in this pass of the loop, rather
+    /// than one per delivered message: under load, the results that arrive
+    /// during one sync are removed together and made durable by the next.
+    fn sync_removals(&mut self) {
+        if std::mem::take(&mut self.unsynced_removals) {
+            if let Err(e) = self.ctx.queue.sync_removals() {
+                // The entries are gone from the directory; at worst a crash
+                // brings some back and they are delivered again.
+                error!("cannot sync the queue directory after removals: {e}");
+            }
         }
     }
 
@@ -376,8 +393,11 @@ impl Relay {
             env.warned = true;
         }
         if env.recipients.iter().all(|r| r.state.is_final()) {
-            match self.ctx.queue.remove(id) {
-                Ok(()) => info!("id={id} status=removed (all recipients done)"),
+            match self.ctx.queue.remove_unsynced(id) {
+                Ok(()) => {
+                    self.unsynced_removals = true;
+                    info!("id={id} status=removed (all recipients done)");
+                }
                 Err(e) => error!("id={id} cannot remove finished entry: {e}"),
             }
             return;

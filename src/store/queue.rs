@@ -275,14 +275,28 @@ impl Queue {
     /// leaves either the whole entry in `queue/` or a leftover that startup
     /// sweeps, never a half-removed entry.
     pub fn remove(&self, id: &str) -> io::Result<()> {
+        self.remove_unsynced(id)?;
+        group::sync_dir(&self.queue)
+    }
+
+    /// [`Queue::remove`] without the fsync of `queue/`: for the relay,
+    /// which removes many delivered entries and then makes all of those
+    /// removals durable with one [`Queue::sync_removals`]. Until then a
+    /// crash can only bring an entry back (a duplicate delivery), never
+    /// lose one.
+    pub fn remove_unsynced(&self, id: &str) -> io::Result<()> {
         let dir = self.entry(id)?;
         check_real_dir(&dir)?;
         let trash = self.incoming.join(id);
         fs::rename(&dir, &trash).map_err(at(&dir))?;
-        group::sync_dir(&self.queue)?;
         fs::remove_dir_all(&trash).map_err(at(&trash))?;
         log::debug!("queue: removed id={id}");
         Ok(())
+    }
+
+    /// Makes every removal so far durable (one shared fsync of `queue/`).
+    pub fn sync_removals(&self) -> io::Result<()> {
+        group::sync_dir(&self.queue)
     }
 
     /// `queue/<id>` after checking the id.
@@ -374,6 +388,10 @@ impl Spool {
                 format!("envelope id {:?} is not spool id {}", envelope.id, self.id),
             ));
         }
+        // Announced before the slow fsyncs, so the directory syncs other
+        // sessions are about to start wait for this rename too.
+        let into_queue = group::intend(&self.queue);
+        let out_of_incoming = group::intend(&self.incoming);
         self.sync()?;
         write_durable_file(&self.dir.join(ENVELOPE), &envelope.to_bytes())?;
         sync_dir(&self.dir)?;
@@ -381,10 +399,10 @@ impl Spool {
         fs::rename(&self.dir, &dest).map_err(at(&dest))?;
         self.done = true;
         // Both directory syncs are shared with concurrent sessions.
-        group::sync_dir(&self.queue)?;
+        into_queue.sync()?;
         // Makes the removal from incoming/ durable too, so the entry cannot
         // reappear there after a crash.
-        group::sync_dir(&self.incoming)?;
+        out_of_incoming.sync()?;
         log::debug!("queue: committed id={}", self.id);
         Ok(())
     }
@@ -591,6 +609,25 @@ mod tests {
         assert_eq!(
             q.load(&id).expect_err("gone").kind(),
             io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn removals_synced_together_leave_nothing_behind() {
+        let t = TestDir::new("q-batch");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        let ids: Vec<String> = (0..3).map(|_| commit_one(&q, b"m")).collect();
+        for id in &ids {
+            q.remove_unsynced(id).expect("remove");
+        }
+        q.sync_removals().expect("sync");
+        assert!(names(q.queue_dir()).is_empty());
+        assert!(names(&t.path().join("incoming")).is_empty());
+        // A removed entry is not found again, and a bad id is refused.
+        assert!(q.remove_unsynced(&ids[0]).is_err());
+        assert_eq!(
+            q.remove_unsynced("../x").expect_err("bad id").kind(),
+            io::ErrorKind::InvalidInput
         );
     }
 
