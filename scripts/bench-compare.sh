@@ -100,7 +100,7 @@ cleanup() {
   set +e
   trap - ERR
   for etc in "${pf_etcs[@]}"; do
-    [ -d "$etc" ] && postfix -c "$etc" status 2>/dev/null && postfix -c "$etc" stop >/dev/null 2>&1
+    [ -d "$etc" ] && timeout 20 postfix -c "$etc" stop >/dev/null 2>&1
   done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
   for cg in "${cgroups[@]}"; do
@@ -108,7 +108,11 @@ cleanup() {
     # Only processes this script put there (and their children).
     for p in $(cat "$cg/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
   done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null
+    wait "$p" 2>/dev/null
+  done
   for cg in "${cgroups[@]}"; do
     for _ in $(seq 50); do rmdir "$cg" 2>/dev/null && break; sleep 0.1; done
   done
