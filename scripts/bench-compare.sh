@@ -343,12 +343,14 @@ def cmd_report(results, fsync, pf_version):
           f"before the runs: {f[0]} files/s from 1 thread, {f[1]} from 8 threads, {f[2]} from 1 thread without the "
           f"directory fsync; after the runs: {f[3]}, {f[4]} and {f[5]}.")
     print()
-    print("Every run (time is from the first message sent until the last is in new/, or the queue is empty for relay):")
+    print("Every run, in the order run (time: from the first message sent until the last is in new/, or for relay until "
+          "the queue is empty; disk: 50 Maildir-style files with fsync from 1 thread, just before the run):")
     print()
-    print("| run | server | test | time | msg/s | CPU µs/msg |")
-    print("|---|---|---|---|---|---|")
+    print("| run | server | test | time | msg/s | CPU µs/msg | disk files/s |")
+    print("|---|---|---|---|---|---|---|")
     for i, r in enumerate(x for x in rows if x[0] != "mem"):
-        print(f"| {i + 1} | {'Postfix' if r[2] == 'postfix' else 'postling'} | {r[0]} {r[1]} | {float(r[5]):.2f} s | {float(r[3]):,.0f} | {float(r[4]):,.0f} |")
+        print(f"| {i + 1} | {'Postfix' if r[2] == 'postfix' else 'postling'} | {r[0]} {r[1]} | {float(r[5]):.2f} s "
+              f"| {float(r[3]):,.0f} | {float(r[4]):,.0f} | {r[6]} |")
 
 def cmd_splice(path, section):
     begin, end = "<!-- bench-compare:begin -->", "<!-- bench-compare:end -->"
@@ -568,7 +570,10 @@ results=$work/results.tsv
 # Maildir (local) or the empty queue (relay). Appends to $results:
 # kind key server msg/s cpu_us_per_msg seconds
 timed_run() {
-  local kind=$1 key=$2 s=$3 m=$4 size=$5 rcpt=$6 c0 c1 t0 t1 f
+  local kind=$1 key=$2 s=$3 m=$4 size=$5 rcpt=$6 c0 c1 t0 t1 f probe
+  # The disk right now (it drifts): 50 Maildir-style files from 1 thread.
+  probe=$(py fsync "$work/probe" 50 1)
+  rm -rf "$work/probe"
   c0=$(py cpu "$SRV_SPEC")
   t0=$(now)
   timeout "$run_timeout" smtp-source -s "$s" -m "$m" -l "$size" -f a@bench.test -t "$rcpt" 127.0.0.1:"$SRV_PORT"
@@ -591,13 +596,13 @@ timed_run() {
     [ "$(grep -c 'status=sent' "$SRV_LOG")" = "$m" ] ||
       { echo "$SRV: $(grep -c 'status=sent' "$SRV_LOG") of $m relayed" >&2; tail "$SRV_LOG" >&2; exit 1; }
   fi
-  python3 - "$kind" "$key" "$SRV" "$m" "$t0" "$t1" "$c0" "$c1" >>"$results" <<'PY'
+  python3 - "$kind" "$key" "$SRV" "$m" "$t0" "$t1" "$c0" "$c1" "$probe" >>"$results" <<'PY'
 import sys
-kind, key, srv, m, t0, t1, c0, c1 = sys.argv[1:]
+kind, key, srv, m, t0, t1, c0, c1, probe = sys.argv[1:]
 secs = float(t1) - float(t0)
-print(f"{kind}\t{key}\t{srv}\t{int(m) / secs:.1f}\t{(int(c1) - int(c0)) / int(m):.0f}\t{secs:.3f}")
+print(f"{kind}\t{key}\t{srv}\t{int(m) / secs:.1f}\t{(int(c1) - int(c0)) / int(m):.0f}\t{secs:.3f}\t{probe}")
 PY
-  tail -1 "$results" | awk -F'\t' '{printf "   %-8s %-7s %-14s %8.1f msg/s %7d us/msg %7.2f s\n", $3, $1, $2, $4, $5, $6}' >&2
+  tail -1 "$results" | awk -F'\t' '{printf "   %-8s %-7s %-14s %8.1f msg/s %7d us/msg %7.2f s  (disk probe %s files/s)\n", $3, $1, $2, $4, $5, $6, $7}' >&2
 }
 
 # --- 5. the disk's fsync ceiling, before (and after) the runs -------------
