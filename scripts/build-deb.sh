@@ -62,6 +62,13 @@ build_one() {
 
   local bin=target/$target/release/postling
   if [ "$build" = 1 ]; then
+    # What the build needs on a fresh machine: the target's standard
+    # library and clang for ring (as scripts/test-aarch64.sh installs).
+    rustup target add "$target" >/dev/null 2>&1 ||
+      echo "build-deb: rustup could not add $target; building anyway" >&2
+    if ! command -v clang >/dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang >/dev/null
+    fi
     echo "== $arch: cargo build --release --locked --target $target"
     cargo build --release --locked --target "$target"
   elif [ ! -f "$bin" ]; then
