@@ -249,7 +249,7 @@ fn parse<T: FromArgs>(argv0: &str, args: &[String]) -> Result<T, ExitCode> {
         .unwrap_or(argv0);
     T::from_args(&[name], &args).map_err(|argh::EarlyExit { output, status }| {
         if status.is_ok() {
-            println!("{output}");
+            say(&output);
             ExitCode::SUCCESS
         } else {
             eprintln!(
@@ -294,7 +294,7 @@ fn check(c: Check) -> ExitCode {
     let config = match postling::config::load(&flags) {
         Ok(c) => c,
         Err(e) => {
-            println!("FAIL  config: {e}");
+            say(&format!("FAIL  config: {e}"));
             return ExitCode::from(78); // EX_CONFIG
         }
     };
@@ -348,7 +348,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     if cli.version {
-        println!("postling {}", env!("CARGO_PKG_VERSION"));
+        say(&format!("postling {}", env!("CARGO_PKG_VERSION")));
         return ExitCode::SUCCESS;
     }
     let serve = match cli.command {
@@ -391,4 +391,11 @@ fn main() -> ExitCode {
             ExitCode::from(71)
         }
     }
+}
+
+/// Prints one line on stdout. A closed pipe (`postling --help | head -c1`)
+/// or a full disk is not worth a panic, which aborts the release build.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }

@@ -60,6 +60,20 @@ fn version_and_usage() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("postling "));
     let out = Command::new(BIN).arg("frobnicate").output().expect("run");
     assert!(!out.status.success());
+    // Output that cannot be written (a full disk, a closed pipe) is not a
+    // crash: the release build would abort on a panic.
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    for arg in ["--help", "--version"] {
+        let status = Command::new(BIN)
+            .arg(arg)
+            .stdout(full.try_clone().expect("clone"))
+            .status()
+            .expect("run");
+        assert!(status.success(), "{arg}: {status}");
+    }
 }
 
 #[test]
