@@ -19,7 +19,7 @@ use super::client::{Credentials, Job, Outcome, RcptResult, TlsMode};
 use super::dns::Resolver;
 use super::rewrite;
 use super::route::{self, Candidate, RouteError};
-use super::transfer::{self, Timeouts};
+use super::transfer::{self, Reusable, Timeouts};
 use crate::config::SmarthostTls;
 use crate::server::Context;
 use crate::store::envelope::Envelope;
@@ -29,6 +29,28 @@ pub const MAX_HEADER: usize = 256 * 1024;
 /// An address whose connect timed out is skipped for this long, so one
 /// silent host costs one connect timeout, not one per queued message.
 const DEAD_FOR: Duration = Duration::from_secs(60);
+/// How long a session whose message is done stays open for the next
+/// message to the same host (Postfix's smtp_connection_cache_time_limit is
+/// 2 s); servers drop idle clients after minutes (RFC 5321 4.5.3.2.7).
+pub const IDLE_FOR: Duration = Duration::from_secs(5);
+/// Open idle sessions kept at most (one per delivery thread).
+const MAX_IDLE: usize = 8;
+
+/// What an idle session can be reused for: the same address and name,
+/// TLS mode and login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IdleKey {
+    addr: SocketAddr,
+    host: String,
+    tls: TlsMode,
+    user: Option<String>,
+}
+
+struct Idle {
+    key: IdleKey,
+    session: Reusable,
+    since: Instant,
+}
 
 /// Everything a delivery thread needs; shared by all of them.
 pub struct Deliverer {
@@ -42,6 +64,8 @@ pub struct Deliverer {
     pub opportunistic: Arc<ClientConfig>,
     pub timeouts: Timeouts,
     dead: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Open sessions waiting for another message (connection reuse).
+    idle: Mutex<Vec<Idle>>,
 }
 
 impl Deliverer {
@@ -60,7 +84,59 @@ impl Deliverer {
             opportunistic,
             timeouts,
             dead: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Vec::new()),
         }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // Plain values: a panicked holder left the list consistent.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle session for `key`, if one is open and fresh.
+    fn take_idle(&self, key: &IdleKey) -> Option<Reusable> {
+        self.close_expired();
+        let mut idle = self.idle();
+        let at = idle.iter().position(|i| i.key == *key)?;
+        Some(idle.swap_remove(at).session)
+    }
+
+    /// Keeps `session` open for the next message to the same host; the
+    /// oldest idle session makes room when the list is full.
+    fn put_idle(&self, key: IdleKey, session: Reusable) {
+        let oldest = {
+            let mut idle = self.idle();
+            idle.push(Idle {
+                key,
+                session,
+                since: Instant::now(),
+            });
+            (idle.len() > MAX_IDLE).then(|| idle.remove(0))
+        };
+        if let Some(old) = oldest {
+            old.session.close();
+        }
+    }
+
+    /// Closes the sessions idle for longer than [`IDLE_FOR`]; true if any
+    /// idle session is still open (the relay thread then wakes again
+    /// within `IDLE_FOR` to close it in time).
+    pub fn close_expired(&self) -> bool {
+        let (expired, open) = {
+            let mut idle = self.idle();
+            let (expired, kept): (Vec<Idle>, Vec<Idle>) =
+                idle.drain(..).partition(|i| i.since.elapsed() >= IDLE_FOR);
+            *idle = kept;
+            (expired, !idle.is_empty())
+        };
+        for i in expired {
+            debug!(
+                "closing the idle session to {} [{}]",
+                i.key.host, i.key.addr
+            );
+            i.session.close();
+        }
+        open
     }
 
     fn is_dead(&self, addr: SocketAddr) -> bool {
@@ -172,7 +248,9 @@ impl Deliverer {
         })
     }
 
-    /// Connects to one candidate and runs one SMTP session.
+    /// Sends the message to one candidate: over an idle session to it
+    /// when one is open, else over a new connection; a session that ends
+    /// cleanly is kept open for the next message.
     fn session(
         &self,
         env: &Envelope,
@@ -182,6 +260,56 @@ impl Deliverer {
         tls: TlsMode,
         auth: Option<Credentials>,
     ) -> Result<Outcome, String> {
+        let mut msg = self
+            .open_message(env, path)
+            .map_err(|e| format!("cannot read queued message: {e}"))?;
+        let key = IdleKey {
+            addr: cand.addr,
+            host: cand.host.clone(),
+            tls,
+            user: auth.as_ref().map(|a| a.user.clone()),
+        };
+        let job = Job {
+            id: env.id.clone(),
+            helo: self.ctx.config().hostname.clone(),
+            sender: msg.sender.clone(),
+            recipients: recipients.to_vec(),
+            size: msg.size,
+            eightbit: msg.eightbit,
+            smtputf8: !env.sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
+            tls,
+            auth,
+        };
+        let verified = match tls {
+            TlsMode::RequireStartTls | TlsMode::Implicit => self.verified()?,
+            TlsMode::Opportunistic | TlsMode::None => Arc::clone(&self.opportunistic),
+        };
+        if let Some(open) = self.take_idle(&key) {
+            debug!(
+                "id={} reusing the session to {} [{}]",
+                env.id, cand.host, cand.addr
+            );
+            let sent = open.send(
+                job.clone(),
+                &mut msg.reader,
+                &verified,
+                &self.opportunistic,
+                &self.timeouts,
+            );
+            match sent {
+                Ok((outcome, again)) => {
+                    if let Some(again) = again {
+                        self.put_idle(key, again);
+                    }
+                    return Ok(outcome);
+                }
+                // Closed by the server while idle; nothing was sent.
+                Err(()) => debug!(
+                    "id={} the idle session to {} [{}] was closed; connecting anew",
+                    env.id, cand.host, cand.addr
+                ),
+            }
+        }
         let relay_cfg = &self.ctx.config().relay;
         let stream =
             TcpStream::connect_timeout(&cand.addr, relay_cfg.connect_timeout).map_err(|e| {
@@ -197,29 +325,11 @@ impl Deliverer {
         if let Err(e) = stream.set_nodelay(true) {
             debug!("id={} TCP_NODELAY: {e}", env.id);
         }
-        let mut msg = self
-            .open_message(env, path)
-            .map_err(|e| format!("cannot read queued message: {e}"))?;
-        let job = Job {
-            id: env.id.clone(),
-            helo: self.ctx.config().hostname.clone(),
-            sender: msg.sender,
-            recipients: recipients.to_vec(),
-            size: msg.size,
-            eightbit: msg.eightbit,
-            smtputf8: !env.sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
-            tls,
-            auth,
-        };
         debug!(
             "id={} connected to {} [{}] tls={:?}",
             env.id, cand.host, cand.addr, tls
         );
-        let verified = match tls {
-            TlsMode::RequireStartTls | TlsMode::Implicit => self.verified()?,
-            TlsMode::Opportunistic | TlsMode::None => Arc::clone(&self.opportunistic),
-        };
-        Ok(transfer::deliver(
+        let (outcome, again) = transfer::deliver_reusable(
             stream,
             &cand.host,
             job,
@@ -227,7 +337,11 @@ impl Deliverer {
             &verified,
             &self.opportunistic,
             &self.timeouts,
-        ))
+        );
+        if let Some(again) = again {
+            self.put_idle(key, again);
+        }
+        Ok(outcome)
     }
 
     fn verified(&self) -> Result<Arc<ClientConfig>, String> {

@@ -16,8 +16,16 @@
 //! (Implicit: Handshake) -> Greeting -> Ehlo --5xx--> Helo
 //!        Ehlo/Helo --STARTTLS offered/required--> StartTls -> Handshake -> Ehlo (again)
 //!        Ehlo/Helo --credentials--> Auth -> Tx (MAIL, RCPT..., DATA) -> Data -> Quit -> Done
+//!        Data --keep_open--> Idle --next_job--> Tx ...   (one more message, same session)
 //!        any error: every recipient without a final result gets one, then Quit or Done
 //! ```
+//!
+//! With [`Client::keep_open`], a session whose message got its final reply
+//! is not ended with QUIT: it reports its `Done` and waits in `Idle` for
+//! [`Client::next_job`], so the next message to the same host needs no new
+//! connection, greeting, EHLO, TLS handshake or AUTH (as Postfix's
+//! connection cache does). The end of data cleared the server's
+//! transaction (RFC 5321 4.1.1.4), so the next MAIL needs no RSET.
 //!
 //! Results: 2xx to the end of data delivers the accepted recipients; a 4xx
 //! defers and a 5xx fails whoever it concerns. Anything that ends the
@@ -280,6 +288,8 @@ enum State {
     AbortData,
     Quit,
     Done,
+    /// A message is done and the session stays open for another.
+    Idle,
 }
 
 impl State {
@@ -297,6 +307,7 @@ impl State {
             State::AbortData => "AbortData",
             State::Quit => "Quit",
             State::Done => "Done",
+            State::Idle => "Idle",
         }
     }
 }
@@ -321,6 +332,10 @@ pub struct Client {
     failure: Option<Failure>,
     /// `Output::Done` was queued.
     finished: bool,
+    /// After a message's final reply, wait in `Idle` instead of QUIT.
+    keep_open: bool,
+    /// Replies received for the current job.
+    replies: usize,
 }
 
 impl Client {
@@ -338,6 +353,8 @@ impl Client {
             mail_refused: false,
             failure: None,
             finished: false,
+            keep_open: false,
+            replies: 0,
             job,
         };
         if client.job.tls == TlsMode::Implicit {
@@ -357,7 +374,7 @@ impl Client {
     /// (during a handshake, or once done).
     pub fn awaiting(&self) -> Option<Wait> {
         match &self.state {
-            State::Connect | State::Handshake | State::Done => None,
+            State::Connect | State::Handshake | State::Done | State::Idle => None,
             State::Greeting => Some(Wait::Greeting),
             State::Ehlo
             | State::Helo
@@ -376,6 +393,54 @@ impl Client {
 
     pub fn is_done(&self) -> bool {
         self.finished
+    }
+
+    /// The current job's queue id, for log lines.
+    pub fn job_id(&self) -> &str {
+        &self.job.id
+    }
+
+    /// The current job's TLS mode.
+    pub fn tls_mode(&self) -> TlsMode {
+        self.job.tls
+    }
+
+    /// Keep the session open after a message's final reply (see the
+    /// module docs); call before the first output is taken.
+    pub fn keep_open(&mut self) {
+        self.keep_open = true;
+    }
+
+    /// The session waits for another job.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle)
+    }
+
+    /// Replies received since the current job started: zero after a lost
+    /// connection means the server never saw this job's commands answered,
+    /// so nothing of it was sent (the message goes only after a 354).
+    pub fn replies(&self) -> usize {
+        self.replies
+    }
+
+    /// Starts another message on an idle session: the job's sender and
+    /// recipients, with what the session already knows (capabilities, TLS,
+    /// authentication). Outside `Idle` the job is deferred at once.
+    pub fn next_job(&mut self, job: Job) {
+        let n = job.recipients.len();
+        self.job = job;
+        self.results = vec![None; n];
+        self.accepted = vec![false; n];
+        self.next_rcpt = 0;
+        self.mail_refused = false;
+        self.failure = None;
+        self.finished = false;
+        self.replies = 0;
+        if self.is_idle() {
+            self.start_tx();
+        } else {
+            self.connection_lost("the session is not idle");
+        }
     }
 
     /// The only writer of `state` (STYLE habit 3).
@@ -406,6 +471,7 @@ impl Client {
     /// Handles one complete reply from the server.
     pub fn on_reply(&mut self, reply: ServerReply) {
         trace!("id={} < {}", self.job.id, reply.one_line());
+        self.replies += 1;
         let pending = match &mut self.state {
             State::Tx(pending) => std::mem::take(pending),
             _ => VecDeque::new(),
@@ -421,7 +487,7 @@ impl Client {
             State::AbortData => self.quit(),
             State::Quit => self.done(),
             State::Done => {}
-            State::Connect | State::Handshake => {
+            State::Connect | State::Handshake | State::Idle => {
                 self.connection_lost(&format!("unexpected reply: {}", reply.one_line()));
             }
         }
@@ -817,6 +883,11 @@ impl Client {
         } else {
             self.finish_accepted(&reply, "end of data");
         }
+        if self.keep_open {
+            let outcome = self.outcome();
+            self.out.push_back(Output::Done(outcome));
+            return self.set_state(State::Idle);
+        }
         self.quit();
     }
 
@@ -830,6 +901,13 @@ impl Client {
         if self.finished {
             return;
         }
+        let outcome = self.outcome();
+        self.out.push_back(Output::Done(outcome));
+        self.set_state(State::Done);
+    }
+
+    /// The job's outcome, once: anything still without a result is deferred.
+    fn outcome(&mut self) -> Outcome {
         self.finished = true;
         self.finish_all(&RcptResult::Deferred {
             reason: "the session ended before a result".into(),
@@ -846,14 +924,12 @@ impl Client {
                 (r.clone(), result)
             })
             .collect();
-        let outcome = Outcome {
+        Outcome {
             recipients,
             tls: self.tls.clone(),
             remote_greeting: self.greeting.clone(),
             failure: self.failure.clone(),
-        };
-        self.out.push_back(Output::Done(outcome));
-        self.set_state(State::Done);
+        }
     }
 
     /// Gives every recipient without a final result this one.

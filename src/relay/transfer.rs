@@ -20,7 +20,7 @@ use log::{debug, trace};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
-use super::client::{Client, Job, Outcome, Output, TlsMode, Wait};
+use super::client::{Client, Failure, Job, Outcome, Output, TlsMode, Wait};
 use super::dotstuff::DotStuffer;
 use super::reply::{ReplyParser, ServerReply};
 use crate::tls;
@@ -149,6 +149,11 @@ impl Conn {
         Ok(Conn::Tls(Box::new(StreamOwned::new(tls, sock))))
     }
 
+    /// QUIT without waiting for the reply, before closing an idle session.
+    fn send_quit(&mut self) -> io::Result<()> {
+        self.send(b"QUIT\r\n", Duration::from_secs(1))
+    }
+
     fn close(self) {
         match self {
             Conn::Plain(s) => {
@@ -185,19 +190,139 @@ pub fn deliver(
     opportunistic: &Arc<ClientConfig>,
     timeouts: &Timeouts,
 ) -> Outcome {
-    let id = job.id.clone();
-    let config = match job.tls {
-        TlsMode::Opportunistic => opportunistic,
-        _ => verified,
+    let client = Client::new(job);
+    let tls = TlsConfigs {
+        verified,
+        opportunistic,
     };
+    let (outcome, _) = drive(
+        client,
+        Some(Conn::Plain(stream)),
+        server_name,
+        message,
+        tls,
+        timeouts,
+    );
+    outcome
+}
+
+/// `deliver`, but a session whose message got its final reply stays open
+/// and is returned, for the next message to the same host.
+pub fn deliver_reusable(
+    stream: TcpStream,
+    server_name: &str,
+    job: Job,
+    message: &mut dyn Read,
+    verified: &Arc<ClientConfig>,
+    opportunistic: &Arc<ClientConfig>,
+    timeouts: &Timeouts,
+) -> (Outcome, Option<Reusable>) {
     let mut client = Client::new(job);
+    client.keep_open();
+    let tls = TlsConfigs {
+        verified,
+        opportunistic,
+    };
+    drive(
+        client,
+        Some(Conn::Plain(stream)),
+        server_name,
+        message,
+        tls,
+        timeouts,
+    )
+}
+
+/// The two client TLS configurations; which one a session uses depends on
+/// its job's `TlsMode`.
+#[derive(Clone, Copy)]
+struct TlsConfigs<'a> {
+    verified: &'a Arc<ClientConfig>,
+    opportunistic: &'a Arc<ClientConfig>,
+}
+
+/// An open session whose last message got its final reply: greeting, EHLO,
+/// TLS and AUTH are done, and the server waits for the next MAIL.
+pub struct Reusable {
+    client: Client,
+    conn: Conn,
+    server_name: String,
+}
+
+impl Reusable {
+    /// Sends one more message over this session. `Err(())` means the
+    /// connection turned out to be closed before any reply to this job (an
+    /// idle session the server dropped): nothing of the message was sent,
+    /// so the caller connects anew.
+    pub fn send(
+        mut self,
+        job: Job,
+        message: &mut dyn Read,
+        verified: &Arc<ClientConfig>,
+        opportunistic: &Arc<ClientConfig>,
+        timeouts: &Timeouts,
+    ) -> Result<(Outcome, Option<Reusable>), ()> {
+        self.client.next_job(job);
+        let tls = TlsConfigs {
+            verified,
+            opportunistic,
+        };
+        let server_name = std::mem::take(&mut self.server_name);
+        let (outcome, again, replies) = drive_counting(
+            self.client,
+            Some(self.conn),
+            &server_name,
+            message,
+            tls,
+            timeouts,
+        );
+        let lost = matches!(outcome.failure, Some(Failure::Connection(_)));
+        if lost && replies == 0 {
+            return Err(());
+        }
+        Ok((outcome, again))
+    }
+
+    /// Ends the session politely: QUIT, without waiting for its reply.
+    pub fn close(mut self) {
+        let _ = self.conn.send_quit();
+        self.conn.close();
+    }
+}
+
+fn drive(
+    client: Client,
+    conn: Option<Conn>,
+    server_name: &str,
+    message: &mut dyn Read,
+    tls: TlsConfigs<'_>,
+    timeouts: &Timeouts,
+) -> (Outcome, Option<Reusable>) {
+    let (outcome, reusable, _) = drive_counting(client, conn, server_name, message, tls, timeouts);
+    (outcome, reusable)
+}
+
+/// Carries out the client's outputs until its job is done; also returns
+/// how many replies the job got.
+fn drive_counting(
+    mut client: Client,
+    mut conn: Option<Conn>,
+    server_name: &str,
+    message: &mut dyn Read,
+    tls: TlsConfigs<'_>,
+    timeouts: &Timeouts,
+) -> (Outcome, Option<Reusable>, usize) {
+    let id = client.job_id().to_string();
+    let config = match client.tls_mode() {
+        TlsMode::Opportunistic => tls.opportunistic,
+        _ => tls.verified,
+    };
     let mut parser = ReplyParser::new();
-    let mut conn = Some(Conn::Plain(stream));
     loop {
         let Some(c) = conn.as_mut() else {
             // Only after a failed handshake; the client is then done.
             match client.next_output() {
-                Some(Output::Done(outcome)) => return outcome,
+                Some(Output::Done(outcome)) => return (outcome, None, client.replies()),
                 Some(_) => continue,
                 None => {
                     client.connection_lost("connection lost");
@@ -237,14 +362,35 @@ pub fn deliver(
                 }
             }
             Some(Output::Done(outcome)) => {
-                if let Some(c) = conn.take() {
+                let replies = client.replies();
+                // A reply already buffered would belong to no command: the
+                // session is not in a state to be reused.
+                if client.is_idle() && parser.buffered() == 0 {
+                    if let Some(conn) = conn.take() {
+                        debug!("id={id} session kept open host={server_name}");
+                        let server_name = server_name.to_string();
+                        return (
+                            outcome,
+                            Some(Reusable {
+                                client,
+                                conn,
+                                server_name,
+                            }),
+                            replies,
+                        );
+                    }
+                }
+                if let Some(mut c) = conn.take() {
+                    if client.is_idle() {
+                        let _ = c.send_quit();
+                    }
                     c.close();
                 }
                 debug!(
                     "id={id} session done host={server_name} tls={:?} failure={:?}",
                     outcome.tls, outcome.failure
                 );
-                return outcome;
+                return (outcome, None, replies);
             }
             None => match client.awaiting() {
                 Some(wait) => match read_reply(c, &mut parser, timeouts.for_wait(wait)) {
@@ -512,6 +658,112 @@ mod tests {
             .unwrap();
         assert!(starttls < auth, "{lines:?}");
         assert_eq!(server.messages(), [WIRE.to_vec()]);
+    }
+
+    #[test]
+    fn a_kept_session_carries_the_next_message_without_a_new_handshake() {
+        let pki = pki("Test CA");
+        let server = TestServer::start(script(Some(&pki), true)).unwrap();
+        let verified = trusting(&pki);
+        let insecure = tls::insecure_client_config();
+        let timeouts = Timeouts::all(Duration::from_secs(10));
+        let (first, open) = deliver_reusable(
+            server.connect(),
+            "mail.test",
+            job(TlsMode::RequireStartTls, true),
+            &mut &MESSAGE[..],
+            &verified,
+            &insecure,
+            &timeouts,
+        );
+        assert!(all_delivered(&first), "{first:?}");
+        let open = open.expect("the session stays open");
+        let mut next = job(TlsMode::RequireStartTls, true);
+        next.id = "q2".into();
+        next.sender = "other@pi.lan".into();
+        let (second, open) = open
+            .send(
+                next,
+                &mut &b"second\r\n"[..],
+                &verified,
+                &insecure,
+                &timeouts,
+            )
+            .expect("the open session takes it");
+        assert!(all_delivered(&second), "{second:?}");
+        assert!(second.tls.is_some(), "still inside TLS");
+        open.expect("still open").close();
+        // One greeting, one STARTTLS, one login: two transactions, then QUIT
+        // (recorded by the server's thread, so waited for).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !server.lines().iter().any(|l| l == "QUIT") && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let lines = server.lines();
+        let count = |p: &str| lines.iter().filter(|l| l.starts_with(p)).count();
+        assert_eq!(count("STARTTLS"), 1, "{lines:?}");
+        assert_eq!(count("AUTH"), 1, "{lines:?}");
+        assert_eq!(count("MAIL FROM:"), 2, "{lines:?}");
+        assert_eq!(lines.last().map(String::as_str), Some("QUIT"));
+        assert_eq!(server.messages(), [WIRE.to_vec(), b"second\r\n".to_vec()]);
+    }
+
+    #[test]
+    fn a_session_the_server_closed_while_idle_is_reported_unused() {
+        // A server that answers one message, then hangs up.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut input = io::BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            let mut reply = |s: &mut TcpStream, text: &str| s.write_all(text.as_bytes()).unwrap();
+            reply(&mut s, "220 hi\r\n");
+            let mut in_data = false;
+            loop {
+                line.clear();
+                if io::BufRead::read_line(&mut input, &mut line).unwrap() == 0 {
+                    return;
+                }
+                match line.trim_end() {
+                    "." if in_data => {
+                        reply(&mut s, "250 ok\r\n");
+                        return; // hangs up while the client keeps the session
+                    }
+                    _ if in_data => {}
+                    l if l.starts_with("EHLO") => reply(&mut s, "250-hi\r\n250 PIPELINING\r\n"),
+                    "DATA" => {
+                        in_data = true;
+                        reply(&mut s, "354 go\r\n");
+                    }
+                    _ => reply(&mut s, "250 ok\r\n"),
+                }
+            }
+        });
+        let insecure = tls::insecure_client_config();
+        let timeouts = Timeouts::all(Duration::from_secs(10));
+        let (first, open) = deliver_reusable(
+            TcpStream::connect(addr).unwrap(),
+            "mail.test",
+            job(TlsMode::None, false),
+            &mut &MESSAGE[..],
+            &insecure,
+            &insecure,
+            &timeouts,
+        );
+        assert!(all_delivered(&first), "{first:?}");
+        server.join().unwrap();
+        let open = open.expect("kept open on our side");
+        let mut message: &[u8] = b"not sent\r\n";
+        let result = open.send(
+            job(TlsMode::None, false),
+            &mut message,
+            &insecure,
+            &insecure,
+            &timeouts,
+        );
+        assert!(result.is_err(), "a dead idle session must be reported");
+        assert_eq!(message, b"not sent\r\n", "nothing of the message was read");
     }
 
     #[test]

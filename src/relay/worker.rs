@@ -18,7 +18,7 @@ use std::time::Duration;
 use crossbeam_channel::{select, Receiver, Sender};
 use log::{debug, error, info, warn};
 
-use super::attempt::{domain_of, read_header, Deliverer, Dest};
+use super::attempt::{domain_of, read_header, Deliverer, Dest, IDLE_FOR};
 use super::bounce::{self, Entry, Kind};
 use super::client::RcptResult;
 use super::dns::Resolver;
@@ -120,6 +120,12 @@ impl Relay {
                 Some(due) if due <= now => Duration::ZERO,
                 Some(due) => Duration::from_secs(due - now).min(MAX_SLEEP),
                 None => MAX_SLEEP,
+            };
+            // Sessions kept open for the next message are closed on time.
+            let wait = if self.deliverer.close_expired() {
+                wait.min(IDLE_FOR)
+            } else {
+                wait
             };
             select! {
                 recv(requests) -> req => match req {

@@ -117,7 +117,11 @@ impl Intent {
         if self.pending {
             self.pending = false;
             state.pending -= 1;
-            self.group.changed.notify_all();
+            // Only the last one matters to a lingering sync: waking every
+            // waiter at each withdrawal would only make them look again.
+            if state.pending == 0 {
+                self.group.changed.notify_all();
+            }
         }
     }
 }

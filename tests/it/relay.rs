@@ -381,6 +381,51 @@ fn smarthost_with_starttls_auth_and_from_rewriting() {
 }
 
 #[test]
+fn messages_in_a_row_share_one_smarthost_session_which_is_closed_when_idle() {
+    let dir = TempDir::new();
+    let (ca, tls) = pki(&dir);
+    let server = TestServer::start(Script {
+        tls: Some(tls),
+        auth: Some(("me@example.net".into(), "s3cret".into())),
+        ..Script::default()
+    })
+    .expect("test server");
+    let extra = format!("ca_file = \"{}\"\n", ca.display());
+    let a = with_smarthost(&dir, &server, "me@example.net", "s3cret", &extra);
+    for n in 1..=3 {
+        send(
+            &a,
+            "cron@localhost",
+            &["friend@gmail.test"],
+            &format!("Subject: number {n}\r\n\r\nhi\r\n"),
+        );
+        assert!(
+            wait_for(SHORT, || server.messages().len() == n),
+            "{}",
+            a.log()
+        );
+    }
+    let count = |prefix: &str| {
+        server
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    };
+    assert_eq!(count("MAIL FROM:"), 3);
+    // One connection: one handshake and one login for the three messages.
+    assert_eq!(count("STARTTLS"), 1, "{:?}", server.lines());
+    assert_eq!(count("AUTH "), 1, "{:?}", server.lines());
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+    // Left idle, the session is ended with QUIT after a few seconds.
+    assert!(
+        wait_for(SHORT, || count("QUIT") == 1),
+        "{:?}",
+        server.lines()
+    );
+}
+
+#[test]
 fn smarthost_with_an_untrusted_certificate_defers_and_never_sends_credentials() {
     let dir = TempDir::new();
     let (_ca, tls) = pki(&dir); // the server's CA is NOT given to postling
