@@ -304,7 +304,7 @@ impl Deliverer {
                     return Ok(outcome);
                 }
                 // Closed by the server while idle; nothing was sent.
-                Err(()) => debug!(
+                Err(transfer::Closed) => debug!(
                     "id={} the idle session to {} [{}] was closed; connecting anew",
                     env.id, cand.host, cand.addr
                 ),

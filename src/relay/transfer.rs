@@ -241,6 +241,10 @@ struct TlsConfigs<'a> {
     opportunistic: &'a Arc<ClientConfig>,
 }
 
+/// A kept session was found closed before it carried anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
 /// An open session whose last message got its final reply: greeting, EHLO,
 /// TLS and AUTH are done, and the server waits for the next MAIL.
 pub struct Reusable {
@@ -250,7 +254,7 @@ pub struct Reusable {
 }
 
 impl Reusable {
-    /// Sends one more message over this session. `Err(())` means the
+    /// Sends one more message over this session. `Err(Closed)` means the
     /// connection turned out to be closed before any reply to this job (an
     /// idle session the server dropped): nothing of the message was sent,
     /// so the caller connects anew.
@@ -261,7 +265,7 @@ impl Reusable {
         verified: &Arc<ClientConfig>,
         opportunistic: &Arc<ClientConfig>,
         timeouts: &Timeouts,
-    ) -> Result<(Outcome, Option<Reusable>), ()> {
+    ) -> Result<(Outcome, Option<Reusable>), Closed> {
         self.client.next_job(job);
         let tls = TlsConfigs {
             verified,
@@ -278,7 +282,7 @@ impl Reusable {
         );
         let lost = matches!(outcome.failure, Some(Failure::Connection(_)));
         if lost && replies == 0 {
-            return Err(());
+            return Err(Closed);
         }
         Ok((outcome, again))
     }
@@ -717,7 +721,7 @@ mod tests {
             let (mut s, _) = listener.accept().unwrap();
             let mut input = io::BufReader::new(s.try_clone().unwrap());
             let mut line = String::new();
-            let mut reply = |s: &mut TcpStream, text: &str| s.write_all(text.as_bytes()).unwrap();
+            let reply = |s: &mut TcpStream, text: &str| s.write_all(text.as_bytes()).unwrap();
             reply(&mut s, "220 hi\r\n");
             let mut in_data = false;
             loop {
