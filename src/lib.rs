@@ -18,6 +18,7 @@ pub mod limiter;
 pub mod listener;
 pub mod local;
 pub mod notify;
+pub mod pool;
 pub mod queue_cli;
 pub mod relay;
 pub mod sendmail;

@@ -4,7 +4,8 @@
 //! port), accepting, the connection caps (total and per client IP; over a cap
 //! the client gets `421 4.3.2` with one non-blocking write and is closed, so
 //! the acceptor never blocks on a client), and handing each accepted socket
-//! to a session thread of its own. It does no TLS and reads nothing
+//! to a session thread of its own (a thread whose session ended waits a
+//! while for the next one: `pool.rs`). It does no TLS and reads nothing
 //! (STYLE habit 8). On the shutdown wake-up it stops listening and waits a
 //! bounded time for sessions to finish their transaction.
 
@@ -21,6 +22,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{Listen, ListenMode};
+use crate::pool::Pool;
 use crate::server::Context;
 use crate::smtp::{conn, reply};
 
@@ -264,13 +266,10 @@ fn accept_submit(listener: &mio::net::UnixListener, ctx: &Arc<Context>, tracker:
                 }
                 let ctx = Arc::clone(ctx);
                 let id = crate::store::new_id();
-                let spawned = thread::Builder::new()
-                    .name(format!("session-{id}"))
-                    .stack_size(SESSION_STACK)
-                    .spawn(move || {
-                        let _guard = guard;
-                        conn::serve_local(stream, id, &ctx);
-                    });
+                let spawned = tracker.threads.run(move || {
+                    let _guard = guard;
+                    conn::serve_local(stream, id, &ctx);
+                });
                 if let Err(e) = spawned {
                     error!("submit: cannot start a session thread: {e}");
                 }
@@ -328,13 +327,10 @@ fn hand_off(
     }
     let id = crate::store::new_id();
     let ctx = Arc::clone(ctx);
-    let spawned = thread::Builder::new()
-        .name(format!("session-{id}"))
-        .stack_size(SESSION_STACK)
-        .spawn(move || {
-            let _guard = guard;
-            conn::serve(std_stream, peer, id, mode, &ctx);
-        });
+    let spawned = tracker.threads.run(move || {
+        let _guard = guard;
+        conn::serve(std_stream, peer, id, mode, &ctx);
+    });
     if let Err(e) = spawned {
         error!("connect from={peer}: cannot start a session thread: {e}");
     }
@@ -346,11 +342,22 @@ enum Refusal {
     PerIp,
 }
 
-/// Open sessions, in total and per client address.
-#[derive(Default)]
+/// Open sessions, in total and per client address, and the threads that
+/// run them.
 struct Tracker {
     counts: Mutex<Counts>,
     idle: Condvar,
+    threads: Arc<Pool>,
+}
+
+impl Default for Tracker {
+    fn default() -> Tracker {
+        Tracker {
+            counts: Mutex::default(),
+            idle: Condvar::new(),
+            threads: Arc::new(Pool::new(SESSION_STACK)),
+        }
+    }
 }
 
 #[derive(Default)]
