@@ -637,12 +637,16 @@ impl Conn<'_> {
         );
         match deliver::store(message, sink, stats.size, ctx) {
             Ok(()) => {
+                // One line per accepted message; the commands that led to
+                // it are logged at debug level (fewer journal writes on an
+                // SD card), refusals at info.
                 info!(
-                    "session={} id={id} accepted from=<{}> size={} nrcpt={}",
+                    "session={} id={id} accepted from=<{}> size={} nrcpt={} helo={}",
                     message.session,
                     message.sender,
                     stats.size,
-                    message.recipients.len()
+                    message.recipients.len(),
+                    message.helo
                 );
                 Ok(DataResult::Stored { id })
             }

@@ -391,7 +391,7 @@ impl<'c> Session<'c> {
         // EHLO/HELO resets any transaction (RFC 5321 4.1.4).
         self.take_tx();
         self.set_state(State::Ready);
-        info!("session={} helo={} esmtp={}", self.id, name, esmtp);
+        debug!("session={} helo={} esmtp={}", self.id, name, esmtp);
         self.helo = Some(Helo {
             name: name.to_string(),
             esmtp,
@@ -481,7 +481,7 @@ impl<'c> Session<'c> {
                 );
             }
         }
-        info!(
+        debug!(
             "session={} from=<{}> size={}",
             self.id,
             sender,
@@ -552,7 +552,7 @@ impl<'c> Session<'c> {
                 };
             }
         };
-        info!("session={} to=<{}>", self.id, address);
+        debug!("session={} to=<{}>", self.id, address);
         let Some(mut tx) = self.take_tx() else {
             unreachable!("checked at the top: a transaction is open");
         };
