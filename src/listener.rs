@@ -355,7 +355,7 @@ impl Default for Tracker {
         Tracker {
             counts: Mutex::default(),
             idle: Condvar::new(),
-            threads: Arc::new(Pool::new(SESSION_STACK)),
+            threads: Arc::new(Pool::new("session", SESSION_STACK)),
         }
     }
 }

@@ -1,12 +1,13 @@
-//! Threads for sessions, kept for a while after their session ends so the
-//! next connection does not pay for a new thread (clone, a stack mapping,
-//! a signal stack, and tearing them down again): one SMTP client that
-//! opens a connection per message would otherwise cost a thread per
-//! message. A thread left without work for [`KEEP`] exits, so an idle
-//! server holds no session threads at all (and no stack memory).
+//! Threads for sessions and deliveries, kept for a while after their job
+//! ends so the next one does not pay for a new thread (clone, a stack
+//! mapping, a signal stack, and tearing them down again): one SMTP client
+//! that opens a connection per message would otherwise cost a thread per
+//! message, and so would every relayed message. A thread left without work
+//! for [`KEEP`] exits, so an idle server holds no such threads at all (and
+//! no stack memory).
 //!
 //! It owns only the threads; what runs on them (and its limits) is the
-//! listener's business.
+//! listener's and the relay's business.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -25,16 +26,19 @@ pub struct Pool {
     waiting: Receiver<Job>,
     /// Threads waiting for a job, minus jobs sent to them and not yet taken.
     idle: Mutex<usize>,
+    name: &'static str,
     stack_size: usize,
 }
 
 impl Pool {
-    pub fn new(stack_size: usize) -> Pool {
+    /// Threads named `name`, with stacks of `stack_size` bytes.
+    pub fn new(name: &'static str, stack_size: usize) -> Pool {
         let (jobs, waiting) = crossbeam_channel::unbounded();
         Pool {
             jobs,
             waiting,
             idle: Mutex::new(0),
+            name,
             stack_size,
         }
     }
@@ -58,7 +62,7 @@ impl Pool {
         }
         let pool = Arc::clone(self);
         thread::Builder::new()
-            .name("session".into())
+            .name(self.name.into())
             .stack_size(self.stack_size)
             .spawn(move || pool.work(job))
             .map(drop)
@@ -102,7 +106,7 @@ mod tests {
 
     #[test]
     fn a_finished_thread_runs_the_next_job() {
-        let pool = Arc::new(Pool::new(64 * 1024));
+        let pool = Arc::new(Pool::new("test", 64 * 1024));
         let (tx, rx) = mpsc::channel();
         let first = tx.clone();
         pool.run(move || first.send(thread::current().id()).expect("send"))
@@ -122,7 +126,7 @@ mod tests {
 
     #[test]
     fn busy_threads_do_not_block_new_jobs() {
-        let pool = Arc::new(Pool::new(64 * 1024));
+        let pool = Arc::new(Pool::new("test", 64 * 1024));
         let (release_tx, release_rx) = crossbeam_channel::unbounded::<()>();
         let (done_tx, done_rx) = mpsc::channel();
         for _ in 0..4 {

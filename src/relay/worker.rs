@@ -25,6 +25,7 @@ use super::dns::Resolver;
 use super::schedule::Schedule;
 use super::transfer::Timeouts;
 use crate::local::Target;
+use crate::pool::Pool;
 use crate::server::Context;
 use crate::smtp::conn::unix_now;
 use crate::smtp::message::{Message, Recipient};
@@ -45,6 +46,8 @@ pub enum Request {
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// Messages being delivered at the same time.
 const MAX_PARALLEL: usize = 8;
+/// A delivery thread blocks on one socket and keeps its buffers on the heap.
+const DELIVERY_STACK: usize = 256 * 1024;
 /// Marks envelopes of notices we generated (their sender is `<>`, so a
 /// failed one is never bounced, only given to the postmaster if configured).
 const NOTICE_CLIENT: &str = "postling notice";
@@ -76,6 +79,8 @@ struct Relay {
     results_tx: Sender<(String, Results)>,
     /// Entries were removed since the last fsync of `queue/`.
     unsynced_removals: bool,
+    /// The delivery threads.
+    threads: Arc<Pool>,
 }
 
 /// Starts the relay thread. A `relay.ca_file` that holds no certificate
@@ -105,6 +110,7 @@ pub fn spawn(ctx: Arc<Context>, requests: Receiver<Request>) -> io::Result<JoinH
         in_flight: HashMap::new(),
         results_tx,
         unsynced_removals: false,
+        threads: Arc::new(Pool::new("deliver", DELIVERY_STACK)),
         ctx,
     };
     thread::Builder::new()
@@ -279,13 +285,10 @@ impl Relay {
             let (env, path, tx) = (env.clone(), path.clone(), self.results_tx.clone());
             let deliverer = Arc::clone(&self.deliverer);
             let (job_id, job_idxs) = (id.to_string(), idxs.clone());
-            let spawned = thread::Builder::new()
-                .name(format!("deliver-{id}"))
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    let results = deliverer.deliver_to(&env, &path, &dest, &job_idxs);
-                    let _ = tx.send((job_id, results));
-                });
+            let spawned = self.threads.run(move || {
+                let results = deliverer.deliver_to(&env, &path, &dest, &job_idxs);
+                let _ = tx.send((job_id, results));
+            });
             if let Err(e) = spawned {
                 // Reported as deferred, so the attempt still completes.
                 error!("id={id} cannot start a delivery thread: {e}");
