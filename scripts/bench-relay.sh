@@ -5,15 +5,20 @@
 # empty again. Loopback only; bounded; stops what it started by PID.
 #
 #   scripts/bench-relay.sh [MESSAGES] [SESSIONS...]   (default 1000, sessions 1 10)
-# Needs Debian's postfix package for smtp-source and smtp-sink.
+# Needs Debian's postfix package for smtp-source and smtp-sink. BIN=path
+# measures another build.
 set -euo pipefail
 messages=${1:-1000}
 shift || true
 if [ $# -gt 0 ]; then sessions=("$@"); else sessions=(1 10); fi
 cd "$(dirname "$0")/.."
 command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
-cargo build --release --quiet
-bin=$PWD/target/release/postling
+if [ -n "${BIN:-}" ]; then
+  bin=$(realpath "$BIN")
+else
+  cargo build --release --quiet
+  bin=$PWD/target/release/postling
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done; rm -rf "$work"; }
