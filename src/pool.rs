@@ -9,54 +9,58 @@
 //! It owns only the threads; what runs on them (and its limits) is the
 //! listener's and the relay's business.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-
-/// How long a thread waits for its next session before it exits.
+/// How long a thread waits for its next job before it exits.
 pub const KEEP: Duration = Duration::from_secs(10);
 
 type Job = Box<dyn FnOnce() + Send>;
 
 pub struct Pool {
-    jobs: Sender<Job>,
-    waiting: Receiver<Job>,
-    /// Threads waiting for a job, minus jobs sent to them and not yet taken.
-    idle: Mutex<usize>,
+    state: Mutex<State>,
+    /// Signalled when a job is queued for a waiting thread.
+    queued: Condvar,
     name: &'static str,
     stack_size: usize,
+}
+
+#[derive(Default)]
+struct State {
+    /// Jobs handed to waiting threads and not yet taken.
+    jobs: VecDeque<Job>,
+    /// Threads waiting for a job, minus the jobs queued for them.
+    idle: usize,
 }
 
 impl Pool {
     /// Threads named `name`, with stacks of `stack_size` bytes.
     pub fn new(name: &'static str, stack_size: usize) -> Pool {
-        let (jobs, waiting) = crossbeam_channel::unbounded();
         Pool {
-            jobs,
-            waiting,
-            idle: Mutex::new(0),
+            state: Mutex::default(),
+            queued: Condvar::new(),
             name,
             stack_size,
         }
     }
 
-    fn idle(&self) -> MutexGuard<'_, usize> {
-        // A plain counter: a panicked holder cannot leave it half-updated.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Plain values: a panicked holder cannot leave them half-updated.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `job` on a waiting thread, or on a new one if none is waiting.
     pub fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let job: Job = Box::new(job);
         {
-            let mut idle = self.idle();
-            if *idle > 0 {
-                *idle -= 1;
-                // The pool holds the receiver, so sending cannot fail.
-                let _ = self.jobs.send(job);
+            let mut state = self.state();
+            if state.idle > 0 {
+                state.idle -= 1;
+                state.jobs.push_back(job);
+                self.queued.notify_one();
                 return Ok(());
             }
         }
@@ -73,21 +77,25 @@ impl Pool {
     fn work(&self, mut job: Job) {
         loop {
             job();
-            *self.idle() += 1;
-            job = match self.waiting.recv_timeout(KEEP) {
-                Ok(next) => next,
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    let mut idle = self.idle();
-                    // A job sent while this thread was giving up was counted
-                    // against the idle threads: take it rather than leave it.
-                    match self.waiting.try_recv() {
-                        Ok(next) => next,
-                        Err(_) => {
-                            *idle -= 1;
-                            return;
-                        }
-                    }
+            let deadline = Instant::now() + KEEP;
+            let mut state = self.state();
+            state.idle += 1;
+            job = loop {
+                // A job queued while this thread was running its last one
+                // is taken first: it was counted against the idle threads.
+                if let Some(next) = state.jobs.pop_front() {
+                    break next;
                 }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    state.idle -= 1;
+                    return;
+                }
+                state = self
+                    .queued
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
             };
         }
     }
@@ -95,7 +103,7 @@ impl Pool {
     /// Threads waiting for a job now (for tests).
     #[cfg(test)]
     fn waiting_threads(&self) -> usize {
-        *self.idle()
+        self.state().idle
     }
 }
 
@@ -128,6 +136,7 @@ mod tests {
     fn busy_threads_do_not_block_new_jobs() {
         let pool = Arc::new(Pool::new("test", 64 * 1024));
         let (release_tx, release_rx) = crossbeam_channel::unbounded::<()>();
+        // (crossbeam's receiver is shared by the four jobs.)
         let (done_tx, done_rx) = mpsc::channel();
         for _ in 0..4 {
             let (release, done) = (release_rx.clone(), done_tx.clone());

@@ -24,7 +24,7 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::{at, create_dir_durable, group, next_counter, now_micros, symlink_refused};
+use super::{at, create_dir_durable, group, next_counter, now_micros, pid, symlink_refused};
 
 /// Attempts at a fresh tmp name before giving up (a clash means a clock jump
 /// and a pid reused in the same microsecond, or a stray file).
@@ -234,7 +234,7 @@ fn create_tmp(dir: &Path, hostname: &str) -> io::Result<(PathBuf, File, String)>
             "{}.M{}P{}Q{}.{host}",
             micros / 1_000_000,
             micros % 1_000_000,
-            std::process::id(),
+            pid(),
             next_counter()
         );
         let path = dir.join("tmp").join(&unique);

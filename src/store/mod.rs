@@ -44,6 +44,13 @@ pub(crate) fn next_counter() -> u64 {
     COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
+/// This process's id, asked of the kernel once (every message name and id
+/// holds it; the C library does not cache it).
+pub(crate) fn pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}
+
 /// Returns a closure that prefixes an I/O error with `path`, keeping its kind,
 /// so a log line or config error says which file failed.
 pub(crate) fn at(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
@@ -128,7 +135,7 @@ const ID_COUNTER_DIGITS: u32 = 4;
 pub fn new_id() -> String {
     let mut id = String::with_capacity(20);
     push_base36(&mut id, now_micros(), ID_TIME_DIGITS);
-    push_base36(&mut id, u64::from(std::process::id()), ID_PID_DIGITS);
+    push_base36(&mut id, u64::from(pid()), ID_PID_DIGITS);
     push_base36(&mut id, next_counter(), ID_COUNTER_DIGITS);
     id
 }
