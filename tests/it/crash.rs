@@ -111,11 +111,23 @@ fn sigkill_while_sending_loses_nothing_acknowledged() {
         lost.len(),
         acked.len()
     );
-    // Nothing half-written survives the restart.
+    // Nothing half-written survives the restart: no spool, and every
+    // message a mail reader can see (in new/) is whole. Local mail is
+    // written straight into tmp/, so a message cut off by the kill may sit
+    // there; readers never look at tmp/ and it is swept after 36 hours.
     assert_eq!(
         fs::read_dir(s2.data.join("incoming"))
             .expect("incoming")
             .count(),
         0
     );
+    let whole_body = format!("{}\r\n", "\r\n0123456789".repeat(200));
+    for m in s2.mail("alice") {
+        let text = String::from_utf8_lossy(&m);
+        assert!(
+            text.ends_with(&whole_body),
+            "a partial message is visible in new/: {} bytes",
+            m.len()
+        );
+    }
 }
