@@ -149,6 +149,21 @@ impl Conn {
         Ok(Conn::Tls(Box::new(StreamOwned::new(tls, sock))))
     }
 
+    /// True if nothing is waiting to be read: an idle session with unread
+    /// bytes (a `421` before the server hung up) or at end of file is not
+    /// usable for another message.
+    fn is_quiet(&self) -> bool {
+        let socket = self.socket();
+        if socket.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let quiet = matches!(
+            socket.peek(&mut [0u8; 1]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        );
+        socket.set_nonblocking(false).is_ok() && quiet
+    }
+
     /// QUIT without waiting for the reply, before closing an idle session.
     fn send_quit(&mut self) -> io::Result<()> {
         self.send(b"QUIT\r\n", Duration::from_secs(1))
@@ -255,9 +270,10 @@ pub struct Reusable {
 
 impl Reusable {
     /// Sends one more message over this session. `Err(Closed)` means the
-    /// connection turned out to be closed before any reply to this job (an
-    /// idle session the server dropped): nothing of the message was sent,
-    /// so the caller connects anew.
+    /// session turned out to be unusable before anything of this job was
+    /// answered: the server closed it while it was idle (perhaps after a
+    /// `421` timeout notice, which is still unread), so nothing of the
+    /// message was sent and the caller connects anew.
     pub fn send(
         mut self,
         job: Job,
@@ -266,6 +282,10 @@ impl Reusable {
         opportunistic: &Arc<ClientConfig>,
         timeouts: &Timeouts,
     ) -> Result<(Outcome, Option<Reusable>), Closed> {
+        if !self.conn.is_quiet() {
+            self.conn.close();
+            return Err(Closed);
+        }
         self.client.next_job(job);
         let tls = TlsConfigs {
             verified,
@@ -714,9 +734,18 @@ mod tests {
 
     #[test]
     fn a_session_the_server_closed_while_idle_is_reported_unused() {
-        // A server that answers one message, then hangs up.
+        for goodbye in ["", "421 4.4.2 idle too long\r\n"] {
+            closed_while_idle(goodbye);
+        }
+    }
+
+    /// A server that answers one message, then sends `goodbye` and hangs
+    /// up: the next message is not sent over that session.
+    fn closed_while_idle(goodbye: &'static str) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        // The server says goodbye only once the client holds the session.
+        let (kept_tx, kept) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut input = io::BufReader::new(s.try_clone().unwrap());
@@ -732,7 +761,10 @@ mod tests {
                 match line.trim_end() {
                     "." if in_data => {
                         reply(&mut s, "250 ok\r\n");
-                        return; // hangs up while the client keeps the session
+                        // Hangs up while the client keeps the session.
+                        kept.recv().unwrap();
+                        reply(&mut s, goodbye);
+                        return;
                     }
                     _ if in_data => {}
                     l if l.starts_with("EHLO") => reply(&mut s, "250-hi\r\n250 PIPELINING\r\n"),
@@ -756,8 +788,9 @@ mod tests {
             &timeouts,
         );
         assert!(all_delivered(&first), "{first:?}");
-        server.join().unwrap();
         let open = open.expect("kept open on our side");
+        kept_tx.send(()).unwrap();
+        server.join().unwrap();
         let mut message: &[u8] = b"not sent\r\n";
         let result = open.send(
             job(TlsMode::None, false),
