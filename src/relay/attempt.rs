@@ -19,7 +19,7 @@ use super::client::{Credentials, Job, Outcome, RcptResult, TlsMode};
 use super::dns::Resolver;
 use super::rewrite;
 use super::route::{self, Candidate, RouteError};
-use super::transfer::{self, Reusable, Timeouts};
+use super::transfer::{self, Reusable, Timeouts, TlsConfigs};
 use crate::config::SmarthostTls;
 use crate::server::Context;
 use crate::store::envelope::Envelope;
@@ -101,9 +101,13 @@ impl Deliverer {
         Some(idle.swap_remove(at).session)
     }
 
-    /// Keeps `session` open for the next message to the same host; the
-    /// oldest idle session makes room when the list is full.
-    fn put_idle(&self, key: IdleKey, session: Reusable) {
+    /// Keeps `session`, if the last message left one open, for the next
+    /// message to the same host; the oldest idle session makes room when
+    /// the list is full.
+    fn put_idle(&self, key: IdleKey, session: Option<Reusable>) {
+        let Some(session) = session else {
+            return;
+        };
         let oldest = {
             let mut idle = self.idle();
             idle.push(Idle {
@@ -124,6 +128,11 @@ impl Deliverer {
     pub fn close_expired(&self) -> bool {
         let (expired, open) = {
             let mut idle = self.idle();
+            // The relay loop asks at every turn: nothing to do is the
+            // common case.
+            if idle.is_empty() {
+                return false;
+            }
             let (expired, kept): (Vec<Idle>, Vec<Idle>) =
                 idle.drain(..).partition(|i| i.since.elapsed() >= IDLE_FOR);
             *idle = kept;
@@ -284,23 +293,18 @@ impl Deliverer {
             TlsMode::RequireStartTls | TlsMode::Implicit => self.verified()?,
             TlsMode::Opportunistic | TlsMode::None => Arc::clone(&self.opportunistic),
         };
+        let configs = TlsConfigs {
+            verified: &verified,
+            opportunistic: &self.opportunistic,
+        };
         if let Some(open) = self.take_idle(&key) {
             debug!(
                 "id={} reusing the session to {} [{}]",
                 env.id, cand.host, cand.addr
             );
-            let sent = open.send(
-                job.clone(),
-                &mut msg.reader,
-                &verified,
-                &self.opportunistic,
-                &self.timeouts,
-            );
-            match sent {
+            match open.send(job.clone(), &mut msg.reader, configs, &self.timeouts) {
                 Ok((outcome, again)) => {
-                    if let Some(again) = again {
-                        self.put_idle(key, again);
-                    }
+                    self.put_idle(key, again);
                     return Ok(outcome);
                 }
                 // Closed by the server while idle; nothing was sent.
@@ -329,18 +333,16 @@ impl Deliverer {
             "id={} connected to {} [{}] tls={:?}",
             env.id, cand.host, cand.addr, tls
         );
-        let (outcome, again) = transfer::deliver_reusable(
+        let (outcome, again) = transfer::deliver(
             stream,
             &cand.host,
             job,
             &mut msg.reader,
-            &verified,
-            &self.opportunistic,
+            configs,
             &self.timeouts,
+            true,
         );
-        if let Some(again) = again {
-            self.put_idle(key, again);
-        }
+        self.put_idle(key, again);
         Ok(outcome)
     }
 

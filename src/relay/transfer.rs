@@ -193,24 +193,24 @@ fn nonzero(d: Duration) -> Duration {
 
 /// Runs one SMTP session for `job` over `stream`, connected to the host
 /// called `server_name` (the name certificates are verified against), and
-/// returns what happened to each recipient. `verified` is used for
-/// `RequireStartTls` and `Implicit`, `opportunistic` for `Opportunistic`.
-/// Never fails: every problem is in the `Outcome`.
+/// returns what happened to each recipient. With `keep_open`, a session
+/// whose message got its final reply is not ended but returned, for the
+/// next message to the same host. Never fails: every problem is in the
+/// `Outcome`.
 pub fn deliver(
     stream: TcpStream,
     server_name: &str,
     job: Job,
     message: &mut dyn Read,
-    verified: &Arc<ClientConfig>,
-    opportunistic: &Arc<ClientConfig>,
+    tls: TlsConfigs<'_>,
     timeouts: &Timeouts,
-) -> Outcome {
-    let client = Client::new(job);
-    let tls = TlsConfigs {
-        verified,
-        opportunistic,
-    };
-    let (outcome, _) = drive(
+    keep_open: bool,
+) -> (Outcome, Option<Reusable>) {
+    let mut client = Client::new(job);
+    if keep_open {
+        client.keep_open();
+    }
+    let (outcome, reusable, _) = drive(
         client,
         Some(Conn::Plain(stream)),
         server_name,
@@ -218,42 +218,15 @@ pub fn deliver(
         tls,
         timeouts,
     );
-    outcome
+    (outcome, reusable)
 }
 
-/// `deliver`, but a session whose message got its final reply stays open
-/// and is returned, for the next message to the same host.
-pub fn deliver_reusable(
-    stream: TcpStream,
-    server_name: &str,
-    job: Job,
-    message: &mut dyn Read,
-    verified: &Arc<ClientConfig>,
-    opportunistic: &Arc<ClientConfig>,
-    timeouts: &Timeouts,
-) -> (Outcome, Option<Reusable>) {
-    let mut client = Client::new(job);
-    client.keep_open();
-    let tls = TlsConfigs {
-        verified,
-        opportunistic,
-    };
-    drive(
-        client,
-        Some(Conn::Plain(stream)),
-        server_name,
-        message,
-        tls,
-        timeouts,
-    )
-}
-
-/// The two client TLS configurations; which one a session uses depends on
-/// its job's `TlsMode`.
+/// The two client TLS configurations: `verified` for `RequireStartTls` and
+/// `Implicit`, `opportunistic` for `Opportunistic`.
 #[derive(Clone, Copy)]
-struct TlsConfigs<'a> {
-    verified: &'a Arc<ClientConfig>,
-    opportunistic: &'a Arc<ClientConfig>,
+pub struct TlsConfigs<'a> {
+    pub verified: &'a Arc<ClientConfig>,
+    pub opportunistic: &'a Arc<ClientConfig>,
 }
 
 /// A kept session was found closed before it carried anything.
@@ -278,8 +251,7 @@ impl Reusable {
         mut self,
         job: Job,
         message: &mut dyn Read,
-        verified: &Arc<ClientConfig>,
-        opportunistic: &Arc<ClientConfig>,
+        tls: TlsConfigs<'_>,
         timeouts: &Timeouts,
     ) -> Result<(Outcome, Option<Reusable>), Closed> {
         if !self.conn.is_quiet() {
@@ -287,12 +259,8 @@ impl Reusable {
             return Err(Closed);
         }
         self.client.next_job(job);
-        let tls = TlsConfigs {
-            verified,
-            opportunistic,
-        };
         let server_name = std::mem::take(&mut self.server_name);
-        let (outcome, again, replies) = drive_counting(
+        let (outcome, again, replies) = drive(
             self.client,
             Some(self.conn),
             &server_name,
@@ -314,21 +282,9 @@ impl Reusable {
     }
 }
 
-fn drive(
-    client: Client,
-    conn: Option<Conn>,
-    server_name: &str,
-    message: &mut dyn Read,
-    tls: TlsConfigs<'_>,
-    timeouts: &Timeouts,
-) -> (Outcome, Option<Reusable>) {
-    let (outcome, reusable, _) = drive_counting(client, conn, server_name, message, tls, timeouts);
-    (outcome, reusable)
-}
-
 /// Carries out the client's outputs until its job is done; also returns
 /// how many replies the job got.
-fn drive_counting(
+fn drive(
     mut client: Client,
     mut conn: Option<Conn>,
     server_name: &str,
@@ -592,15 +548,27 @@ mod tests {
     const WIRE: &[u8] = b"Subject: hi\r\n\r\n..leading dot\r\nbare lf\r\nbare cr\r\nend\r\n";
 
     fn run(server: &TestServer, name: &str, job: Job, verified: &Arc<ClientConfig>) -> Outcome {
+        let insecure = tls::insecure_client_config();
         deliver(
             server.connect(),
             name,
             job,
             &mut &MESSAGE[..],
-            verified,
-            &tls::insecure_client_config(),
+            configs(verified, &insecure),
             &Timeouts::all(Duration::from_secs(10)),
+            false,
         )
+        .0
+    }
+
+    fn configs<'a>(
+        verified: &'a Arc<ClientConfig>,
+        opportunistic: &'a Arc<ClientConfig>,
+    ) -> TlsConfigs<'a> {
+        TlsConfigs {
+            verified,
+            opportunistic,
+        }
     }
 
     fn all_delivered(o: &Outcome) -> bool {
@@ -691,14 +659,14 @@ mod tests {
         let verified = trusting(&pki);
         let insecure = tls::insecure_client_config();
         let timeouts = Timeouts::all(Duration::from_secs(10));
-        let (first, open) = deliver_reusable(
+        let (first, open) = deliver(
             server.connect(),
             "mail.test",
             job(TlsMode::RequireStartTls, true),
             &mut &MESSAGE[..],
-            &verified,
-            &insecure,
+            configs(&verified, &insecure),
             &timeouts,
+            true,
         );
         assert!(all_delivered(&first), "{first:?}");
         let open = open.expect("the session stays open");
@@ -709,8 +677,7 @@ mod tests {
             .send(
                 next,
                 &mut &b"second\r\n"[..],
-                &verified,
-                &insecure,
+                configs(&verified, &insecure),
                 &timeouts,
             )
             .expect("the open session takes it");
@@ -778,14 +745,14 @@ mod tests {
         });
         let insecure = tls::insecure_client_config();
         let timeouts = Timeouts::all(Duration::from_secs(10));
-        let (first, open) = deliver_reusable(
+        let (first, open) = deliver(
             TcpStream::connect(addr).unwrap(),
             "mail.test",
             job(TlsMode::None, false),
             &mut &MESSAGE[..],
-            &insecure,
-            &insecure,
+            configs(&insecure, &insecure),
             &timeouts,
+            true,
         );
         assert!(all_delivered(&first), "{first:?}");
         let open = open.expect("kept open on our side");
@@ -795,8 +762,7 @@ mod tests {
         let result = open.send(
             job(TlsMode::None, false),
             &mut message,
-            &insecure,
-            &insecure,
+            configs(&insecure, &insecure),
             &timeouts,
         );
         assert!(result.is_err(), "a dead idle session must be reported");
@@ -994,14 +960,16 @@ mod tests {
             ..Timeouts::default()
         };
         let started = Instant::now();
-        let o = deliver(
+        let verified = tls::client_config(None).unwrap();
+        let insecure = tls::insecure_client_config();
+        let (o, _) = deliver(
             stream,
             "mail.test",
             job(TlsMode::None, false),
             &mut &MESSAGE[..],
-            &tls::client_config(None).unwrap(),
-            &tls::insecure_client_config(),
+            configs(&verified, &insecure),
             &timeouts,
+            false,
         );
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(all_deferred(&o), "{o:?}");
@@ -1021,14 +989,16 @@ mod tests {
             }
         }
         let server = TestServer::start(Script::default()).unwrap();
-        let o = deliver(
+        let verified = tls::client_config(None).unwrap();
+        let insecure = tls::insecure_client_config();
+        let (o, _) = deliver(
             server.connect(),
             "mail.test",
             job(TlsMode::None, false),
             &mut Failing,
-            &tls::client_config(None).unwrap(),
-            &tls::insecure_client_config(),
+            configs(&verified, &insecure),
             &Timeouts::all(Duration::from_secs(10)),
+            false,
         );
         assert!(all_deferred(&o), "{o:?}");
         assert!(format!("{o:?}").contains("disk on fire"));

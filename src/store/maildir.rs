@@ -43,7 +43,10 @@ const NAME_ATTEMPTS: u32 = 4;
 /// its parent exists. In both cases `tmp/`, `new/`, `cur/` and the message file
 /// must not be symlinks. Refusals are `PermissionDenied`.
 ///
-/// On `Err` nothing is left in `tmp/` or `new/`.
+/// On `Err` nothing is left in `tmp/` or `new/`. The server itself calls
+/// [`prepare`] for every mailbox first and then [`Draft`] or
+/// [`deliver_prepared`]; this one-step form is what the tests exercise.
+#[cfg(test)]
 pub fn deliver(
     dir: &Path,
     root: Option<&Path>,
