@@ -18,43 +18,52 @@
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use log::{info, warn};
 
 use crate::config::Config;
 use crate::server::Context;
 use crate::smtp::conn::unix_now;
-use crate::smtp::message::Message;
+use crate::smtp::message::{MailboxCopy, Message};
 use crate::store::envelope::Envelope;
 use crate::store::maildir::{self, Draft};
 use crate::store::new_id;
 use crate::store::queue::Spool;
 
-/// Where a message is written while it is received.
+/// Where a message is written while it is received, with what [`open`]
+/// worked out for [`store`]: the config snapshot, the local copies and the
+/// remote recipients.
 #[derive(Debug)]
-pub enum Sink {
+pub struct Sink<'m> {
+    id: String,
+    config: Arc<Config>,
+    copies: Vec<MailboxCopy<'m>>,
+    remote: Vec<&'m str>,
+    file: SinkFile,
+}
+
+#[derive(Debug)]
+enum SinkFile {
     /// Some recipient is remote: the queue's spool, `incoming/<id>/message`.
     Queue(Spool),
     /// Every recipient is local: straight into the first mailbox's `tmp/`,
     /// after that mailbox's `Return-Path:` and `Delivered-To:`, so a local
     /// message is written once and no spool file is made and removed.
-    Maildir { id: String, draft: Draft },
+    Maildir(Draft),
 }
 
-impl Sink {
+impl Sink<'_> {
     /// The message id, for the `Received:` field and the logs.
     pub fn id(&self) -> &str {
-        match self {
-            Sink::Queue(spool) => spool.id(),
-            Sink::Maildir { id, .. } => id,
-        }
+        &self.id
     }
 
     /// The file the message (from its `Received:` field on) is written to.
     pub fn file(&mut self) -> &mut File {
-        match self {
-            Sink::Queue(spool) => spool.file(),
-            Sink::Maildir { draft, .. } => draft.file(),
+        match &mut self.file {
+            SinkFile::Queue(spool) => spool.file(),
+            SinkFile::Maildir(draft) => draft.file(),
         }
     }
 }
@@ -62,23 +71,31 @@ impl Sink {
 /// Opens the sink for `message` before its data arrives. Every local
 /// mailbox is checked (and created) first, so a broken one refuses the
 /// transaction before the client sends the body.
-pub fn open(message: &Message, ctx: &Context) -> io::Result<Sink> {
+pub fn open<'m>(message: &'m Message, ctx: &Context) -> io::Result<Sink<'m>> {
     let config = ctx.config();
     let copies = message.mailboxes();
     for copy in &copies {
         maildir::prepare(copy.dir, within(copy.dir, &config.local.maildir_root))?;
     }
-    match copies.first() {
-        Some(first) if message.remote().is_empty() => {
+    let remote = message.remote();
+    let (id, file) = match copies.first() {
+        Some(first) if remote.is_empty() => {
             let header = trace_header(&message.sender, &first.delivered_to);
             let draft = Draft::create(first.dir, &config.hostname, header.as_bytes())?;
-            Ok(Sink::Maildir {
-                id: new_id(),
-                draft,
-            })
+            (new_id(), SinkFile::Maildir(draft))
         }
-        _ => ctx.queue.begin().map(Sink::Queue),
-    }
+        _ => {
+            let spool = ctx.queue.begin()?;
+            (spool.id().to_string(), SinkFile::Queue(spool))
+        }
+    };
+    Ok(Sink {
+        id,
+        config,
+        copies,
+        remote,
+        file,
+    })
 }
 
 /// The fields a Maildir copy starts with (RFC 5321 4.4, RFC 9228).
@@ -87,7 +104,7 @@ fn trace_header(sender: &str, delivered_to: &str) -> String {
 }
 
 /// Delivers local copies and queues remote recipients; Ok means durable.
-pub fn store(message: &Message, sink: Sink, size: u64, ctx: &Context) -> io::Result<()> {
+pub fn store(message: &Message, sink: Sink<'_>, size: u64, ctx: &Context) -> io::Result<()> {
     let client = format!(
         "[{}] helo={} session={}",
         message.peer, message.helo, message.session
@@ -98,46 +115,43 @@ pub fn store(message: &Message, sink: Sink, size: u64, ctx: &Context) -> io::Res
 /// `store`, with the envelope's informational `client` field given.
 pub fn store_with_client(
     message: &Message,
-    sink: Sink,
+    sink: Sink<'_>,
     size: u64,
     ctx: &Context,
     client: &str,
 ) -> io::Result<()> {
-    let config = ctx.config();
-    match sink {
-        Sink::Maildir { id, mut draft } => {
-            let mut copies = message.mailboxes().into_iter();
-            // `open` made the draft in the first mailbox.
+    let Sink {
+        id,
+        config,
+        copies,
+        remote,
+        file,
+    } = sink;
+    let sender = &message.sender;
+    let mut copies = copies.into_iter();
+    let mut spool = match file {
+        SinkFile::Maildir(mut draft) => {
+            // `open` made the draft in the first mailbox; the others are
+            // copied from it.
             if let Some(first) = copies.next() {
                 let path = draft.publish()?;
-                log_delivered(&id, message, first.delivered_to.as_str(), size, &path);
+                log_delivered(&id, sender, &first.delivered_to, size, &path);
             }
             for copy in copies {
-                let header = trace_header(&message.sender, &copy.delivered_to);
-                let body = draft.body()?;
-                let path =
-                    maildir::deliver_prepared(copy.dir, &config.hostname, header.as_bytes(), body)?;
-                log_delivered(&id, message, &copy.delivered_to, size, &path);
+                let header = trace_header(sender, &copy.delivered_to);
+                let path = maildir::deliver_prepared(
+                    copy.dir,
+                    &config.hostname,
+                    header.as_bytes(),
+                    draft.body()?,
+                )?;
+                log_delivered(&id, sender, &copy.delivered_to, size, &path);
             }
-            Ok(())
+            return Ok(());
         }
-        Sink::Queue(spool) => store_queued(message, spool, size, ctx, &config, client),
-    }
-}
-
-/// A message with remote recipients: local copies from the spool, then the
-/// spool committed to the queue.
-fn store_queued(
-    message: &Message,
-    mut spool: Spool,
-    size: u64,
-    ctx: &Context,
-    config: &Config,
-    client: &str,
-) -> io::Result<()> {
-    let id = spool.id().to_string();
-    let sender = &message.sender;
-    for copy in message.mailboxes() {
+        SinkFile::Queue(spool) => spool,
+    };
+    for copy in copies {
         let header = trace_header(sender, &copy.delivered_to);
         let path = maildir::deliver_prepared(
             copy.dir,
@@ -145,14 +159,12 @@ fn store_queued(
             header.as_bytes(),
             spool.rewound()?,
         )?;
-        log_delivered(&id, message, &copy.delivered_to, size, &path);
+        log_delivered(&id, sender, &copy.delivered_to, size, &path);
     }
-    let remote = message.remote();
     if remote.is_empty() {
-        // Not reached from `open`, which writes local-only mail straight
-        // into a Maildir. Every copy is durable: a spool we cannot remove is
-        // swept at the next start, and must not turn a delivered message
-        // into a 451.
+        // Only for a message without recipients (`open` writes local-only
+        // mail straight into a Maildir). A spool we cannot remove is swept
+        // at the next start, and must not turn this into a 451.
         if let Err(e) = spool.discard() {
             warn!("id={id} cannot remove the spool: {e}");
         }
@@ -177,10 +189,9 @@ fn store_queued(
     Ok(())
 }
 
-fn log_delivered(id: &str, message: &Message, to: &str, size: u64, path: &Path) {
+fn log_delivered(id: &str, sender: &str, to: &str, size: u64, path: &Path) {
     info!(
-        "id={id} from=<{}> to=<{to}> size={size} status=delivered maildir={}",
-        message.sender,
+        "id={id} from=<{sender}> to=<{to}> size={size} status=delivered maildir={}",
         path.display()
     );
 }
