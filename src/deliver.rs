@@ -45,7 +45,7 @@ pub struct Sink<'m> {
 
 #[derive(Debug)]
 enum SinkFile {
-    /// Some recipient is remote: the queue's spool, `incoming/<id>/message`.
+    /// Some recipient is remote: the queue's spool, `incoming/<id>`.
     Queue(Spool),
     /// Every recipient is local: straight into the first mailbox's `tmp/`,
     /// after that mailbox's `Return-Path:` and `Delivered-To:`, so a local
@@ -72,6 +72,19 @@ impl Sink<'_> {
 /// mailbox is checked (and created) first, so a broken one refuses the
 /// transaction before the client sends the body.
 pub fn open<'m>(message: &'m Message, ctx: &Context) -> io::Result<Sink<'m>> {
+    let client = format!(
+        "[{}] helo={} session={}",
+        message.peer, message.helo, message.session
+    );
+    open_with_client(message, ctx, &client)
+}
+
+/// [`open`], with the queue envelope's informational `client` field given.
+pub fn open_with_client<'m>(
+    message: &'m Message,
+    ctx: &Context,
+    client: &str,
+) -> io::Result<Sink<'m>> {
     let config = ctx.config();
     let copies = message.mailboxes();
     for copy in &copies {
@@ -85,7 +98,9 @@ pub fn open<'m>(message: &'m Message, ctx: &Context) -> io::Result<Sink<'m>> {
             (new_id(), SinkFile::Maildir(draft))
         }
         _ => {
-            let spool = ctx.queue.begin()?;
+            let spool = ctx.queue.begin(|id| {
+                Envelope::new(id, unix_now(), &message.sender, client.to_string(), &remote)
+            })?;
             (spool.id().to_string(), SinkFile::Queue(spool))
         }
     };
@@ -105,21 +120,6 @@ fn trace_header(sender: &str, delivered_to: &str) -> String {
 
 /// Delivers local copies and queues remote recipients; Ok means durable.
 pub fn store(message: &Message, sink: Sink<'_>, size: u64, ctx: &Context) -> io::Result<()> {
-    let client = format!(
-        "[{}] helo={} session={}",
-        message.peer, message.helo, message.session
-    );
-    store_with_client(message, sink, size, ctx, &client)
-}
-
-/// `store`, with the envelope's informational `client` field given.
-pub fn store_with_client(
-    message: &Message,
-    sink: Sink<'_>,
-    size: u64,
-    ctx: &Context,
-    client: &str,
-) -> io::Result<()> {
     let Sink {
         id,
         config,
@@ -170,8 +170,7 @@ pub fn store_with_client(
         }
         return Ok(());
     }
-    let envelope = Envelope::new(&id, unix_now(), sender, client.to_string(), &remote);
-    if let Err(e) = spool.commit(&envelope) {
+    if let Err(e) = spool.commit() {
         // If the rename happened, the entry is committed (only a later
         // fsync failed): the relay must still hear of it, though the
         // client is told to retry.

@@ -23,7 +23,6 @@
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::control;
@@ -43,8 +42,6 @@ pub enum Command {
     Delete(String),
 }
 
-/// Envelopes larger than this are skipped (a real one is far smaller).
-const MAX_ENVELOPE_BYTES: u64 = 16 << 20;
 /// `show` prints at most this much of the message header.
 const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Where the recipient column starts in the listing.
@@ -177,48 +174,18 @@ fn read_all(data_dir: &Path) -> Result<Vec<Entry>, Error> {
     Ok(out)
 }
 
-/// Reads `queue/<id>`: the envelope and the message size. Never follows a
-/// symlink; an envelope naming another id counts as unreadable.
+/// Reads `queue/<id>`: the envelope and the message size, through the
+/// queue's own reader (which never follows a symlink and refuses an
+/// envelope naming another id).
 fn read_entry(data_dir: &Path, id: &str) -> io::Result<Entry> {
-    let dir = queue_dir(data_dir).join(id);
-    let path = dir.join("envelope");
-    let mut bytes = Vec::new();
-    open_nofollow(&path)?
-        .take(MAX_ENVELOPE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| at(&path, e))?;
-    if bytes.len() as u64 > MAX_ENVELOPE_BYTES {
-        return Err(invalid(&path, "envelope too large"));
-    }
-    let env = Envelope::parse(&bytes).map_err(|e| invalid(&path, &e.to_string()))?;
-    if env.id != id {
-        return Err(invalid(&path, "envelope names another id"));
-    }
-    let message = dir.join("message");
-    let size = open_nofollow(&message)?
-        .metadata()
-        .map_err(|e| at(&message, e))?
-        .len();
+    let queue = Queue::at(data_dir);
+    let env = queue.load(id)?;
+    let size = queue.open_message(id)?.len();
     Ok(Entry { env, size })
-}
-
-fn open_nofollow(path: &Path) -> io::Result<fs::File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| at(path, e))
 }
 
 fn at(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-}
-
-fn invalid(path: &Path, why: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: {why}", path.display()),
-    )
 }
 
 /// Reads one entry for `show`; a missing entry is [`Error::UnknownId`].
@@ -371,7 +338,7 @@ fn json_str(s: &str) -> String {
 
 fn show(data_dir: &Path, id: &str, out: &mut dyn Write) -> Result<(), Error> {
     let entry = read_one(data_dir, id)?;
-    let header = read_header(&queue_dir(data_dir).join(id).join("message"));
+    let header = read_header(data_dir, id);
     let mut s = format_envelope(&entry);
     s.push('\n');
     match header {
@@ -428,12 +395,12 @@ fn format_envelope(e: &Entry) -> String {
 
 /// The message header up to (not including) the empty line, and whether it
 /// was cut at [`MAX_HEADER_BYTES`].
-fn read_header(path: &Path) -> io::Result<(String, bool)> {
+fn read_header(data_dir: &Path, id: &str) -> io::Result<(String, bool)> {
     let mut bytes = Vec::new();
-    open_nofollow(path)?
+    Queue::at(data_dir)
+        .open_message(id)?
         .take(MAX_HEADER_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| at(path, e))?;
+        .read_to_end(&mut bytes)?;
     let end = bytes
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -694,12 +661,12 @@ mod tests {
         assert_eq!(json_str("ü\t"), "\"ü\\t\"");
     }
 
-    /// Writes a queue entry the way the queue does (envelope + message).
+    /// Writes a queue entry the way the queue does (envelope, then message).
     fn put(data: &Path, env: &Envelope, message: &[u8]) {
-        let dir = data.join("queue").join(&env.id);
-        fs::create_dir_all(&dir).expect("mkdir");
-        fs::write(dir.join("envelope"), env.to_bytes()).expect("envelope");
-        fs::write(dir.join("message"), message).expect("message");
+        fs::create_dir_all(data.join("queue")).expect("mkdir");
+        let mut bytes = env.to_bytes();
+        bytes.extend_from_slice(message);
+        fs::write(data.join("queue").join(&env.id), bytes).expect("entry");
     }
 
     fn run_str(cmd: Command, data: &Path) -> (Result<(), Error>, String) {
@@ -725,13 +692,17 @@ mod tests {
         let older = Envelope::new("Z9", 100, "zed@x", "c".into(), &["q@y"]);
         put(data, &older, b"Subject: old\r\n\r\n");
         // Garbage: a bad envelope, a bad name, an envelope naming another id.
-        fs::create_dir_all(data.join("queue/C3")).expect("mkdir");
-        fs::write(data.join("queue/C3/envelope"), b"junk").expect("junk");
+        fs::write(data.join("queue/C3"), b"junk").expect("junk");
         fs::create_dir_all(data.join("queue/bad name")).expect("mkdir");
         let mut other = env.clone();
         other.id = "D4".into();
         put(data, &other, b"x");
-        fs::write(data.join("queue/D4/envelope"), env.to_bytes()).expect("envelope");
+        fs::write(data.join("queue/D4.env"), env.to_bytes()).expect("envelope");
+        // An entry of the layout earlier versions wrote is listed too.
+        let legacy = Envelope::new("E5", 300, "eve@x", "c".into(), &["e@y"]);
+        fs::create_dir_all(data.join("queue/E5")).expect("mkdir");
+        fs::write(data.join("queue/E5/envelope"), legacy.to_bytes()).expect("envelope");
+        fs::write(data.join("queue/E5/message"), b"Subject: e\r\n\r\n").expect("message");
 
         let (r, out) = run_str(Command::List { json: false }, data);
         assert!(r.is_ok());
@@ -739,7 +710,8 @@ mod tests {
         let b = out.find("B2 ").expect("B2 listed");
         assert!(z < b, "oldest first:\n{out}");
         assert!(!out.contains("C3") && !out.contains("D4"), "{out}");
-        assert!(out.ends_with("in 2 Requests.\n"), "{out}");
+        assert!(out.contains("E5 "), "{out}");
+        assert!(out.ends_with("in 3 Requests.\n"), "{out}");
 
         let (r, out) = run_str(Command::Show("B2".into()), data);
         assert!(r.is_ok());

@@ -5,10 +5,8 @@
 //! thread records the results).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, Cursor, Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -166,7 +164,6 @@ impl Deliverer {
     pub fn deliver_to(
         &self,
         env: &Envelope,
-        path: &Path,
         dest: &Dest,
         idxs: &[usize],
     ) -> Vec<(usize, RcptResult, Option<String>)> {
@@ -213,7 +210,7 @@ impl Deliverer {
                 );
                 continue;
             }
-            let mut outcome = match self.session(env, path, cand, &recipients, tls, auth.clone()) {
+            let mut outcome = match self.session(env, cand, &recipients, tls, auth.clone()) {
                 Ok(o) => o,
                 Err(reason) => {
                     last_reason = reason;
@@ -227,7 +224,7 @@ impl Deliverer {
                     "id={} {} [{}]: TLS handshake failed; retrying in clear",
                     env.id, cand.host, cand.addr
                 );
-                match self.session(env, path, cand, &recipients, TlsMode::None, None) {
+                match self.session(env, cand, &recipients, TlsMode::None, None) {
                     Ok(o) => outcome = o,
                     Err(reason) => {
                         last_reason = reason;
@@ -263,14 +260,13 @@ impl Deliverer {
     fn session(
         &self,
         env: &Envelope,
-        path: &Path,
         cand: &Candidate,
         recipients: &[String],
         tls: TlsMode,
         auth: Option<Credentials>,
     ) -> Result<Outcome, String> {
         let mut msg = self
-            .open_message(env, path)
+            .open_message(env)
             .map_err(|e| format!("cannot read queued message: {e}"))?;
         let key = IdleKey {
             addr: cand.addr,
@@ -382,9 +378,9 @@ impl Deliverer {
 
     /// The message as it will be sent: From: rewritten for local senders
     /// when `relay.rewrite_from` is set.
-    fn open_message(&self, env: &Envelope, path: &Path) -> io::Result<Outgoing> {
-        let mut file = File::open(path)?;
-        let len = file.metadata()?.len();
+    fn open_message(&self, env: &Envelope) -> io::Result<Outgoing> {
+        let mut file = self.ctx.queue.open_message(&env.id)?;
+        let len = file.len();
         let eightbit = has_8bit(&mut file)?;
         file.seek(SeekFrom::Start(0))?;
         let config = self.ctx.config();
@@ -450,8 +446,8 @@ pub fn domain_of(address: &str) -> &str {
     address.rsplit_once('@').map_or("", |(_, d)| d)
 }
 
-/// Whether the file has any byte >= 0x80 (BODY=8BITMIME needed).
-fn has_8bit(file: &mut File) -> io::Result<bool> {
+/// Whether the message has any byte >= 0x80 (BODY=8BITMIME needed).
+fn has_8bit(file: &mut impl Read) -> io::Result<bool> {
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = file.read(&mut buf)?;
@@ -465,7 +461,7 @@ fn has_8bit(file: &mut File) -> io::Result<bool> {
 }
 
 /// The first MAX_HEADER bytes (or less) of the message.
-pub fn read_header(file: &mut File) -> io::Result<Vec<u8>> {
+pub fn read_header(file: &mut impl Read) -> io::Result<Vec<u8>> {
     let mut header = Vec::new();
     Read::by_ref(file)
         .take(MAX_HEADER as u64)

@@ -7,10 +7,8 @@
 //! envelope durably before the next one is taken.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -257,14 +255,11 @@ impl Relay {
         let Some(env) = self.pending.get(id) else {
             return;
         };
-        let path = match self.ctx.queue.message_path(id) {
-            Ok(p) if p.exists() => p,
-            _ => {
-                warn!("id={id} message file gone; dropping it from the relay");
-                self.pending.remove(id);
-                return;
-            }
-        };
+        if !self.ctx.queue.contains(id) {
+            warn!("id={id} queue entry gone; dropping it from the relay");
+            self.pending.remove(id);
+            return;
+        }
         let todo: Vec<usize> = (0..env.recipients.len())
             .filter(|&i| !env.recipients[i].state.is_final())
             .collect();
@@ -282,11 +277,11 @@ impl Relay {
             return;
         }
         for (dest, idxs) in groups {
-            let (env, path, tx) = (env.clone(), path.clone(), self.results_tx.clone());
+            let (env, tx) = (env.clone(), self.results_tx.clone());
             let deliverer = Arc::clone(&self.deliverer);
             let (job_id, job_idxs) = (id.to_string(), idxs.clone());
             let spawned = self.threads.run(move || {
-                let results = deliverer.deliver_to(&env, &path, &dest, &job_idxs);
+                let results = deliverer.deliver_to(&env, &dest, &job_idxs);
                 let _ = tx.send((job_id, results));
             });
             if let Err(e) = spawned {
@@ -381,23 +376,18 @@ impl Relay {
                 flight.newly_failed.push(i);
             }
         }
-        let path = self
-            .ctx
-            .queue
-            .message_path(id)
-            .unwrap_or_else(|_| PathBuf::new());
         // Notices go out before the envelope is saved: a crash in between
         // repeats a notice rather than losing it.
         if !flight.newly_failed.is_empty() {
             let entries = entries(&env, &flight.newly_failed, &flight.remote_mta);
-            self.notify(&env, &path, &entries, Kind::Failed);
+            self.notify(&env, &entries, Kind::Failed);
         } else if self.schedule.should_warn(&env, now) {
             let deferred: Vec<usize> = (0..env.recipients.len())
                 .filter(|&i| matches!(env.recipients[i].state, RcptState::Deferred { .. }))
                 .collect();
             if !deferred.is_empty() {
                 let entries = entries(&env, &deferred, &flight.remote_mta);
-                self.notify(&env, &path, &entries, Kind::Delayed);
+                self.notify(&env, &entries, Kind::Delayed);
             }
             env.warned = true;
         }
@@ -427,7 +417,7 @@ impl Relay {
     /// about a notice, or about a message from `<>`, is only logged (or
     /// given to the local postmaster when so configured): bounces never
     /// bounce.
-    fn notify(&self, env: &Envelope, path: &Path, entries: &[Entry<'_>], kind: Kind) {
+    fn notify(&self, env: &Envelope, entries: &[Entry<'_>], kind: Kind) {
         let (to, client) = if env.sender.is_empty() {
             warn!(
                 "id={} undeliverable message from <{}>: not bounced (a bounce never bounces)",
@@ -449,7 +439,7 @@ impl Relay {
         } else {
             (env.sender.clone(), NOTICE_CLIENT)
         };
-        let header = File::open(path)
+        let header = (self.ctx.queue.open_message(&env.id))
             .and_then(|mut f| read_header(&mut f))
             .unwrap_or_default();
         let text = bounce::render(
@@ -495,10 +485,10 @@ impl Relay {
             tls: None,
             local_user: None,
         };
-        let mut sink = crate::deliver::open(&message, &self.ctx)?;
+        let mut sink = crate::deliver::open_with_client(&message, &self.ctx, client)?;
         let id = sink.id().to_string();
         sink.file().write_all(text)?;
-        crate::deliver::store_with_client(&message, sink, text.len() as u64, &self.ctx, client)?;
+        crate::deliver::store(&message, sink, text.len() as u64, &self.ctx)?;
         Ok(id)
     }
 }

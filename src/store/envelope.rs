@@ -1,4 +1,5 @@
-//! The envelope file of a queued message (`queue/<id>/envelope`): who sent it,
+//! The envelope of a queued message (at the front of `queue/<id>`, and in
+//! `queue/<id>.env` once delivery updated it): who sent it,
 //! to whom, and how far delivery got for each recipient (RFC 5321 section 2.3.1
 //! calls this the SMTP envelope; it is kept apart from the message content).
 //!

@@ -1,35 +1,53 @@
-//! The on-disk queue under `data_dir`, laid out like OpenSMTPD's
-//! `queue_fs.c` (incoming, then an atomic rename to commit):
+//! The on-disk queue under `data_dir`. Like Postfix's queue file, an entry
+//! is one file: the envelope first, the message after it; a rename from
+//! `incoming/` to `queue/` is the commit (as in OpenSMTPD's `queue_fs.c`).
 //!
-//! - `incoming/<id>/` — a message being received. Never acknowledged, so
-//!   startup removes whatever a crash left here.
-//! - `queue/<id>/` — committed: files `message` (headers + body as received)
-//!   and `envelope` ([`super::envelope`]). A message exists for the relay
-//!   exactly when this directory does; the rename from `incoming/` is the
-//!   commit point, made durable by fsyncing `queue/` before the `250`.
+//! - `incoming/<id>` — a message being received: its envelope
+//!   ([`super::envelope`], which ends with its `end` line), then the message
+//!   (headers + body as received). Never acknowledged, so startup removes
+//!   everything in `incoming/`; it is also where new envelope files are
+//!   written before they are renamed into `queue/`.
+//! - `queue/<id>` — committed: the same file, never written again. A message
+//!   exists for the relay exactly when this name does; fsyncing `queue/`
+//!   after the rename makes it durable before the `250`.
+//! - `queue/<id>.env` — the envelope as delivery changed it (recipients
+//!   done, attempts counted), once it has; it supersedes the copy at the
+//!   front of `queue/<id>`.
+//! - `queue/<id>/` with files `message` and `envelope` — the layout of
+//!   earlier versions. Entries of that shape are still read, updated and
+//!   removed, so an upgrade with mail in the queue loses nothing; new
+//!   entries never take it.
 //! - `corrupt/` — entries of `queue/` that did not parse at startup, moved
 //!   aside with a warning and never deleted.
 //!
-//! This file owns those directories and the life of an entry (begin, commit,
+//! A queued message so costs one file, one fsync, one rename and a share of
+//! one fsync of `queue/` (shared by concurrent sessions, [`super::group`]);
+//! the directory layout cost a directory, two files and three fsyncs.
+//!
+//! This file owns those names and the life of an entry (begin, commit,
 //! update, remove); it does not decide what to deliver or when (the relay
-//! does), nor read the message content. Ids come from [`super::new_id`] and are
-//! checked with [`super::is_valid_id`] wherever one arrives from outside.
+//! does), nor look inside the message. Ids come from [`super::new_id`] and
+//! are checked with [`super::is_valid_id`] wherever one arrives from outside.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::envelope::Envelope;
-use super::{at, check_real_dir, create_dir_durable, group, is_valid_id, new_id, sync_dir};
+use super::{at, create_dir_durable, group, is_valid_id, new_id, sync_dir};
 
-const MESSAGE: &str = "message";
-const ENVELOPE: &str = "envelope";
-/// Where [`Queue::save`] writes the next envelope before renaming it over the old one.
-const ENVELOPE_NEW: &str = "envelope.new";
-/// Envelope files larger than this are treated as corrupt rather than read
-/// into memory (a real one is ~100 bytes plus ~1 KiB per recipient at worst).
+/// Suffix of the file holding an entry's updated envelope.
+const UPDATED: &str = ".env";
+/// The earlier layout's files inside `queue/<id>/`.
+const LEGACY_MESSAGE: &str = "message";
+const LEGACY_ENVELOPE: &str = "envelope";
+const LEGACY_ENVELOPE_NEW: &str = "envelope.new";
+/// Envelopes larger than this are treated as corrupt rather than read into
+/// memory (a real one is ~100 bytes plus ~1 KiB per recipient at worst).
 const MAX_ENVELOPE_BYTES: u64 = 16 << 20;
+/// The line that ends an envelope, with the end of the line before it.
+const ENVELOPE_END: &[u8] = b"\nend\n";
 
 /// The queue directories under one `data_dir`.
 #[derive(Debug)]
@@ -37,6 +55,15 @@ pub struct Queue {
     incoming: PathBuf,
     queue: PathBuf,
     corrupt: PathBuf,
+}
+
+/// The shape of a committed entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `queue/<id>`: envelope, then message.
+    File,
+    /// `queue/<id>/{envelope,message}`: the earlier layout.
+    Dir,
 }
 
 impl Queue {
@@ -51,16 +78,23 @@ impl Queue {
         if !fs::metadata(data_dir).map(|m| m.is_dir()).unwrap_or(false) {
             create_dir_durable(data_dir)?;
         }
-        let q = Queue {
-            incoming: data_dir.join("incoming"),
-            queue: data_dir.join("queue"),
-            corrupt: data_dir.join("corrupt"),
-        };
+        let q = Queue::at(data_dir);
         create_dir_durable(&q.incoming)?;
         create_dir_durable(&q.queue)?;
         q.sweep_incoming()?;
         let ids = q.scan_queue()?;
         Ok((q, ids))
+    }
+
+    /// The queue under `data_dir` for reading only (`mailq`, `queue show`):
+    /// creates, sweeps and checks nothing, so it works beside a running
+    /// daemon and on a data_dir it cannot write.
+    pub fn at(data_dir: &Path) -> Queue {
+        Queue {
+            incoming: data_dir.join("incoming"),
+            queue: data_dir.join("queue"),
+            corrupt: data_dir.join("corrupt"),
+        }
     }
 
     /// Removes every entry of `incoming/`.
@@ -69,24 +103,26 @@ impl Queue {
         for entry in fs::read_dir(&self.incoming).map_err(at(&self.incoming))? {
             let entry = entry.map_err(at(&self.incoming))?;
             let path = entry.path();
-            if fs::symlink_metadata(self.queue.join(entry.file_name())).is_ok() {
-                // Only after a rename that was not fully durable: the committed
-                // copy wins, and removing this name could remove its contents.
-                log::warn!(
-                    "queue: incoming entry also committed, left alone path={}",
-                    path.display()
-                );
-                continue;
-            }
-            let is_dir = entry.file_type().map_err(at(&path))?.is_dir();
-            let result = if is_dir {
+            let result = if entry.file_type().map_err(at(&path))?.is_dir() {
+                if fs::symlink_metadata(self.queue.join(entry.file_name())).is_ok() {
+                    // An entry of the earlier layout, after a rename that was
+                    // not fully durable: the committed copy wins, and removing
+                    // this name could remove its contents.
+                    log::warn!(
+                        "queue: incoming entry also committed, left alone path={}",
+                        path.display()
+                    );
+                    continue;
+                }
                 fs::remove_dir_all(&path)
             } else {
+                // Removing a file's name never removes another name of it:
+                // this is safe even where a rename into queue/ left both.
                 fs::remove_file(&path)
             };
             result.map_err(at(&path))?;
             log::info!(
-                "queue: swept unacknowledged id={}",
+                "queue: swept unacknowledged name={}",
                 entry.file_name().to_string_lossy()
             );
             removed += 1;
@@ -97,14 +133,20 @@ impl Queue {
         Ok(())
     }
 
-    /// Checks every entry of `queue/`; returns the good ids sorted, moves the rest aside.
+    /// Checks every entry of `queue/`; returns the good ids sorted, moves the
+    /// rest aside, and removes updated envelopes whose entry is gone.
     fn scan_queue(&self) -> io::Result<Vec<String>> {
         let mut ids = Vec::new();
+        let mut updates = Vec::new();
         for entry in fs::read_dir(&self.queue).map_err(at(&self.queue))? {
             let entry = entry.map_err(at(&self.queue))?;
             let name = entry.file_name();
             let problem = match name.to_str() {
                 Some(id) if is_valid_id(id) => self.check_entry(id)?,
+                Some(n) if n.strip_suffix(UPDATED).is_some_and(is_valid_id) => {
+                    updates.push(n.to_owned());
+                    continue;
+                }
                 _ => Some("name is not a queue id".to_owned()),
             };
             match problem {
@@ -113,27 +155,37 @@ impl Queue {
             }
         }
         ids.sort();
+        let mut orphans = 0;
+        for name in updates {
+            let path = self.queue.join(&name);
+            let id = name.strip_suffix(UPDATED).unwrap_or_default();
+            if ids.binary_search_by(|good| good.as_str().cmp(id)).is_ok() {
+                continue;
+            }
+            if self.corrupt.join(id).exists() {
+                // Its entry was just moved aside: the state goes with it.
+                self.move_to_corrupt(&path, "its entry is corrupt")?;
+            } else {
+                // Left by a removal that a crash cut short.
+                fs::remove_file(&path).map_err(at(&path))?;
+                log::info!(
+                    "queue: removed envelope of a removed entry path={}",
+                    path.display()
+                );
+                orphans += 1;
+            }
+        }
+        if orphans > 0 {
+            sync_dir(&self.queue)?;
+        }
         Ok(ids)
     }
 
     /// `Ok(None)` if queue/<id> is a good entry, `Ok(Some(why))` if it is
     /// corrupt, `Err` for an I/O error that says nothing about the entry.
     fn check_entry(&self, id: &str) -> io::Result<Option<String>> {
-        let dir = self.queue.join(id);
-        if let Err(e) = check_real_dir(&dir) {
-            return Ok(Some(e.to_string()));
-        }
-        match fs::symlink_metadata(dir.join(MESSAGE)) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => return Ok(Some("message is not a regular file".to_owned())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(Some("message file missing".to_owned()))
-            }
-            Err(e) => return Err(at(&dir.join(MESSAGE))(e)),
-        }
-        match self.load(id) {
-            Ok(env) if env.id == id => Ok(None),
-            Ok(env) => Ok(Some(format!("envelope names id {:?}", env.id))),
+        match self.open_message(id).and_then(|_| self.load(id)) {
+            Ok(_) => Ok(None),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -168,24 +220,26 @@ impl Queue {
         Ok(())
     }
 
-    /// Starts a new message: creates `incoming/<id>/` and the file
-    /// `incoming/<id>/message` (create_new, 0600), returns it.
-    pub fn begin(&self) -> io::Result<Spool> {
+    /// Starts a new message: creates `incoming/<id>` (create_new, 0600) with
+    /// a fresh id and writes `envelope(id)` at its front. The caller then
+    /// writes the message through [`Spool::file`].
+    pub fn begin(&self, envelope: impl FnOnce(&str) -> Envelope) -> io::Result<Spool> {
         let mut attempt = 0;
-        let (id, dir) = loop {
+        let (id, path, mut file) = loop {
             attempt += 1;
             let id = new_id();
-            let dir = self.incoming.join(&id);
-            // An id already committed would make the commit rename fail; ids
-            // are unique, so this and AlreadyExists only follow a clock jump.
+            let path = self.incoming.join(&id);
+            // An id already committed would make the commit rename replace
+            // it; ids are unique, so this and AlreadyExists only follow a
+            // clock jump.
             let clash = fs::symlink_metadata(self.queue.join(&id)).is_ok();
-            match fs::DirBuilder::new().mode(super::DIR_MODE).create(&dir) {
-                Ok(()) if !clash => break (id, dir),
-                Ok(()) => {
-                    let _ = fs::remove_dir(&dir);
+            match create_file(&path, true) {
+                Ok(file) if !clash => break (id, path, file),
+                Ok(_) => {
+                    let _ = fs::remove_file(&path);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 4 => {}
-                Err(e) => return Err(at(&dir)(e)),
+                Err(e) => return Err(e),
             }
             if attempt >= 4 {
                 return Err(io::Error::new(
@@ -194,21 +248,27 @@ impl Queue {
                 ));
             }
         };
-        let path = dir.join(MESSAGE);
-        let file = match create_file(&path, true) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
-                return Err(e);
-            }
+        let envelope = envelope(&id);
+        let front = envelope.to_bytes();
+        let written = if envelope.id == id {
+            file.write_all(&front).map_err(at(&path))
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("envelope id {:?} is not spool id {id}", envelope.id),
+            ))
         };
+        if let Err(e) = written {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         log::debug!("queue: begin id={id}");
         Ok(Spool {
             id,
-            dir,
+            path,
             queue: self.queue.clone(),
-            incoming: self.incoming.clone(),
             file,
+            start: front.len() as u64,
             done: false,
         })
     }
@@ -218,62 +278,99 @@ impl Queue {
         &self.queue
     }
 
-    /// Reads and parses `queue/<id>/envelope`. A parse failure is `InvalidData`.
+    /// Whether `id` is a committed entry (of either layout).
+    pub fn contains(&self, id: &str) -> bool {
+        self.locate(id).is_ok()
+    }
+
+    /// The current envelope of `id`: its updated envelope if delivery made
+    /// one, else the one at the front of the entry. A parse failure, or an
+    /// envelope naming another id, is `InvalidData`.
     pub fn load(&self, id: &str) -> io::Result<Envelope> {
-        let path = self.entry(id)?.join(ENVELOPE);
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(at(&path))?;
-        let mut bytes = Vec::new();
-        file.take(MAX_ENVELOPE_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(at(&path))?;
-        if bytes.len() as u64 > MAX_ENVELOPE_BYTES {
+        let (path, layout) = self.locate(id)?;
+        let env = match layout {
+            Layout::Dir => read_envelope_file(&path.join(LEGACY_ENVELOPE))?,
+            Layout::File => match read_envelope_file(&self.updated(id)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    read_front(&mut open_nofollow(&path)?, &path)?.0
+                }
+                other => other?,
+            },
+        };
+        if env.id != id {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{}: larger than {MAX_ENVELOPE_BYTES} bytes", path.display()),
+                format!("{}: envelope names id {:?}", path.display(), env.id),
             ));
         }
-        Envelope::parse(&bytes).map_err(|e| {
-            io::Error::new(
+        Ok(env)
+    }
+
+    /// The message of `id` (headers and body, without the envelope), ready
+    /// to read from its first byte.
+    pub fn open_message(&self, id: &str) -> io::Result<Content> {
+        let (path, layout) = self.locate(id)?;
+        let path = match layout {
+            Layout::Dir => path.join(LEGACY_MESSAGE),
+            Layout::File => path,
+        };
+        let mut file = open_nofollow(&path)?;
+        let meta = file.metadata().map_err(at(&path))?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
+                format!("{}: message is not a regular file", path.display()),
+            ));
+        }
+        let start = match layout {
+            Layout::Dir => 0,
+            Layout::File => read_front(&mut file, &path)?.1,
+        };
+        file.seek(SeekFrom::Start(start)).map_err(at(&path))?;
+        Ok(Content {
+            file,
+            start,
+            len: meta.len().saturating_sub(start),
         })
     }
 
-    /// `queue/<id>/message`; `InvalidInput` unless `id` is a valid id.
-    pub fn message_path(&self, id: &str) -> io::Result<PathBuf> {
-        Ok(self.entry(id)?.join(MESSAGE))
-    }
-
-    /// Durably replaces `queue/<id>/envelope` (id = `envelope.id`) with
-    /// `envelope`, e.g. after some recipients were delivered: writes
-    /// `envelope.new`, fsyncs it, renames it over `envelope`, fsyncs the entry.
+    /// Durably records `envelope` as the current state of its entry (id =
+    /// `envelope.id`), e.g. after some recipients were delivered: writes it
+    /// to `incoming/<id>.env`, fsyncs it, renames it to `queue/<id>.env`
+    /// and fsyncs `queue/` (a sync shared with concurrent commits).
     pub fn save(&self, envelope: &Envelope) -> io::Result<()> {
-        let dir = self.entry(&envelope.id)?;
-        check_real_dir(&dir)?;
-        let tmp = dir.join(ENVELOPE_NEW);
+        let id = &envelope.id;
+        let (path, layout) = self.locate(id)?;
+        let (tmp, dest, dir) = match layout {
+            Layout::Dir => (
+                path.join(LEGACY_ENVELOPE_NEW),
+                path.join(LEGACY_ENVELOPE),
+                path,
+            ),
+            Layout::File => (
+                self.incoming.join(format!("{id}{UPDATED}")),
+                self.updated(id),
+                self.queue.clone(),
+            ),
+        };
         match fs::remove_file(&tmp) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(at(&tmp)(e)),
         }
         write_durable_file(&tmp, &envelope.to_bytes())?;
-        let dest = dir.join(ENVELOPE);
         if let Err(e) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_file(&tmp);
             return Err(at(&dest)(e));
         }
-        sync_dir(&dir)
+        match layout {
+            Layout::Dir => sync_dir(&dir),
+            Layout::File => group::sync_dir(&dir),
+        }
     }
 
     /// Removes `queue/<id>` once every recipient is done (or on `queue
-    /// delete`). It is first renamed into `incoming/`, so a crash halfway
-    /// leaves either the whole entry in `queue/` or a leftover that startup
-    /// sweeps, never a half-removed entry.
+    /// delete`), and makes that durable.
     pub fn remove(&self, id: &str) -> io::Result<()> {
         self.remove_unsynced(id)?;
         group::sync_dir(&self.queue)
@@ -284,12 +381,31 @@ impl Queue {
     /// removals durable with one [`Queue::sync_removals`]. Until then a
     /// crash can only bring an entry back (a duplicate delivery), never
     /// lose one.
+    ///
+    /// The entry goes first, then its updated envelope: a crash in between
+    /// leaves only an envelope without an entry, which startup removes.
+    /// An entry of the earlier layout is first renamed into `incoming/`, so
+    /// a crash halfway leaves either the whole entry or a leftover that
+    /// startup sweeps.
     pub fn remove_unsynced(&self, id: &str) -> io::Result<()> {
-        let dir = self.entry(id)?;
-        check_real_dir(&dir)?;
-        let trash = self.incoming.join(id);
-        fs::rename(&dir, &trash).map_err(at(&dir))?;
-        fs::remove_dir_all(&trash).map_err(at(&trash))?;
+        let (path, layout) = self.locate(id)?;
+        match layout {
+            Layout::File => {
+                fs::remove_file(&path).map_err(at(&path))?;
+                let updated = self.updated(id);
+                match fs::remove_file(&updated) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(at(&updated)(e));
+                    }
+                    _ => {}
+                }
+            }
+            Layout::Dir => {
+                let trash = self.incoming.join(id);
+                fs::rename(&path, &trash).map_err(at(&path))?;
+                fs::remove_dir_all(&trash).map_err(at(&trash))?;
+            }
+        }
         log::debug!("queue: removed id={id}");
         Ok(())
     }
@@ -299,16 +415,149 @@ impl Queue {
         group::sync_dir(&self.queue)
     }
 
-    /// `queue/<id>` after checking the id.
-    fn entry(&self, id: &str) -> io::Result<PathBuf> {
+    /// `queue/<id>` and its layout, after checking the id. `InvalidInput`
+    /// for a bad id, `NotFound` if there is no such entry, `InvalidData` if
+    /// the name is something else (a symlink, a device).
+    fn locate(&self, id: &str) -> io::Result<(PathBuf, Layout)> {
         if !is_valid_id(id) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("invalid queue id {id:?} (expected letters A-Z and digits)"),
             ));
         }
-        Ok(self.queue.join(id))
+        let path = self.queue.join(id);
+        let kind = fs::symlink_metadata(&path).map_err(at(&path))?.file_type();
+        let layout = if kind.is_file() {
+            Layout::File
+        } else if kind.is_dir() {
+            Layout::Dir
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a file or directory", path.display()),
+            ));
+        };
+        Ok((path, layout))
     }
+
+    /// `queue/<id>.env`.
+    fn updated(&self, id: &str) -> PathBuf {
+        self.queue.join(format!("{id}{UPDATED}"))
+    }
+}
+
+/// A queued message's content: headers and body, without the envelope in
+/// front of it. Reads and seeks count from the message's first byte.
+#[derive(Debug)]
+pub struct Content {
+    file: File,
+    /// Where the message starts in the file.
+    start: u64,
+    len: u64,
+}
+
+impl Content {
+    /// The message's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Read for Content {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl Seek for Content {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let pos = match pos {
+            SeekFrom::Start(n) => SeekFrom::Start(self.start.saturating_add(n)),
+            other => other,
+        };
+        let at = self.file.seek(pos)?;
+        match at.checked_sub(self.start) {
+            Some(n) => Ok(n),
+            None => {
+                self.file.seek(SeekFrom::Start(self.start))?;
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "seek before the start of the message",
+                ))
+            }
+        }
+    }
+}
+
+/// Reads the envelope at the front of an entry: returns it and the offset
+/// where the message begins. Reads in small steps and stops at the
+/// envelope's `end` line, so a large message is not read.
+fn read_front(file: &mut File, path: &Path) -> io::Result<(Envelope, u64)> {
+    let invalid = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {why}", path.display()),
+        )
+    };
+    let mut front = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let searched = front.len().saturating_sub(ENVELOPE_END.len() - 1);
+        let n = file.read(&mut chunk).map_err(at(path))?;
+        if n == 0 {
+            return Err(invalid("no envelope at the front (truncated file)".into()));
+        }
+        front.extend_from_slice(&chunk[..n]);
+        if !front.starts_with(&b"postling-envelope "[..front.len().min(18)]) {
+            return Err(invalid("no envelope at the front".into()));
+        }
+        if let Some(p) = front[searched..]
+            .windows(ENVELOPE_END.len())
+            .position(|w| w == ENVELOPE_END)
+        {
+            let end = searched + p + ENVELOPE_END.len();
+            let env = Envelope::parse(&front[..end]).map_err(|e| invalid(e.to_string()))?;
+            return Ok((env, end as u64));
+        }
+        if front.len() as u64 > MAX_ENVELOPE_BYTES {
+            return Err(invalid(format!(
+                "envelope larger than {MAX_ENVELOPE_BYTES} bytes"
+            )));
+        }
+    }
+}
+
+/// Reads and parses a file holding only an envelope.
+fn read_envelope_file(path: &Path) -> io::Result<Envelope> {
+    let mut bytes = Vec::new();
+    open_nofollow(path)?
+        .take(MAX_ENVELOPE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(at(path))?;
+    if bytes.len() as u64 > MAX_ENVELOPE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: larger than {MAX_ENVELOPE_BYTES} bytes", path.display()),
+        ));
+    }
+    Envelope::parse(&bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })
+}
+
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(at(path))
 }
 
 /// Creates `path` with create_new, O_NOFOLLOW, mode 0600; readable too if `read`.
@@ -331,17 +580,18 @@ fn write_durable_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .map_err(at(path))
 }
 
-/// A message being received into `incoming/<id>/`. Dropping it without
-/// [`Spool::commit`] or [`Spool::discard`] removes the entry (best effort).
+/// A message being received into `incoming/<id>`. Dropping it without
+/// [`Spool::commit`] or [`Spool::discard`] removes the file (best effort).
 #[derive(Debug)]
 pub struct Spool {
     id: String,
     /// incoming/<id>
-    dir: PathBuf,
-    incoming: PathBuf,
+    path: PathBuf,
     queue: PathBuf,
     file: File,
-    /// Set once commit or discard took responsibility for `dir`.
+    /// Where the message starts, after the envelope.
+    start: u64,
+    /// Set once commit or discard took responsibility for `path`.
     done: bool,
 }
 
@@ -350,75 +600,63 @@ impl Spool {
         &self.id
     }
 
-    /// The message file, opened read-write: the caller writes the message
-    /// (headers + body) through it, and may seek back and read it for local
-    /// delivery.
+    /// The spool file, opened read-write and positioned after the
+    /// envelope: the caller appends the message (headers + body) through it.
     pub fn file(&mut self) -> &mut File {
         &mut self.file
     }
 
-    /// The message file rewound to its start, for copying it elsewhere.
+    /// The file positioned at the message's first byte, for copying the
+    /// message elsewhere (it runs to the end of the file).
     pub fn rewound(&mut self) -> io::Result<&mut File> {
         self.file
-            .seek(SeekFrom::Start(0))
-            .map_err(at(&self.dir.join(MESSAGE)))?;
+            .seek(SeekFrom::Start(self.start))
+            .map_err(at(&self.path))?;
         Ok(&mut self.file)
     }
 
-    /// fsyncs the message file (call before delivering copies or committing).
+    /// fsyncs the file (call before delivering copies or committing).
     pub fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_all().map_err(at(&self.dir.join(MESSAGE)))
+        self.file.sync_all().map_err(at(&self.path))
     }
 
-    /// Writes the envelope to `incoming/<id>/envelope` durably (create_new,
-    /// write, sync_all; the message file is fsynced again too, which is free if
-    /// [`Spool::sync`] ran), fsyncs `incoming/<id>/`, then renames
-    /// `incoming/<id>` to `queue/<id>` and fsyncs `queue/` (and `incoming/`).
-    /// After `Ok`, the message is committed. `envelope.id` must be this
-    /// spool's id (`InvalidInput` otherwise).
+    /// fsyncs the file (free if [`Spool::sync`] ran), renames
+    /// `incoming/<id>` to `queue/<id>` and fsyncs `queue/`. After `Ok`, the
+    /// message is committed.
     ///
-    /// On `Err` before the rename the entry is removed; on `Err` after it (a
+    /// `incoming/` is not fsynced: if a crash brings the old name back
+    /// beside the committed one, startup removes that name, which leaves
+    /// the committed file alone.
+    ///
+    /// On `Err` before the rename the file is removed; on `Err` after it (a
     /// failed directory fsync) the entry stays queued and is picked up at the
     /// next start, so a message answered with a temporary failure may be
     /// delivered twice, but never lost.
-    pub fn commit(mut self, envelope: &Envelope) -> io::Result<()> {
-        if envelope.id != self.id {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("envelope id {:?} is not spool id {}", envelope.id, self.id),
-            ));
-        }
-        // Announced before the slow fsyncs, so the directory syncs other
+    pub fn commit(mut self) -> io::Result<()> {
+        // Announced before the slow fsync, so the directory syncs other
         // sessions are about to start wait for this rename too.
         let into_queue = group::intend(&self.queue);
-        let out_of_incoming = group::intend(&self.incoming);
         self.sync()?;
-        write_durable_file(&self.dir.join(ENVELOPE), &envelope.to_bytes())?;
-        sync_dir(&self.dir)?;
         let dest = self.queue.join(&self.id);
-        fs::rename(&self.dir, &dest).map_err(at(&dest))?;
+        fs::rename(&self.path, &dest).map_err(at(&dest))?;
         self.done = true;
-        // Both directory syncs are shared with concurrent sessions.
         into_queue.sync()?;
-        // Makes the removal from incoming/ durable too, so the entry cannot
-        // reappear there after a crash.
-        out_of_incoming.sync()?;
         log::debug!("queue: committed id={}", self.id);
         Ok(())
     }
 
-    /// Removes the incoming entry (used when every recipient was local and has
-    /// been delivered, or on error).
+    /// Removes the incoming file (used when every recipient was local and
+    /// has been delivered, or on error).
     pub fn discard(mut self) -> io::Result<()> {
         self.done = true;
-        fs::remove_dir_all(&self.dir).map_err(at(&self.dir))
+        fs::remove_file(&self.path).map_err(at(&self.path))
     }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
         if !self.done {
-            if let Err(e) = fs::remove_dir_all(&self.dir) {
+            if let Err(e) = fs::remove_file(&self.path) {
                 log::warn!("queue: could not remove id={}: {e}", self.id);
             }
         }
@@ -430,7 +668,6 @@ mod tests {
     use super::super::envelope::RcptState;
     use super::super::testdir::{names, TestDir};
     use super::*;
-    use std::io::{Seek, SeekFrom};
 
     fn envelope(id: &str) -> Envelope {
         Envelope::new(
@@ -444,12 +681,28 @@ mod tests {
 
     /// Writes a message through a new spool and commits it; returns the id.
     fn commit_one(q: &Queue, body: &[u8]) -> String {
-        let mut s = q.begin().expect("begin");
+        let mut s = q.begin(envelope).expect("begin");
         s.file().write_all(body).expect("write");
         s.sync().expect("sync");
         let id = s.id().to_owned();
-        s.commit(&envelope(&id)).expect("commit");
+        s.commit().expect("commit");
         id
+    }
+
+    fn message(q: &Queue, id: &str) -> Vec<u8> {
+        let mut content = q.open_message(id).expect("open message");
+        let mut bytes = Vec::new();
+        content.read_to_end(&mut bytes).expect("read");
+        assert_eq!(content.len(), bytes.len() as u64);
+        bytes
+    }
+
+    /// An entry in the layout of earlier versions: queue/<id>/{envelope,message}.
+    fn legacy_entry(q: &Queue, id: &str, body: &[u8]) {
+        let dir = q.queue_dir().join(id);
+        fs::create_dir(&dir).expect("legacy dir");
+        fs::write(dir.join(LEGACY_ENVELOPE), envelope(id).to_bytes()).expect("envelope");
+        fs::write(dir.join(LEGACY_MESSAGE), body).expect("message");
     }
 
     #[test]
@@ -461,27 +714,61 @@ mod tests {
         let id1 = commit_one(&q, b"Subject: 1\r\n\r\none\r\n");
         let id2 = commit_one(&q, b"Subject: 2\r\n\r\ntwo\r\n");
         assert!(names(&data.join("incoming")).is_empty());
+        // One file per entry, nothing else.
+        let mut want = vec![id1.clone(), id2.clone()];
+        want.sort();
+        assert_eq!(names(&data.join("queue")), want);
 
         let (q, ids) = Queue::open(&data).expect("reopen");
         assert_eq!(ids, vec![id1.clone(), id2.clone()], "oldest first");
         assert_eq!(q.load(&id1).expect("load"), envelope(&id1));
-        let msg = q.message_path(&id2).expect("path");
-        assert_eq!(
-            fs::read(msg).expect("message"),
-            b"Subject: 2\r\n\r\ntwo\r\n"
-        );
+        assert_eq!(message(&q, &id2), b"Subject: 2\r\n\r\ntwo\r\n");
+        assert!(q.contains(&id1));
+        assert!(!q.contains("NOSUCHID"));
         assert_eq!(q.queue_dir(), data.join("queue"));
+    }
+
+    #[test]
+    fn content_reads_and_seeks_from_the_message_start() {
+        let t = TestDir::new("q-content");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        // A message longer than one read of the front, with a line that
+        // looks like an envelope's end.
+        let mut body = b"Subject: x\r\n\r\nend\n".to_vec();
+        body.extend(std::iter::repeat_n(b'y', 10_000));
+        let id = commit_one(&q, &body);
+        assert_eq!(message(&q, &id), body);
+
+        let mut c = q.open_message(&id).expect("open");
+        assert_eq!(c.seek(SeekFrom::Start(9)).expect("seek"), 9);
+        let mut two = [0u8; 2];
+        c.read_exact(&mut two).expect("read");
+        assert_eq!(&two, b"x\r");
+        assert_eq!(
+            c.seek(SeekFrom::End(-1)).expect("end"),
+            body.len() as u64 - 1
+        );
+        c.seek(SeekFrom::Start(3)).expect("seek");
+        let e = c
+            .seek(SeekFrom::Current(-5))
+            .expect_err("into the envelope");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        // A refused seek leaves the reader at the message's start.
+        c.read_exact(&mut two).expect("read");
+        assert_eq!(&two, b"Su");
     }
 
     #[test]
     fn spool_file_can_be_reread() {
         let t = TestDir::new("q-reread");
         let (q, _) = Queue::open(t.path()).expect("open");
-        let mut s = q.begin().expect("begin");
+        let mut s = q.begin(envelope).expect("begin");
         s.file().write_all(b"hello").expect("write");
-        s.file().seek(SeekFrom::Start(0)).expect("rewind");
         let mut back = String::new();
-        s.file().read_to_string(&mut back).expect("read");
+        s.rewound()
+            .expect("rewind")
+            .read_to_string(&mut back)
+            .expect("read");
         assert_eq!(back, "hello");
     }
 
@@ -489,12 +776,14 @@ mod tests {
     fn open_sweeps_incoming() {
         let t = TestDir::new("q-sweep");
         let (q, _) = Queue::open(t.path()).expect("open");
-        let mut s = q.begin().expect("begin");
+        let mut s = q.begin(envelope).expect("begin");
         s.file().write_all(b"half a mess").expect("write");
         let id = s.id().to_owned();
         std::mem::forget(s); // as if the process died mid-DATA
         fs::write(t.path().join("incoming/stray"), b"x").expect("stray file");
-        assert_eq!(names(&t.path().join("incoming")).len(), 2);
+        fs::create_dir(t.path().join("incoming/0000OLDSTYLE")).expect("old-style spool");
+        fs::write(t.path().join("incoming/0000OLDSTYLE/message"), b"x").expect("old message");
+        assert_eq!(names(&t.path().join("incoming")).len(), 3);
 
         let (_q, ids) = Queue::open(t.path()).expect("reopen");
         assert!(ids.is_empty());
@@ -502,47 +791,83 @@ mod tests {
     }
 
     #[test]
+    fn a_name_left_in_incoming_by_a_crash_does_not_touch_the_entry() {
+        // A rename into queue/ whose removal from incoming/ did not reach
+        // the disk: both names, one file.
+        let t = TestDir::new("q-twice");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        let id = commit_one(&q, b"committed");
+        fs::hard_link(q.queue_dir().join(&id), t.path().join("incoming").join(&id)).expect("link");
+
+        let (q, ids) = Queue::open(t.path()).expect("reopen");
+        assert_eq!(ids, vec![id.clone()]);
+        assert!(names(&t.path().join("incoming")).is_empty());
+        assert_eq!(message(&q, &id), b"committed");
+    }
+
+    #[test]
     fn corrupt_entries_moved_aside() {
         let t = TestDir::new("q-corrupt");
         let (q, _) = Queue::open(t.path()).expect("open");
         let good = commit_one(&q, b"good");
+        // Cut inside the envelope at its front.
         let truncated = commit_one(&q, b"bad");
-        let env_path = q.queue_dir().join(&truncated).join(ENVELOPE);
-        let bytes = fs::read(&env_path).expect("envelope");
-        fs::write(&env_path, &bytes[..bytes.len() - 4]).expect("truncate");
-        let no_message = commit_one(&q, b"gone");
-        fs::remove_file(q.message_path(&no_message).expect("path")).expect("rm message");
+        let path = q.queue_dir().join(&truncated);
+        let bytes = fs::read(&path).expect("entry");
+        fs::write(&path, &bytes[..20]).expect("truncate");
+        // Not an envelope at all.
+        let garbage = commit_one(&q, b"x");
+        fs::write(q.queue_dir().join(&garbage), b"Subject: no envelope\r\n").expect("garbage");
+        // A bad updated envelope takes its entry and itself aside.
+        let bad_update = commit_one(&q, b"y");
+        fs::write(q.updated(&bad_update), b"postling-envelope 1\nid X\n").expect("bad update");
+        // An envelope naming another id.
+        let other = commit_one(&q, b"z");
+        let mut e = q.load(&other).expect("load");
+        e.id = good.clone();
+        fs::write(q.updated(&other), e.to_bytes()).expect("other id");
         fs::create_dir(q.queue_dir().join("not-an-id")).expect("odd dir");
+        std::os::unix::fs::symlink(q.queue_dir().join(&good), q.queue_dir().join("0LINK"))
+            .expect("symlink");
 
         let (q, ids) = Queue::open(t.path()).expect("reopen");
         assert_eq!(ids, vec![good.clone()]);
         let corrupt = names(&t.path().join("corrupt"));
-        let mut want = vec![truncated.clone(), no_message, "not-an-id".to_owned()];
+        let mut want = vec![
+            truncated.clone(),
+            garbage,
+            bad_update.clone(),
+            format!("{bad_update}.env"),
+            other.clone(),
+            format!("{other}.env"),
+            "not-an-id".to_owned(),
+            "0LINK".to_owned(),
+        ];
         want.sort();
         assert_eq!(corrupt, want);
-        assert!(q.load(&truncated).is_err());
+        assert_eq!(names(q.queue_dir()), vec![good.clone()]);
         // The moved entry keeps its content.
-        let moved = t.path().join("corrupt").join(&truncated).join(ENVELOPE);
-        assert_eq!(fs::read(moved).expect("kept"), &bytes[..bytes.len() - 4]);
+        let moved = t.path().join("corrupt").join(&truncated);
+        assert_eq!(fs::read(moved).expect("kept"), &bytes[..20]);
 
         // A second corrupt entry with a name already in corrupt/ does not overwrite it.
         fs::create_dir(q.queue_dir().join("not-an-id")).expect("odd dir again");
         let (_q, ids) = Queue::open(t.path()).expect("reopen again");
         assert_eq!(ids, vec![good]);
-        assert_eq!(names(&t.path().join("corrupt")).len(), 4);
+        assert_eq!(names(&t.path().join("corrupt")).len(), want.len() + 1);
     }
 
     #[test]
     fn discard_and_drop_remove_incoming() {
         let t = TestDir::new("q-discard");
         let (q, _) = Queue::open(t.path()).expect("open");
-        let s = q.begin().expect("begin");
+        let s = q.begin(envelope).expect("begin");
         assert_eq!(names(&t.path().join("incoming")), vec![s.id().to_owned()]);
         s.discard().expect("discard");
         assert!(names(&t.path().join("incoming")).is_empty());
 
         {
-            let mut s = q.begin().expect("begin");
+            let mut s = q.begin(envelope).expect("begin");
             s.file().write_all(b"partial").expect("write");
         }
         assert!(names(&t.path().join("incoming")).is_empty());
@@ -550,11 +875,10 @@ mod tests {
     }
 
     #[test]
-    fn commit_rejects_mismatched_envelope() {
+    fn begin_rejects_mismatched_envelope() {
         let t = TestDir::new("q-mismatch");
         let (q, _) = Queue::open(t.path()).expect("open");
-        let s = q.begin().expect("begin");
-        let e = s.commit(&envelope("OTHER")).expect_err("mismatch");
+        let e = q.begin(|_| envelope("OTHER")).expect_err("mismatch");
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(names(&t.path().join("incoming")).is_empty());
         assert!(names(q.queue_dir()).is_empty());
@@ -570,7 +894,7 @@ mod tests {
                 io::ErrorKind::InvalidInput
             );
             assert_eq!(
-                q.message_path(bad).expect_err(bad).kind(),
+                q.open_message(bad).expect_err(bad).kind(),
                 io::ErrorKind::InvalidInput
             );
             assert_eq!(
@@ -601,7 +925,16 @@ mod tests {
         };
         q.save(&e).expect("save");
         assert_eq!(q.load(&id).expect("reload"), e);
-        assert_eq!(names(&q.queue_dir().join(&id)), vec![ENVELOPE, MESSAGE]);
+        e.attempts = 2;
+        q.save(&e).expect("save again");
+        assert_eq!(q.load(&id).expect("reload"), e);
+        assert_eq!(names(q.queue_dir()), vec![id.clone(), format!("{id}.env")]);
+        assert!(names(&t.path().join("incoming")).is_empty());
+        assert_eq!(message(&q, &id), b"m", "the message is untouched");
+        // The update survives a restart.
+        let (q, ids) = Queue::open(t.path()).expect("reopen");
+        assert_eq!(ids, vec![id.clone()]);
+        assert_eq!(q.load(&id).expect("reload"), e);
 
         q.remove(&id).expect("remove");
         assert!(names(q.queue_dir()).is_empty());
@@ -610,6 +943,60 @@ mod tests {
             q.load(&id).expect_err("gone").kind(),
             io::ErrorKind::NotFound
         );
+    }
+
+    #[test]
+    fn an_envelope_left_by_a_cut_removal_is_removed_at_start() {
+        let t = TestDir::new("q-orphan");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        let id = commit_one(&q, b"m");
+        let kept = commit_one(&q, b"k");
+        for i in [&id, &kept] {
+            let mut e = q.load(i).expect("load");
+            e.attempts = 1;
+            q.save(&e).expect("save");
+        }
+        // The crash came between the two unlinks of a removal.
+        fs::remove_file(q.queue_dir().join(&id)).expect("unlink entry");
+
+        let (q, ids) = Queue::open(t.path()).expect("reopen");
+        assert_eq!(ids, vec![kept.clone()]);
+        assert_eq!(
+            names(q.queue_dir()),
+            vec![kept.clone(), format!("{kept}.env")]
+        );
+        assert!(fs::metadata(t.path().join("corrupt")).is_err());
+    }
+
+    #[test]
+    fn entries_of_the_earlier_layout_are_read_updated_and_removed() {
+        let t = TestDir::new("q-legacy");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        let old = "00OLDLAYOUT";
+        legacy_entry(&q, old, b"Subject: old\r\n\r\nbody\r\n");
+        let new = commit_one(&q, b"new");
+
+        let (q, ids) = Queue::open(t.path()).expect("reopen");
+        assert_eq!(ids, vec![old.to_owned(), new]);
+        assert_eq!(q.load(old).expect("load"), envelope(old));
+        assert_eq!(message(&q, old), b"Subject: old\r\n\r\nbody\r\n");
+        let mut e = q.load(old).expect("load");
+        e.attempts = 3;
+        q.save(&e).expect("save");
+        assert_eq!(q.load(old).expect("reload"), e);
+        assert_eq!(
+            names(&q.queue_dir().join(old)),
+            vec![LEGACY_ENVELOPE, LEGACY_MESSAGE]
+        );
+        q.remove(old).expect("remove");
+        assert!(!q.contains(old));
+        assert!(names(&t.path().join("incoming")).is_empty());
+
+        // A legacy entry without its message is corrupt.
+        legacy_entry(&q, "0BROKEN", b"x");
+        fs::remove_file(q.queue_dir().join("0BROKEN").join(LEGACY_MESSAGE)).expect("rm");
+        let (_q, _) = Queue::open(t.path()).expect("reopen");
+        assert_eq!(names(&t.path().join("corrupt")), vec!["0BROKEN"]);
     }
 
     #[test]

@@ -103,7 +103,11 @@ fn remote_recipients_are_queued_durably() {
         queue[0].1
     );
     assert!(queue[0].1.contains("from cron@localhost"), "{}", queue[0].1);
-    let message = fs::read(s.data.join("queue").join(&id).join("message")).expect("message");
+    let message = s.queued_message(&id);
+    assert!(
+        !message.is_empty(),
+        "queued message {id} is empty or missing"
+    );
     let (header, body) = split_message(&message);
     assert!(header.starts_with("Received: from client.test"), "{header}");
     assert_eq!(body, b"hi\r\n");

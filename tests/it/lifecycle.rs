@@ -127,8 +127,7 @@ fn startup_sweeps_half_written_spools_and_keeps_the_queue() {
     s.kill();
     // What a crash mid-DATA leaves: an incoming entry that was never acknowledged.
     let half = s.data.join("incoming").join("0000000000000000HALF");
-    fs::create_dir_all(&half).expect("mkdir");
-    fs::write(half.join("message"), "Subject: half").expect("write");
+    fs::write(&half, "postling-envelope 1\nid 0000000000000000HALF\n").expect("write");
     let s2 = Server::start_at(dir.path(), "", "127.0.0.1:0");
     assert!(!half.exists(), "half-written spool survived start-up");
     assert_eq!(s2.queue().len(), 1);

@@ -87,6 +87,58 @@ fn relays_via_mx_to_a_second_postling_and_empties_the_queue() {
     assert!(a.log().contains("status=sent"));
 }
 
+/// A queue written by an earlier version (one directory per entry, with
+/// `envelope` and `message` files) is delivered and emptied after an
+/// upgrade: nothing queued before it is lost.
+#[test]
+fn a_queue_in_the_earlier_layout_is_relayed_after_an_upgrade() {
+    let dir_b = TempDir::new();
+    let b = Server::start(
+        &dir_b,
+        "hostname = \"mx.example.test\"\n[local]\ndomains = [\"example.test\"]\n",
+    );
+    let dns = TestDns::start(vec![
+        Record::mx("example.test", 10, "mx.example.test"),
+        Record::a("mx.example.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir_a = TempDir::new();
+    let id = "0OLDLAYOUT0000000001";
+    let entry = dir_a.path().join("data/queue").join(id);
+    fs::create_dir_all(&entry).expect("old entry");
+    let env = postling::store::envelope::Envelope::new(
+        id,
+        1_714_000_000,
+        "cron@localhost",
+        "[127.0.0.1] helo=old".into(),
+        &["alice@example.test", "bob@example.test"],
+    );
+    fs::write(entry.join("envelope"), env.to_bytes()).expect("envelope");
+    fs::write(
+        entry.join("message"),
+        "Subject: from before\r\n\r\nold body\r\n",
+    )
+    .expect("message");
+
+    let a = Server::start(
+        &dir_a,
+        &relay_config(&format!("mx_port = {}\n", b.addr.port()), &dns),
+    );
+    assert!(
+        wait_for(SHORT, || b.mail("alice").len() == 1
+            && b.mail("bob").len() == 1),
+        "{}",
+        a.log()
+    );
+    let (header, body) = split_message(&b.mail("alice")[0]);
+    assert!(header.contains("Subject: from before"), "{header}");
+    assert_eq!(body, b"old body\r\n");
+    assert!(
+        wait_for(SHORT, || a.queue().is_empty() && !entry.exists()),
+        "old entry not removed: {}",
+        a.log()
+    );
+}
+
 #[test]
 fn a_host_that_is_down_defers_then_delivers_when_it_comes_up() {
     let port = free_port();

@@ -207,7 +207,10 @@ impl Server {
         wait_for(std::time::Duration::from_secs(5), || self.unfinished() == 0)
     }
 
-    /// Committed queue entries: (id, envelope text).
+    /// Committed queue entries: (id, current envelope text). An entry is
+    /// one file, `queue/<id>`: the envelope up to its `end` line, then the
+    /// message; `queue/<id>.env`, once delivery updated it, supersedes the
+    /// envelope at its front.
     pub fn queue(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         let Ok(entries) = fs::read_dir(self.data.join("queue")) else {
@@ -215,11 +218,33 @@ impl Server {
         };
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
-            let env = fs::read_to_string(e.path().join("envelope")).unwrap_or_default();
+            if id.contains('.') {
+                continue;
+            }
+            let env = fs::read_to_string(self.data.join("queue").join(format!("{id}.env")))
+                .unwrap_or_else(|_| {
+                    let entry = fs::read(e.path()).unwrap_or_default();
+                    String::from_utf8_lossy(split_entry(&entry).0).into_owned()
+                });
             out.push((id, env));
         }
         out.sort();
         out
+    }
+
+    /// The message of queue entry `id`, without its envelope.
+    pub fn queued_message(&self, id: &str) -> Vec<u8> {
+        let entry = fs::read(self.data.join("queue").join(id)).unwrap_or_default();
+        split_entry(&entry).1.to_vec()
+    }
+}
+
+/// A queue entry split into its envelope (through the `end` line) and the
+/// message; all envelope when there is no `end` line.
+fn split_entry(entry: &[u8]) -> (&[u8], &[u8]) {
+    match entry.windows(5).position(|w| w == b"\nend\n") {
+        Some(p) => entry.split_at(p + 5),
+        None => (entry, &[]),
     }
 }
 
