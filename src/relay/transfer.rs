@@ -153,15 +153,10 @@ impl Conn {
     /// bytes (a `421` before the server hung up) or at end of file is not
     /// usable for another message.
     fn is_quiet(&self) -> bool {
-        let socket = self.socket();
-        if socket.set_nonblocking(true).is_err() {
-            return false;
-        }
-        let quiet = matches!(
-            socket.peek(&mut [0u8; 1]),
+        matches!(
+            crate::wait::peek_now(self.socket()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock
-        );
-        socket.set_nonblocking(false).is_ok() && quiet
+        )
     }
 
     /// QUIT without waiting for the reply, before closing an idle session.

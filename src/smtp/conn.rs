@@ -424,21 +424,14 @@ impl Conn<'_> {
         let Stream::Plain(tcp) = &self.stream else {
             return Ok(false);
         };
-        let wait = self.config.limits.greeting_delay;
-        let mut probe = [0u8; 1];
-        let peeked = match wait {
+        let peeked = match self.config.limits.greeting_delay {
             Some(wait) => {
                 tcp.set_read_timeout(Some(wait))?;
-                let r = tcp.peek(&mut probe);
+                let r = tcp.peek(&mut [0u8; 1]);
                 tcp.set_read_timeout(Some(TICK))?;
                 r
             }
-            None => {
-                tcp.set_nonblocking(true)?;
-                let r = tcp.peek(&mut probe);
-                tcp.set_nonblocking(false)?;
-                r
-            }
+            None => crate::wait::peek_now(tcp),
         };
         Ok(matches!(peeked, Ok(n) if n > 0))
     }

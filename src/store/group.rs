@@ -49,6 +49,9 @@ struct State {
     failed: Option<(u64, io::ErrorKind, String)>,
     /// Renames announced with [`intend`] and not yet made.
     pending: usize,
+    /// Callers blocked on `changed`: with none, nobody is woken (a
+    /// notification is a system call even when nobody waits).
+    waiting: usize,
 }
 
 /// Directories with a sync in progress or callers waiting; an entry is
@@ -119,7 +122,7 @@ impl Intent {
             state.pending -= 1;
             // Only the last one matters to a lingering sync: waking every
             // waiter at each withdrawal would only make them look again.
-            if state.pending == 0 {
+            if state.pending == 0 && state.waiting > 0 {
                 self.group.changed.notify_all();
             }
         }
@@ -167,11 +170,13 @@ fn wait_for_sync<'a>(
             } else {
                 *linger_until.get_or_insert(now + linger) - now
             };
+            state.waiting += 1;
             state = group
                 .changed
                 .wait_timeout(state, wait)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            state.waiting -= 1;
             continue;
         }
         state.running = true;
@@ -185,7 +190,9 @@ fn wait_for_sync<'a>(
         if let Err(e) = result {
             state.failed = Some((generation, e.kind(), e.to_string()));
         }
-        group.changed.notify_all();
+        if state.waiting > 0 {
+            group.changed.notify_all();
+        }
     }
     match &state.failed {
         // A failed sync at or after the one needed may have been the one
