@@ -7,13 +7,13 @@ use std::process::Command;
 use postling::relay::dns::test_server::{Record, TestDns};
 use postling::relay::test_smtp::{Script, TestServer};
 
-use crate::util::{Pki, TempDir, BIN};
+use crate::util::{bin, Pki, TempDir};
 
 /// Runs `postling check` with `config`; returns (exit code, stdout).
 fn check(dir: &TempDir, config: &str, args: &[&str]) -> (i32, String) {
     let path = dir.path().join("check.toml");
     fs::write(&path, config).expect("config");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["check", "--config"])
         .arg(&path)
         .args(args)

@@ -4,13 +4,13 @@ use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::util::{Server, TempDir, BIN};
+use crate::util::{bin, Server, TempDir};
 
 fn run_with_config(config: &str) -> (i32, String) {
     let dir = TempDir::new();
     let path = dir.path().join("bad.toml");
     fs::write(&path, config).expect("write config");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--config"])
         .arg(&path)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
@@ -45,7 +45,7 @@ fn bad_config_names_file_line_and_key_and_exits_78() {
         assert_eq!(code, 78, "{config}: {err}");
         assert!(err.contains(want), "{config}: want {want:?} in {err:?}");
     }
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--config", "/nonexistent/postling.toml"])
         .output()
         .expect("run postling");
@@ -55,10 +55,10 @@ fn bad_config_names_file_line_and_key_and_exits_78() {
 
 #[test]
 fn version_and_usage() {
-    let out = Command::new(BIN).arg("--version").output().expect("run");
+    let out = Command::new(bin()).arg("--version").output().expect("run");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("postling "));
-    let out = Command::new(BIN).arg("frobnicate").output().expect("run");
+    let out = Command::new(bin()).arg("frobnicate").output().expect("run");
     assert!(!out.status.success());
     // Output that cannot be written (a full disk, a closed pipe) is not a
     // crash: the release build would abort on a panic.
@@ -67,7 +67,7 @@ fn version_and_usage() {
         .open("/dev/full")
         .expect("/dev/full");
     for arg in ["--help", "--version"] {
-        let status = Command::new(BIN)
+        let status = Command::new(bin())
             .arg(arg)
             .stdout(full.try_clone().expect("clone"))
             .status()
@@ -146,7 +146,7 @@ fn listens_on_ipv6_and_ipv4_at_once() {
     let config = "[[listen]]\naddr = \"127.0.0.1:0\"\n[[listen]]\naddr = \"[::1]:0\"\n";
     let data = dir.path().join("data");
     fs::write(dir.path().join("v6.toml"), crate::util::isolated(config)).expect("config");
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(["serve", "--config"])
         .arg(dir.path().join("v6.toml"))
         .arg("--data-dir")
@@ -200,7 +200,7 @@ fn a_second_instance_on_the_same_data_dir_refuses_and_sweeps_nothing() {
     c.cmd("RCPT TO:<alice@localhost>");
     assert!(c.cmd("DATA").starts_with("354"));
     c.send(b"Subject: in flight\r\n\r\nhalf");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&s.data)
         .output()

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::util::{wait_for, Server, TempDir, BIN};
+use crate::util::{bin, wait_for, Server, TempDir};
 
 const SHORT: Duration = Duration::from_secs(20);
 
@@ -17,7 +17,7 @@ const CONFIG: &str = "[local]\ndomains = [\"localhost\"]\n[relay]\nretry = [\"1h
 
 /// Runs `postling queue <args> --data-dir <data>`.
 fn queue(data: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
+    Command::new(bin())
         .arg("queue")
         .args(args)
         .arg("--data-dir")
@@ -128,7 +128,7 @@ fn list_show_json_and_mailq_read_the_live_queue() {
 
     // Invoked as `mailq` through a symlink, the binary lists the queue.
     let mailq = dir.path().join("mailq");
-    std::os::unix::fs::symlink(BIN, &mailq).expect("symlink");
+    std::os::unix::fs::symlink(bin(), &mailq).expect("symlink");
     let o = Command::new(&mailq)
         .arg("--data-dir")
         .arg(&s.data)

@@ -14,7 +14,7 @@ use lettre::{Message, SmtpTransport, Transport};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 
-use crate::util::{split_message, Client, Pki, Server, TempDir, BIN};
+use crate::util::{bin, split_message, Client, Pki, Server, TempDir};
 
 /// A server with TLS, a users file (alice / "wonderland"), and three
 /// listeners: smtp, submission and smtps.
@@ -315,7 +315,7 @@ fn open_relay_configs_are_refused_at_startup() {
         "[[listen]]\naddr = \"0.0.0.0:2599\"\n[relay]\nallow_from = [\"0.0.0.0/0\"]\n",
     )
     .expect("config");
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["serve", "--config"])
         .arg(&path)
         .arg("--data-dir")
@@ -424,7 +424,7 @@ fn nix_is_root() -> bool {
 #[test]
 fn users_from_postling_passwd_and_openssl_passwd_6_can_log_in() {
     let dir = TempDir::new();
-    let mut child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(bin())
         .args(["passwd", "carol"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

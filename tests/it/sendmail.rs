@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use crate::util::{split_message, wait_for, Server, TempDir, BIN};
+use crate::util::{bin, split_message, wait_for, Server, TempDir};
 
 /// The server's config, with its data_dir written in, so the client finds
 /// the socket from the same file (`-C dir/postling.toml`).
@@ -23,7 +23,7 @@ fn config(dir: &TempDir) -> String {
 
 /// Runs `argv0 [sendmail] -C <dir>/postling.toml ARGS` with `input` on stdin.
 fn run(dir: &Path, as_sendmail: bool, args: &[&str], input: &[u8]) -> Output {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     if as_sendmail {
         cmd.arg0("sendmail");
     } else {
@@ -317,11 +317,11 @@ fn the_envelope_sender_is_the_unix_user_unless_trusted() {
         message,
     ));
     // nobody is not: -f is ignored, the envelope sender is its own address.
-    if !crate::util::others_can_reach(Path::new(BIN)) || !crate::util::others_can_reach(&s.data) {
+    if !crate::util::others_can_reach(Path::new(bin())) || !crate::util::others_can_reach(&s.data) {
         eprintln!("skipped: this checkout is not reachable by the user nobody");
         return;
     }
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(["sendmail", "-C"])
         .arg(dir.path().join("postling.toml"))
         .args(["-f", "boss@example.net", "alice"])

@@ -49,7 +49,16 @@ pub struct Server {
     log: Arc<Mutex<String>>,
 }
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_postling");
+/// The `postling` binary under test: the one cargo built with this suite,
+/// or another build of the same code named by `POSTLING_TEST_BIN` (how
+/// `scripts/build-small.sh` runs this suite against its smallest build).
+pub fn bin() -> &'static str {
+    static BIN_PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN_PATH.get_or_init(|| {
+        std::env::var("POSTLING_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_postling").to_owned())
+    })
+}
 
 impl Server {
     /// Starts a server in `dir` with `config` (TOML, without data_dir).
@@ -81,7 +90,7 @@ impl Server {
         let data = dir.join("data");
         let config_path = dir.join("postling.toml");
         fs::write(&config_path, isolated(config)).expect("write config");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["serve", "--config"])
             .arg(&config_path)
             .arg("--data-dir")
