@@ -61,7 +61,11 @@ build_one() {
   default_target "$arch" >/dev/null
 
   local bin=target/$target/release/postling
-  if [ "$build" = 1 ]; then
+  if [ "$build" = 1 ] && [[ $target == arm*-unknown-linux-musleabihf ]]; then
+    # 32-bit ARM: rustup's target where it can be had, else std and musl
+    # built here (see the script).
+    scripts/build-arm32.sh "$target"
+  elif [ "$build" = 1 ]; then
     # What the build needs on a fresh machine: the target's standard
     # library and clang for ring (as scripts/test-aarch64.sh installs).
     rustup target add "$target" >/dev/null 2>&1 ||

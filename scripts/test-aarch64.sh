@@ -20,21 +20,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 rustup target add "$target" >/dev/null
 
-# binfmt_misc: mount it if needed and register qemu for aarch64 ELF files.
-binfmt=/proc/sys/fs/binfmt_misc
-if [ ! -e "$binfmt/register" ]; then
-  mount -t binfmt_misc binfmt_misc "$binfmt" 2>/dev/null || true
-fi
-if [ -e "$binfmt/register" ] && [ ! -e "$binfmt/qemu-aarch64" ]; then
-  for conf in /usr/lib/binfmt.d/qemu-aarch64.conf /usr/lib/binfmt.d/qemu-aarch64-static.conf; do
-    if [ -f "$conf" ]; then
-      grep -v '^#' "$conf" >"$binfmt/register" 2>/dev/null || true
-      break
-    fi
-  done
-fi
-
-if [ -e "$binfmt/qemu-aarch64" ]; then
+# binfmt_misc: mounted if needed, qemu registered for aarch64 ELF files.
+if scripts/binfmt-qemu.sh aarch64; then
   echo "aarch64: running the whole test suite under qemu"
   cargo test --target "$target"
 else
