@@ -759,6 +759,29 @@ mod tests {
     }
 
     #[test]
+    fn an_envelope_longer_than_one_read_is_found_whole() {
+        let t = TestDir::new("q-long");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        let rcpts: Vec<String> = (0..300).map(|i| format!("user{i}@example.net")).collect();
+        let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+        let mut s = q
+            .begin(|id| Envelope::new(id, 1, "a@b", "c".into(), &rcpts))
+            .expect("begin");
+        s.file()
+            .write_all(b"Subject: many\r\n\r\nbody\r\n")
+            .expect("write");
+        let id = s.id().to_owned();
+        s.commit().expect("commit");
+        let front = fs::metadata(q.queue_dir().join(&id)).expect("entry").len();
+        assert!(
+            front > 2 * 4096,
+            "the envelope spans several reads: {front}"
+        );
+        assert_eq!(q.load(&id).expect("load").recipients.len(), 300);
+        assert_eq!(message(&q, &id), b"Subject: many\r\n\r\nbody\r\n");
+    }
+
+    #[test]
     fn spool_file_can_be_reread() {
         let t = TestDir::new("q-reread");
         let (q, _) = Queue::open(t.path()).expect("open");
