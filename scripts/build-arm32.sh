@@ -19,14 +19,16 @@
 #   - libunwind, from the LLVM copy in rustup's rust-src component;
 #   - empty crtbegin.o/crtend.o (musl's own crt files do the work);
 #
-# installs them where rustc looks for a musl target's self-contained files
-# (`$(rustc --print sysroot)/lib/rustlib/TARGET/lib/self-contained`, which
-# only that missing component would own), and builds std itself from
-# rust-src with `-Z build-std` (RUSTC_BOOTSTRAP=1 enables it on the stable
-# toolchain). The C library is built once per target into
-# target/arm32-sysroot/TARGET. Needs network access to deb.debian.org for
-# the tarball the first time, and installs clang, llvm, make and curl
-# with apt-get when missing.
+# and builds std itself from rust-src with `-Z build-std` (RUSTC_BOOTSTRAP=1
+# enables it on the stable toolchain). All of it goes into
+# target/arm32-sysroot/TARGET, and the link finds the crt objects, libc.a
+# and libunwind.a there through the library search path: rustc looks for a
+# musl target's crt objects in `-L` directories as well as in the
+# toolchain's own `lib/rustlib/TARGET/lib/self-contained`, so nothing is
+# written into the toolchain (which a later `rustup target add` owns).
+# The C library is built once per target. Needs network access to
+# deb.debian.org for the tarball the first time, and installs clang, llvm,
+# make and curl with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-arm-unknown-linux-musleabihf}
@@ -112,12 +114,7 @@ if [ ! -f "$prefix/lib/crtbegin.o" ]; then
   cp "$prefix/lib/crtbegin.o" "$prefix/lib/crtend.o"
 fi
 
-self_contained=$(rustc --print sysroot)/lib/rustlib/$target/lib/self-contained
-mkdir -p "$self_contained"
-for f in crt1.o crti.o crtn.o crtbegin.o crtend.o libc.a libunwind.a; do
-  cp "$prefix/lib/$f" "$self_contained/$f"
-done
-
 echo "== $target: cargo build --release --locked -Z build-std=std,panic_abort"
 RUSTC_BOOTSTRAP=1 cargo build --release --locked --target "$target" \
+  --config "target.$target.rustflags = ['-L', 'native=$prefix/lib']" \
   -Z build-std=std,panic_abort
