@@ -5,7 +5,10 @@
 #   2. CPU per message of the whole server (a cgroup around each server),
 #   3. relay throughput to Postfix's smtp-sink (no disk),
 #   4. memory: idle, and with 100 sessions parked in DATA,
-#   5. the disk's own Maildir fsync ceiling (1 and 8 threads).
+#   5. the disk's own Maildir fsync ceiling (1 and 8 threads),
+#   6. a floor under CPU per message on this machine: Postfix's smtp-sink
+#      (SMTP only, no disk) under the same load, plus the kernel CPU of
+#      writing one Maildir file the durable way.
 #
 # Each server is started fresh for each run, runs alternate A B A B
 # (postling, Postfix, postling, Postfix), and the table reports the median
@@ -269,11 +272,13 @@ def cmd_fsync(d, n, threads, dirsync="1"):
             if dirsync:
                 os.fsync(dfd)
         os.close(dfd)
-    start = time.monotonic()
+    start, sys0 = time.monotonic(), os.times().system
     ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     for t in ts: t.start()
     for t in ts: t.join()
-    print(f"{n / (time.monotonic() - start):.0f}")
+    # Files per second, and the kernel's CPU time per file (the system time
+    # of this process: the interpreter's own work is user time).
+    print(f"{n / (time.monotonic() - start):.0f} {(os.times().system - sys0) * 1e6 / n:.0f}")
 
 def cmd_reaper(cg, *argv):
     # Runs `postfix start` as a child subreaper: the daemonized master and
@@ -338,18 +343,35 @@ def cmd_report(results, fsync, pf_version):
         out.append(f"| PSS, {label} | {fmt(pl, ' KiB')} | {fmt(pf, ' KiB')} | {ratio(pf, pl)} |")
     print("\n".join(out))
     print()
-    f = fsync.split()
+    f = fsync.split()  # files/s and kernel µs/file: 1 thread, 8, 1 without dir fsync; before, after
     print(f"The disk's own ceiling, 4 KiB files written the Maildir way (write to tmp/, fsync, rename into new/, fsync new/), "
-          f"before the runs: {f[0]} files/s from 1 thread, {f[1]} from 8 threads, {f[2]} from 1 thread without the "
-          f"directory fsync; after the runs: {f[3]}, {f[4]} and {f[5]}.")
+          f"before the runs: {f[0]} files/s from 1 thread, {f[2]} from 8 threads, {f[4]} from 1 thread without the "
+          f"directory fsync; after the runs: {f[6]}, {f[8]} and {f[10]}. Kernel CPU per file, 1 thread: "
+          f"{f[1]} µs before the runs, {f[7]} µs after.")
     print()
+    floor_keys = [k for kind, k in keys if kind == "floor"]
+    if floor_keys:
+        per_file = min(float(f[1]), float(f[7]))
+        print("A floor under CPU per message on this machine, for any server that speaks SMTP to smtp-source and "
+              "writes each message durably: Postfix's smtp-sink (one event-loop process, SMTP only, no disk) under "
+              f"the same load, plus the kernel CPU of one durable Maildir file from 1 thread ({per_file:.0f} µs, the "
+              "lower of the two measurements above). postling and Postfix are the inbound 4 KiB rows above.")
+        print()
+        print("| sessions | smtp-sink CPU µs/msg | + one durable file | = floor | postling | Postfix | Postfix / 10 |")
+        print("|---|---|---|---|---|---|---|")
+        for k in floor_keys:
+            sink = med("floor", k, "smtp-sink", 4)
+            pl, pf = med("inbound", k, "postling", 4), med("inbound", k, "postfix", 4)
+            print(f"| {k.split('/')[0]} | {fmt(sink)} | {per_file:.0f} | {fmt(sink + per_file if sink is not None else None)} | {fmt(pl)} | {fmt(pf)} "
+                  f"| {fmt(pf / 10 if pf else None)} |")
+        print()
     print("Every run, in the order run (time: from the first message sent until the last is in new/, or for relay until "
           "the queue is empty; disk: 50 Maildir-style files with fsync from 1 thread, just before the run):")
     print()
     print("| run | server | test | time | msg/s | CPU µs/msg | disk files/s |")
     print("|---|---|---|---|---|---|---|")
     for i, r in enumerate(x for x in rows if x[0] != "mem"):
-        print(f"| {i + 1} | {'Postfix' if r[2] == 'postfix' else 'postling'} | {r[0]} {r[1]} | {float(r[5]):.2f} s "
+        print(f"| {i + 1} | {'Postfix' if r[2] == 'postfix' else r[2]} | {r[0]} {r[1]} | {float(r[5]):.2f} s "
               f"| {float(r[3]):,.0f} | {float(r[4]):,.0f} | {r[6]} |")
 
 def cmd_splice(path, section):
@@ -415,6 +437,7 @@ cg_rm() { # waits for the cgroup to empty, then removes it
 #   SRV_NEW (the Maildir's new/), SRV_QMODE + SRV_QDIRS (the queue to drain),
 #   SRV_LOG, and stop_server stops it again.
 sink_port=""
+sink_user=(-u nobody) # smtp-sink refuses to run as root without -u
 run_seq=0
 SRV=""
 
@@ -547,6 +570,29 @@ EOF
   SRV_QDIRS=("$d/queue/incoming" "$d/queue/active" "$d/queue/deferred" "$d/queue/hold" "$d/queue/maildrop")
 }
 
+# smtp-sink in a cgroup of its own: the SMTP dialogue with no disk at all,
+# to compare CPU per message against (kind "floor" in timed_run).
+start_sink() {
+  run_seq=$((run_seq + 1))
+  SRV_PORT=$(py freeport)
+  cg_new
+  (
+    [ "$CG" = - ] || echo "$BASHPID" >"$CG/cgroup.procs"
+    exec smtp-sink "${sink_user[@]}" 127.0.0.1:"$SRV_PORT" 1000
+  ) >"$work/sink.$run_seq.log" 2>&1 &
+  SRV_PID=$!
+  pids+=("$SRV_PID")
+  for _ in $(seq 200); do
+    [ -n "$(ss -Hltn "sport = :$SRV_PORT" 2>/dev/null)" ] && break
+    kill -0 "$SRV_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  [ -n "$(ss -Hltn "sport = :$SRV_PORT")" ] ||
+    { echo "smtp-sink did not start:" >&2; cat "$work/sink.$run_seq.log" >&2; exit 1; }
+  SRV=smtp-sink SRV_CG=$CG SRV_LOG=$work/sink.$run_seq.log
+  if [ "$CG" = - ]; then SRV_SPEC=tree:$SRV_PID; else SRV_SPEC=$CG; fi
+}
+
 stop_server() {
   [ -n "$SRV" ] || return 0
   if [ "$SRV" = postfix ]; then
@@ -575,12 +621,14 @@ results=$work/results.tsv
 timed_run() {
   local kind=$1 key=$2 s=$3 m=$4 size=$5 rcpt=$6 c0 c1 t0 t1 f probe
   # The disk right now (it drifts): 50 Maildir-style files from 1 thread.
-  probe=$(py fsync "$work/probe" 50 1)
+  probe=$(py fsync "$work/probe" 50 1 | cut -d' ' -f1)
   rm -rf "$work/probe"
   c0=$(py cpu "$SRV_SPEC")
   t0=$(now)
   timeout "$run_timeout" smtp-source -s "$s" -m "$m" -l "$size" -f a@bench.test -t "$rcpt" 127.0.0.1:"$SRV_PORT"
-  if [ "$kind" = inbound ]; then
+  if [ "$kind" = floor ]; then
+    t1=$(now) # smtp-sink answered 250 to every message
+  elif [ "$kind" = inbound ]; then
     t1=$(py waitfiles "$SRV_NEW" "$m" "$run_timeout")
     py waitqueue "$SRV_QMODE" 60 "${SRV_QDIRS[@]}" >/dev/null
   else
@@ -594,7 +642,7 @@ timed_run() {
     grep -q '^Delivered-To: user@bench.test' "$f" && [ "$(stat -c %s "$f")" -ge $((size * 9 / 10)) ] ||
       { echo "bad delivery in $f" >&2; head -20 "$f" >&2; exit 1; }
     [ "$(find "$SRV_NEW" -type f | wc -l)" = "$m" ] || { echo "wrong message count in $SRV_NEW" >&2; exit 1; }
-  else
+  elif [ "$kind" = relay ]; then
     for _ in $(seq 50); do [ "$(grep -c 'status=sent' "$SRV_LOG")" -ge "$m" ] && break; sleep 0.1; done
     [ "$(grep -c 'status=sent' "$SRV_LOG")" = "$m" ] ||
       { echo "$SRV: $(grep -c 'status=sent' "$SRV_LOG") of $m relayed" >&2; tail "$SRV_LOG" >&2; exit 1; }
@@ -619,7 +667,7 @@ fsync_ceiling() {
 }
 echo "== disk: Maildir-style writes with fsync, $fsync_n files" >&2
 fsync_before=$(fsync_ceiling)
-echo "   $fsync_before files/s (1 thread, 8 threads, 1 thread without dir fsync)" >&2
+echo "   $fsync_before files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync" >&2
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- 1-3. inbound to Maildir, CPU per message, relay ----------------------
@@ -637,8 +685,18 @@ for size in 4096 102400; do
   done
 done
 
+# --- 6. the floor: the same SMTP load into smtp-sink, no disk -------------
+for s in "${sessions[@]}"; do
+  [ "$s" = 1 ] && continue
+  echo "== floor: smtp-sink, $s sessions, $m4k messages of 4 KiB" >&2
+  for _ in $(seq "$reps"); do
+    start_sink
+    timed_run floor "$s/4 KiB" "$s" "$m4k" 4096 user@bench.test
+    stop_server
+  done
+done
+
 sink_port=$(py freeport)
-sink_user=(-u nobody)
 smtp-sink "${sink_user[@]}" 127.0.0.1:"$sink_port" 1000 &
 sink_pid=$!
 pids+=("$sink_pid")
@@ -672,9 +730,9 @@ done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== disk again" >&2
 fsync_after=$(fsync_ceiling)
-echo "   $fsync_after files/s (1 thread, 8 threads, 1 thread without dir fsync)" >&2
+echo "   $fsync_after files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync" >&2
 
-# --- 6. the table -----------------------------------------------------------
+# --- the table -----------------------------------------------------------
 cmd="scripts/bench-compare.sh${1:+ $1}"
 envs=$(env | grep '^BENCH_' | sort | tr '\n' ' ' || true)
 mem_total=$(awk '/^MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
