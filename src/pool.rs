@@ -60,6 +60,9 @@ impl Pool {
             if state.idle > 0 {
                 state.idle -= 1;
                 state.jobs.push_back(job);
+                // Woken after the lock is released: woken under it, the
+                // thread would at once block again on the lock held here.
+                drop(state);
                 self.queued.notify_one();
                 return Ok(());
             }

@@ -108,24 +108,30 @@ impl Intent {
     ) -> io::Result<()> {
         let group = Arc::clone(&self.group);
         let mut state = lock(&group.state);
-        self.withdraw_locked(&mut state);
+        let wake = self.withdraw_locked(&mut state);
         // The first sync to start from now on covers this caller's rename.
         // Computed under the same lock as the withdrawal, so a sync that
         // lingered for this rename is the one this caller waits for.
         let needed = state.started + 1;
+        if wake {
+            drop(state);
+            group.changed.notify_all();
+            state = lock(&group.state);
+        }
         wait_for_sync(&group, state, needed, &self.dir, fsync, linger)
     }
 
-    fn withdraw_locked(&mut self, state: &mut State) {
-        if self.pending {
-            self.pending = false;
-            state.pending -= 1;
-            // Only the last one matters to a lingering sync: waking every
-            // waiter at each withdrawal would only make them look again.
-            if state.pending == 0 && state.waiting > 0 {
-                self.group.changed.notify_all();
-            }
+    /// Withdraws the announcement; true if the waiters are to be woken
+    /// (after the lock is released, so they do not at once block on it).
+    fn withdraw_locked(&mut self, state: &mut State) -> bool {
+        if !self.pending {
+            return false;
         }
+        self.pending = false;
+        state.pending -= 1;
+        // Only the last one matters to a lingering sync: waking every
+        // waiter at each withdrawal would only make them look again.
+        state.pending == 0 && state.waiting > 0
     }
 }
 
@@ -133,7 +139,9 @@ impl Drop for Intent {
     fn drop(&mut self) {
         if self.pending {
             let group = Arc::clone(&self.group);
-            self.withdraw_locked(&mut lock(&group.state));
+            if self.withdraw_locked(&mut lock(&group.state)) {
+                group.changed.notify_all();
+            }
         }
         let mut map = groups();
         // Two references: the map's and ours; nobody else can take one
@@ -184,15 +192,21 @@ fn wait_for_sync<'a>(
         let generation = state.started;
         drop(state);
         let result = fsync(dir);
-        state = lock(&group.state);
+        let mut state = lock(&group.state);
         state.running = false;
         state.done = generation;
-        if let Err(e) = result {
+        if let Err(e) = &result {
             state.failed = Some((generation, e.kind(), e.to_string()));
         }
-        if state.waiting > 0 {
+        let wake = state.waiting > 0;
+        // Woken after the lock is released, so the waiters do not at once
+        // block again on it. This sync started after the caller's rename
+        // (`generation` >= `needed`), so its result is the caller's.
+        drop(state);
+        if wake {
             group.changed.notify_all();
         }
+        return result;
     }
     match &state.failed {
         // A failed sync at or after the one needed may have been the one
