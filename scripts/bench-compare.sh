@@ -613,6 +613,7 @@ stop_server() {
 }
 
 results=$work/results.tsv
+probe_seq=0
 : >"$results"
 
 # One timed run: smtp-source into the running server, then wait for the
@@ -621,8 +622,9 @@ results=$work/results.tsv
 timed_run() {
   local kind=$1 key=$2 s=$3 m=$4 size=$5 rcpt=$6 c0 c1 t0 t1 f probe
   # The disk right now (it drifts): 50 Maildir-style files from 1 thread.
-  probe=$(py fsync "$work/probe" 50 1 | cut -d' ' -f1)
-  rm -rf "$work/probe"
+  # Kept until the end, like every file written here (see stop_server).
+  probe_seq=$((probe_seq + 1))
+  probe=$(py fsync "$work/probe.$probe_seq" 50 1 | cut -d' ' -f1)
   c0=$(py cpu "$SRV_SPEC")
   t0=$(now)
   timeout "$run_timeout" smtp-source -s "$s" -m "$m" -l "$size" -f a@bench.test -t "$rcpt" 127.0.0.1:"$SRV_PORT"
@@ -657,16 +659,17 @@ PY
 }
 
 # --- 5. the disk's fsync ceiling, before (and after) the runs -------------
+# Its files stay until the end too: deleting them would slow the first
+# server run that follows (see stop_server).
 fsync_ceiling() {
   local a b c
-  a=$(py fsync "$work/fsync1" "$fsync_n" 1)
-  b=$(py fsync "$work/fsync8" "$fsync_n" 8)
-  c=$(py fsync "$work/fsync1n" "$fsync_n" 1 0)
-  rm -rf "$work/fsync1" "$work/fsync8" "$work/fsync1n"
+  a=$(py fsync "$work/fsync1.$1" "$fsync_n" 1)
+  b=$(py fsync "$work/fsync8.$1" "$fsync_n" 8)
+  c=$(py fsync "$work/fsync1n.$1" "$fsync_n" 1 0)
   echo "$a $b $c"
 }
 echo "== disk: Maildir-style writes with fsync, $fsync_n files" >&2
-fsync_before=$(fsync_ceiling)
+fsync_before=$(fsync_ceiling before)
 echo "   $fsync_before files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync" >&2
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -729,7 +732,7 @@ done
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== disk again" >&2
-fsync_after=$(fsync_ceiling)
+fsync_after=$(fsync_ceiling after)
 echo "   $fsync_after files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync" >&2
 
 # --- the table -----------------------------------------------------------
@@ -756,8 +759,10 @@ Maildir's `new/` (relay: when the queue is empty again; the smarthost is
 `smtp-sink`, no disk). postling: `postling serve` with `[local] domains =
 ["bench.test"]`, `users = ["user"]`, connection limits raised to 1000 (all
 sessions come from 127.0.0.1); relay with `smarthost_tls = "none"`.
-Each run's files stay until the script ends: deleting thousands of files
-between runs would slow the next run's file creation on this VM's ext4.
+Each run's files, and the disk probes' files, stay until the script ends:
+deleting thousands of files between runs would slow the next run's file
+creation on this VM's ext4 (no journal: for about a minute a new inode is
+searched past recently freed ones).
 Postfix: a private instance (`postfix -c DIR start`, own config, queue and
 data directories, smtpd on `127.0.0.1:PORT` in master.cf, no chroot),
 `inet_interfaces = 127.0.0.1`, delivery by virtual(8) into
