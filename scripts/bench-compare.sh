@@ -346,16 +346,16 @@ def cmd_report(results, fsync, pf_version):
     f = fsync.split()  # files/s and kernel µs/file: 1 thread, 8, 1 without dir fsync; before, after
     print(f"The disk's own ceiling, 4 KiB files written the Maildir way (write to tmp/, fsync, rename into new/, fsync new/), "
           f"before the runs: {f[0]} files/s from 1 thread, {f[2]} from 8 threads, {f[4]} from 1 thread without the "
-          f"directory fsync; after the runs: {f[6]}, {f[8]} and {f[10]}. Kernel CPU per file, 1 thread: "
-          f"{f[1]} µs before the runs, {f[7]} µs after.")
+          f"directory fsync; after the runs: {f[6]}, {f[8]} and {f[10]}. Kernel CPU per file, the same six: "
+          f"{f[1]}, {f[3]} and {f[5]} µs before, {f[7]}, {f[9]} and {f[11]} µs after.")
     print()
     floor_keys = [k for kind, k in keys if kind == "floor"]
     if floor_keys:
-        per_file = min(float(f[1]), float(f[7]))
-        print("A floor under CPU per message on this machine, for any server that speaks SMTP to smtp-source and "
-              "writes each message durably: Postfix's smtp-sink (one event-loop process, SMTP only, no disk) under "
-              f"the same load, plus the kernel CPU of one durable Maildir file from 1 thread ({per_file:.0f} µs, the "
-              "lower of the two measurements above). postling and Postfix are the inbound 4 KiB rows above.")
+        per_file = min(float(x) for x in f[1::2])
+        print("An estimate of the floor under CPU per message on this machine, for any server that speaks SMTP to "
+              "smtp-source and writes each message durably: Postfix's smtp-sink (one event-loop process, SMTP only, "
+              "no disk) under the same load, plus the kernel CPU of one durable Maildir file, the cheapest of the six "
+              f"disk measurements above ({per_file:.0f} µs). postling and Postfix are the inbound 4 KiB rows above.")
         print()
         print("| sessions | smtp-sink CPU µs/msg | + one durable file | = floor | postling | Postfix | Postfix / 10 |")
         print("|---|---|---|---|---|---|---|")
