@@ -438,6 +438,16 @@ cg_rm() { # waits for the cgroup to empty, then removes it
 #   SRV_LOG, and stop_server stops it again.
 sink_port=""
 sink_user=(-u nobody) # smtp-sink refuses to run as root without -u
+# wait_listen PORT PID: waits (up to 10 s) until something listens on
+# 127.0.0.1:PORT, or PID has exited; fails if nothing listens.
+wait_listen() {
+  for _ in $(seq 200); do
+    [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ] && return 0
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.05
+  done
+  [ -n "$(ss -Hltn "sport = :$1")" ]
+}
 run_seq=0
 SRV=""
 
@@ -555,15 +565,8 @@ EOF
   python3 "$work/bench.py" reaper "$CG" postfix -c "$etc" start >/dev/null 2>&1 &
   SRV_PID=$!
   pids+=("$SRV_PID")
-  for _ in $(seq 200); do
-    [ -n "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] && break
-    kill -0 "$SRV_PID" 2>/dev/null || break
-    sleep 0.05
-  done
-  if [ -z "$(ss -Hltn "sport = :$port")" ]; then
-    echo "Postfix did not start:" >&2; cat "$d/maillog" >&2 2>/dev/null
-    exit 1
-  fi
+  wait_listen "$port" "$SRV_PID" ||
+    { echo "Postfix did not start:" >&2; cat "$d/maillog" >&2 2>/dev/null; exit 1; }
   SRV=postfix SRV_DIR=$d SRV_CG=$CG SRV_LOG=$d/maillog SRV_PORT=$port SRV_ETC=$etc
   if [ "$CG" = - ]; then SRV_SPEC=kids:$SRV_PID; else SRV_SPEC=$CG; fi
   SRV_NEW=$d/vmail/user/new SRV_QMODE=files
@@ -582,12 +585,7 @@ start_sink() {
   ) >"$work/sink.$run_seq.log" 2>&1 &
   SRV_PID=$!
   pids+=("$SRV_PID")
-  for _ in $(seq 200); do
-    [ -n "$(ss -Hltn "sport = :$SRV_PORT" 2>/dev/null)" ] && break
-    kill -0 "$SRV_PID" 2>/dev/null || break
-    sleep 0.05
-  done
-  [ -n "$(ss -Hltn "sport = :$SRV_PORT")" ] ||
+  wait_listen "$SRV_PORT" "$SRV_PID" ||
     { echo "smtp-sink did not start:" >&2; cat "$work/sink.$run_seq.log" >&2; exit 1; }
   SRV=smtp-sink SRV_CG=$CG SRV_LOG=$work/sink.$run_seq.log
   if [ "$CG" = - ]; then SRV_SPEC=tree:$SRV_PID; else SRV_SPEC=$CG; fi
@@ -703,8 +701,7 @@ sink_port=$(py freeport)
 smtp-sink "${sink_user[@]}" 127.0.0.1:"$sink_port" 1000 &
 sink_pid=$!
 pids+=("$sink_pid")
-sleep 0.5
-kill -0 "$sink_pid" || { echo "smtp-sink did not start" >&2; exit 1; }
+wait_listen "$sink_port" "$sink_pid" || { echo "smtp-sink did not start" >&2; exit 1; }
 echo "== relay to smtp-sink: $relay_s sessions, $relay_m messages of 4 KiB" >&2
 for _ in $(seq "$reps"); do
   for server in postling postfix; do
