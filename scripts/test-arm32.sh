@@ -10,10 +10,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-arm-unknown-linux-musleabihf}
 
-command -v qemu-arm-static >/dev/null || {
+need=()
+for tool in qemu-arm-static:qemu-user-static readelf:binutils; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static >/dev/null
-}
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 scripts/build-arm32.sh "$target"
 bin=$PWD/target/$target/release/postling
 
