@@ -33,8 +33,13 @@ pub const LINGER: Duration = Duration::from_millis(10);
 #[derive(Default)]
 struct Group {
     state: Mutex<State>,
-    /// Signalled when a sync ends or an announced rename is made.
-    changed: Condvar,
+    /// `ended[n % 2]`: callers waiting for sync number `n` to end. A waiter
+    /// needs either the running sync or the one after it, so two
+    /// generations are waited for at most, one on each condvar, and the end
+    /// of a sync wakes only the callers it covers.
+    ended: [Condvar; 2],
+    /// The caller about to start a sync waits here for announced renames.
+    renamed: Condvar,
 }
 
 #[derive(Default)]
@@ -45,13 +50,16 @@ struct State {
     done: u64,
     /// A sync is running now (its generation is `started`).
     running: bool,
+    /// A caller will start the next sync once the announced renames are
+    /// made (it lingers for them); callers arriving now are covered by it.
+    claimed: bool,
     /// Generation and error of the latest sync that failed.
     failed: Option<(u64, io::ErrorKind, String)>,
     /// Renames announced with [`intend`] and not yet made.
     pending: usize,
-    /// Callers blocked on `changed`: with none, nobody is woken (a
+    /// Callers blocked on `ended[n % 2]`: with none, nobody is woken (a
     /// notification is a system call even when nobody waits).
-    waiting: usize,
+    waiting: [usize; 2],
 }
 
 /// Directories with a sync in progress or callers waiting; an entry is
@@ -115,23 +123,24 @@ impl Intent {
         let needed = state.started + 1;
         if wake {
             drop(state);
-            group.changed.notify_all();
+            group.renamed.notify_one();
             state = lock(&group.state);
         }
         wait_for_sync(&group, state, needed, &self.dir, fsync, linger)
     }
 
-    /// Withdraws the announcement; true if the waiters are to be woken
-    /// (after the lock is released, so they do not at once block on it).
+    /// Withdraws the announcement; true if the lingering caller is to be
+    /// woken (after the lock is released, so it does not at once block on
+    /// it).
     fn withdraw_locked(&mut self, state: &mut State) -> bool {
         if !self.pending {
             return false;
         }
         self.pending = false;
         state.pending -= 1;
-        // Only the last one matters to a lingering sync: waking every
-        // waiter at each withdrawal would only make them look again.
-        state.pending == 0 && state.waiting > 0
+        // Only the last one matters to a lingering sync: waking it at each
+        // withdrawal would only make it look again.
+        state.pending == 0 && state.claimed
     }
 }
 
@@ -140,7 +149,7 @@ impl Drop for Intent {
         if self.pending {
             let group = Arc::clone(&self.group);
             if self.withdraw_locked(&mut lock(&group.state)) {
-                group.changed.notify_all();
+                group.renamed.notify_one();
             }
         }
         let mut map = groups();
@@ -160,6 +169,10 @@ fn sync_with(dir: &Path, fsync: impl Fn(&Path) -> io::Result<()>) -> io::Result<
 
 /// Waits until sync number `needed` has ended, running it (or a later one)
 /// if nobody else does; `state` is the group's locked state.
+///
+/// Each caller sleeps once, on the condvar of the generation it needs, and
+/// is woken by the end of that sync; when a sync ends with callers waiting
+/// for the next one, one of them is woken to run it.
 fn wait_for_sync<'a>(
     group: &'a Group,
     mut state: MutexGuard<'a, State>,
@@ -168,25 +181,35 @@ fn wait_for_sync<'a>(
     fsync: impl Fn(&Path) -> io::Result<()>,
     linger: Duration,
 ) -> io::Result<()> {
-    let mut linger_until: Option<Instant> = None;
+    let parity = (needed % 2) as usize;
     while state.done < needed {
-        let now = Instant::now();
-        let lingering = state.pending > 0 && linger_until.is_none_or(|t| now < t);
-        if state.running || lingering {
-            let wait = if state.running {
-                linger
-            } else {
-                *linger_until.get_or_insert(now + linger) - now
-            };
-            state.waiting += 1;
-            state = group
-                .changed
-                .wait_timeout(state, wait)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-            state.waiting -= 1;
+        if state.running || state.claimed {
+            // The running sync, or the one a lingering caller will start,
+            // or the next after the running one: woken when it has ended
+            // (or, for the next one, to run it).
+            state.waiting[parity] += 1;
+            state = group.ended[parity]
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.waiting[parity] -= 1;
             continue;
         }
+        // Nobody runs or is about to: this caller does, first waiting (at
+        // most `linger`) for the renames other sessions have announced.
+        state.claimed = true;
+        let until = Instant::now() + linger;
+        while state.pending > 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = group
+                .renamed
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        state.claimed = false;
         state.running = true;
         state.started += 1;
         let generation = state.started;
@@ -198,13 +221,20 @@ fn wait_for_sync<'a>(
         if let Err(e) = &result {
             state.failed = Some((generation, e.kind(), e.to_string()));
         }
-        let wake = state.waiting > 0;
+        let this = (generation % 2) as usize;
+        let covered = state.waiting[this] > 0;
+        let next = state.waiting[1 - this] > 0;
         // Woken after the lock is released, so the waiters do not at once
         // block again on it. This sync started after the caller's rename
         // (`generation` >= `needed`), so its result is the caller's.
         drop(state);
-        if wake {
-            group.changed.notify_all();
+        if covered {
+            group.ended[this].notify_all();
+        }
+        if next {
+            // Whoever wakes first runs the next sync; the rest of them
+            // sleep on until it has ended.
+            group.ended[1 - this].notify_one();
         }
         return result;
     }
@@ -277,6 +307,42 @@ mod tests {
             syncs < callers,
             "{syncs} syncs for {callers} callers: not shared"
         );
+        assert!(!groups().contains_key(dir));
+    }
+
+    #[test]
+    fn rounds_of_announced_renames_never_return_before_their_sync() {
+        // Many rounds with announcements, renames and syncs overlapping in
+        // every order: each caller still returns only after a sync that
+        // started after its rename, and nobody is left waiting (the test
+        // would hang) when a sync ends with callers waiting for the next.
+        let started = AtomicUsize::new(0);
+        let finished = AtomicUsize::new(0);
+        let dir = Path::new("/group-test/rounds");
+        let fsync = |_: &Path| {
+            let n = started.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::sleep(Duration::from_micros(100 * (n as u64 % 7)));
+            finished.fetch_max(n, Ordering::SeqCst);
+            Ok(())
+        };
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (started, finished, fsync) = (&started, &finished, &fsync);
+                s.spawn(move || {
+                    for round in 0..150u64 {
+                        let intent = intend(dir);
+                        std::thread::sleep(Duration::from_micros((t * 37 + round * 11) % 300));
+                        let seen = started.load(Ordering::SeqCst);
+                        intent.sync_with(fsync, LINGER).expect("sync");
+                        assert!(
+                            finished.load(Ordering::SeqCst) > seen,
+                            "returned before a sync that started after its rename"
+                        );
+                    }
+                });
+            }
+        });
+        assert!(started.load(Ordering::SeqCst) < 8 * 150, "never shared");
         assert!(!groups().contains_key(dir));
     }
 
