@@ -32,6 +32,9 @@
 #   BENCH_HOLD=100          sessions held open in DATA for the memory test
 #   BENCH_FSYNC_N=2000 [300] files per fsync-ceiling run
 #   BENCH_TIMEOUT=600 [180] seconds allowed for each run
+#   BENCH_CPUS=             a CPU list for taskset (e.g. 0): every server,
+#                           smtp-source and probe runs on those CPUs only; a
+#                           pinned run writes its own section of BENCHMARKS.md
 #   BENCH_TMPDIR=$TMPDIR or /tmp   where the temp dir goes (it must be on the
 #                           disk you want to measure, not a tmpfs)
 #
@@ -64,6 +67,9 @@ hold=${BENCH_HOLD:-100}
 relay_s=10
 
 [ "$(id -u)" = 0 ] || { echo "bench-compare: run as root (private Postfix instance, cgroups)" >&2; exit 1; }
+# Pinned: this shell's affinity is inherited by everything it starts.
+cpus=${BENCH_CPUS:-}
+if [ -n "$cpus" ]; then taskset -pc "$cpus" $$ >/dev/null; fi
 cd "$(dirname "$0")/.."
 repo=$PWD
 PATH=$PATH:/usr/sbin:/usr/lib/postfix/sbin
@@ -280,6 +286,36 @@ def cmd_fsync(d, n, threads, dirsync="1"):
     # of this process: the interpreter's own work is user time).
     print(f"{n / (time.monotonic() - start):.0f} {(os.times().system - sys0) * 1e6 / n:.0f}")
 
+def cmd_wake(n=20000):
+    # CPU time per wake-up of a process blocked in read(2): two processes
+    # bounce a byte over two pipes, first both on one CPU, then on two
+    # CPUs (when this process may use two). A blocking session thread pays
+    # this on every SMTP command; an event loop with work queued does not.
+    n = int(n)
+    allowed = sorted(os.sched_getaffinity(0))
+    def bounce(a, b):
+        r1, w1 = os.pipe(); r2, w2 = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.sched_setaffinity(0, {b})
+            for _ in range(n):
+                os.read(r1, 1); os.write(w2, b"x")
+            os._exit(0)
+        os.sched_setaffinity(0, {a})
+        t0 = os.times()
+        for _ in range(n):
+            os.write(w1, b"x"); os.read(r2, 1)
+        os.waitpid(pid, 0)
+        t1 = os.times()
+        os.sched_setaffinity(0, set(allowed))
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+        cpu = sum(t1[i] - t0[i] for i in range(4))  # user, system, children's
+        return f"{cpu * 1e6 / (2 * n):.1f}"
+    same = bounce(allowed[0], allowed[0])
+    across = bounce(allowed[0], allowed[1]) if len(allowed) > 1 else "-"
+    print(same, across)
+
 def cmd_reaper(cg, *argv):
     # Runs `postfix start` as a child subreaper: the daemonized master and
     # every Postfix process stay our descendants and are reaped here (no
@@ -303,7 +339,7 @@ def cmd_reaper(cg, *argv):
         except InterruptedError:
             pass
 
-def cmd_report(results, fsync, pf_version):
+def cmd_report(results, fsync, pf_version, wake):
     rows = [l.rstrip("\n").split("\t") for l in open(results) if l.strip()]
     def med(kind, key, server, col):
         v = [float(r[col]) for r in rows if r[0] == kind and r[1] == key and r[2] == server]
@@ -349,6 +385,11 @@ def cmd_report(results, fsync, pf_version):
           f"directory fsync; after the runs: {f[6]}, {f[8]} and {f[10]}. Kernel CPU per file, the same six: "
           f"{f[1]}, {f[3]} and {f[5]} µs before, {f[7]}, {f[9]} and {f[11]} µs after.")
     print()
+    w = wake.split()
+    print(f"CPU time per wake-up of a process blocked in read(2) (two processes bouncing a byte over pipes): "
+          f"{w[0]} µs with both on one CPU, " + (f"{w[1]} µs with each on its own CPU" if w[1] != "-" else
+          "not measured across CPUs (one CPU allowed)") + ". Every SMTP command wakes a blocked session thread once.")
+    print()
     floor_keys = [k for kind, k in keys if kind == "floor"]
     if floor_keys:
         per_file = min(float(x) for x in f[1::2])
@@ -374,8 +415,8 @@ def cmd_report(results, fsync, pf_version):
         print(f"| {i + 1} | {'Postfix' if r[2] == 'postfix' else r[2]} | {r[0]} {r[1]} | {float(r[5]):.2f} s "
               f"| {float(r[3]):,.0f} | {float(r[4]):,.0f} | {r[6]} |")
 
-def cmd_splice(path, section):
-    begin, end = "<!-- bench-compare:begin -->", "<!-- bench-compare:end -->"
+def cmd_splice(path, section, name="bench-compare"):
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = open(path).read()
     new = begin + "\n" + open(section).read().strip("\n") + "\n" + end
     if begin in text and end in text:
@@ -387,7 +428,7 @@ def cmd_splice(path, section):
         f.write(text)
 
 cmds = {"waitfiles": cmd_waitfiles, "waitqueue": cmd_waitqueue, "hold": cmd_hold,
-        "fsync": cmd_fsync, "reaper": cmd_reaper, "report": cmd_report, "splice": cmd_splice,
+        "fsync": cmd_fsync, "wake": cmd_wake, "reaper": cmd_reaper, "report": cmd_report, "splice": cmd_splice,
         "cpu": lambda spec: print(cpu_usec(spec)), "mem": lambda spec: print(*mem(spec)),
         "freeport": lambda: (s := socket.socket(), s.bind(("127.0.0.1", 0)), print(s.getsockname()[1]))}
 cmds[sys.argv[1]](*sys.argv[2:])
@@ -669,6 +710,9 @@ fsync_ceiling() {
 echo "== disk: Maildir-style writes with fsync, $fsync_n files" >&2
 fsync_before=$(fsync_ceiling before)
 echo "   $fsync_before files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync" >&2
+echo "== wake-up cost: one CPU, two CPUs" >&2
+wake=$(py wake)
+echo "   $wake µs of CPU per wake-up" >&2
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- 1-3. inbound to Maildir, CPU per message, relay ----------------------
@@ -739,10 +783,14 @@ mem_total=$(awk '/^MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)
 debian=$(cat /etc/debian_version 2>/dev/null || echo "?")
 section=$work/section.md
 {
-  echo "## Comparison with Postfix $pf_version"
+  if [ -n "$cpus" ]; then
+    echo "## Comparison with Postfix $pf_version, everything on CPUs $cpus"
+  else
+    echo "## Comparison with Postfix $pf_version"
+  fi
   echo
   echo "$(date -u +%Y-%m-%d), \`${envs}${cmd}\` (commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ', uncommitted changes'))."
-  echo "Machine: $(uname -m), $(nproc) CPUs, $mem_total RAM, kernel $(uname -r), Debian $debian;"
+  echo "Machine: $(uname -m), $(nproc --all) CPUs${cpus:+ (runs pinned to CPUs $cpus with taskset)}, $mem_total RAM, kernel $(uname -r), Debian $debian;"
   echo "Load average $load_before before the runs, $load_after after (other work on the machine shows here)."
   echo "postling binary $(python3 -c "print(f'{$bin_size:,}')") bytes (release profile). CPU: $cg_kind${cg_base:+ cgroup} around each server's processes."
   echo "Counts: $m4k messages of 4 KiB and $m100k of 100 KiB per inbound run, $relay_m per relay run;"
@@ -778,11 +826,11 @@ sessions each sit in DATA; Postfix's RSS counts its shared libraries once
 per process, PSS shares them out.
 
 EOF
-  py report "$results" "$fsync_before $fsync_after" "$pf_version"
+  py report "$results" "$fsync_before $fsync_after" "$pf_version" "$wake"
 } >"$section"
 echo
 cat "$section"
 if [ "$write" = 1 ]; then
-  py splice "$repo/BENCHMARKS.md" "$section"
+  py splice "$repo/BENCHMARKS.md" "$section" "bench-compare${cpus:+-pinned}"
   echo "== BENCHMARKS.md updated" >&2
 fi
