@@ -26,9 +26,9 @@
 # Environment (defaults for a full run; --quick in brackets):
 #   BENCH_REPS=2 [1]        runs per server and configuration
 #   BENCH_SESSIONS="1 10 50" concurrent smtp-source sessions (-s)
-#   BENCH_M_4K=2000 [300]   messages of 4 KiB per inbound run
-#   BENCH_M_100K=300 [100]  messages of 100 KiB per inbound run
-#   BENCH_RELAY_M=2000 [300] messages per relay run (10 sessions, 4 KiB)
+#   BENCH_M_4K=5000 [300]   messages of 4 KiB per inbound run
+#   BENCH_M_100K=1000 [100] messages of 100 KiB per inbound run
+#   BENCH_RELAY_M=5000 [300] messages per relay run (10 sessions, 4 KiB)
 #   BENCH_HOLD=100          sessions held open in DATA for the memory test
 #   BENCH_FSYNC_N=2000 [300] files per fsync-ceiling run
 #   BENCH_TIMEOUT=600 [180] seconds allowed for each run
@@ -58,8 +58,8 @@ if [ "$quick" = 1 ]; then
   relay_m=${BENCH_RELAY_M:-300} fsync_n=${BENCH_FSYNC_N:-300} run_timeout=${BENCH_TIMEOUT:-180}
   write=${BENCH_WRITE:-0}
 else
-  reps=${BENCH_REPS:-2} m4k=${BENCH_M_4K:-2000} m100k=${BENCH_M_100K:-300}
-  relay_m=${BENCH_RELAY_M:-2000} fsync_n=${BENCH_FSYNC_N:-2000} run_timeout=${BENCH_TIMEOUT:-600}
+  reps=${BENCH_REPS:-2} m4k=${BENCH_M_4K:-5000} m100k=${BENCH_M_100K:-1000}
+  relay_m=${BENCH_RELAY_M:-5000} fsync_n=${BENCH_FSYNC_N:-2000} run_timeout=${BENCH_TIMEOUT:-600}
   write=${BENCH_WRITE:-1}
 fi
 read -r -a sessions <<<"${BENCH_SESSIONS:-1 10 50}"
@@ -223,6 +223,14 @@ def cmd_waitfiles(d, n, timeout):
             sys.exit(f"timeout: {files_in(d)} of {n} files in {d}")
         time.sleep(0.01)
     print(f"{time.time():.6f}")
+
+def cmd_after(go, cmd, *args):
+    # Started before a run: says it is ready (GO.ready), blocks until the
+    # script closes the FIFO GO (the load has ended), then runs `cmd`.
+    with open(go, "rb") as f:
+        open(go + ".ready", "w").close()
+        f.read()
+    cmds[cmd](*args)
 
 def cmd_waitqueue(mode, timeout, *dirs):
     end = time.monotonic() + float(timeout)
@@ -427,7 +435,7 @@ def cmd_splice(path, section, name="bench-compare"):
     with open(path, "w") as f:
         f.write(text)
 
-cmds = {"waitfiles": cmd_waitfiles, "waitqueue": cmd_waitqueue, "hold": cmd_hold,
+cmds = {"after": cmd_after, "waitfiles": cmd_waitfiles, "waitqueue": cmd_waitqueue, "hold": cmd_hold,
         "fsync": cmd_fsync, "wake": cmd_wake, "reaper": cmd_reaper, "report": cmd_report, "splice": cmd_splice,
         "cpu": lambda spec: print(cpu_usec(spec)), "mem": lambda spec: print(*mem(spec)),
         "freeport": lambda: (s := socket.socket(), s.bind(("127.0.0.1", 0)), print(s.getsockname()[1]))}
@@ -665,15 +673,34 @@ timed_run() {
   probe_seq=$((probe_seq + 1))
   probe=$(py fsync "$work/probe.$probe_seq" 50 1 | cut -d' ' -f1)
   c0=$(py cpu "$SRV_SPEC")
+  # The end-of-run watcher is started before the clock: the interpreter's
+  # start-up (~0.1 s here) would otherwise be counted in every run, a
+  # sixth of a 0.7 s one. It waits on a FIFO until smtp-source has ended.
+  local go=$work/go.$probe_seq watcher=""
+  if [ "$kind" != floor ]; then
+    mkfifo "$go"
+    if [ "$kind" = inbound ]; then
+      py after "$go" waitfiles "$SRV_NEW" "$m" "$run_timeout" >"$go.t1" &
+    else
+      py after "$go" waitqueue "$SRV_QMODE" "$run_timeout" "${SRV_QDIRS[@]}" >"$go.t1" &
+    fi
+    watcher=$!
+    exec {gofd}<>"$go" # read-write: never blocks, and keeps the FIFO open
+    for _ in $(seq 500); do
+      [ -e "$go.ready" ] && break
+      kill -0 "$watcher" 2>/dev/null || { echo "bench-compare: the watcher failed" >&2; exit 1; }
+      sleep 0.01
+    done
+  fi
   t0=$(now)
   timeout "$run_timeout" smtp-source -s "$s" -m "$m" -l "$size" -f a@bench.test -t "$rcpt" 127.0.0.1:"$SRV_PORT"
   if [ "$kind" = floor ]; then
     t1=$(now) # smtp-sink answered 250 to every message
-  elif [ "$kind" = inbound ]; then
-    t1=$(py waitfiles "$SRV_NEW" "$m" "$run_timeout")
-    py waitqueue "$SRV_QMODE" 60 "${SRV_QDIRS[@]}" >/dev/null
   else
-    t1=$(py waitqueue "$SRV_QMODE" "$run_timeout" "${SRV_QDIRS[@]}")
+    exec {gofd}>&- # the watcher starts looking
+    wait "$watcher"
+    t1=$(cat "$go.t1")
+    [ "$kind" = inbound ] && py waitqueue "$SRV_QMODE" 60 "${SRV_QDIRS[@]}" >/dev/null
   fi
   c1=$(py cpu "$SRV_SPEC")
   # Check the mail really arrived.
