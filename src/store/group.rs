@@ -48,11 +48,8 @@ struct State {
     started: u64,
     /// Generation of the latest sync that has ended.
     done: u64,
-    /// A sync is running now (its generation is `started`).
-    running: bool,
-    /// A caller will start the next sync once the announced renames are
-    /// made (it lingers for them); callers arriving now are covered by it.
-    claimed: bool,
+    /// Whether a sync is running or about to start.
+    phase: Phase,
     /// Generation and error of the latest sync that failed.
     failed: Option<(u64, io::ErrorKind, String)>,
     /// Renames announced with [`intend`] and not yet made.
@@ -60,6 +57,19 @@ struct State {
     /// Callers blocked on `ended[n % 2]`: with none, nobody is woken (a
     /// notification is a system call even when nobody waits).
     waiting: [usize; 2],
+}
+
+/// What the directory's syncing is doing now.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No sync runs, and nobody is about to start one.
+    #[default]
+    Idle,
+    /// A caller will start the next sync once the announced renames are
+    /// made (it lingers for them); callers arriving now are covered by it.
+    Lingering,
+    /// A sync is running (its generation is `started`).
+    Running,
 }
 
 /// Directories with a sync in progress or callers waiting; an entry is
@@ -140,7 +150,7 @@ impl Intent {
         state.pending -= 1;
         // Only the last one matters to a lingering sync: waking it at each
         // withdrawal would only make it look again.
-        state.pending == 0 && state.claimed
+        state.pending == 0 && state.phase == Phase::Lingering
     }
 }
 
@@ -183,7 +193,7 @@ fn wait_for_sync<'a>(
 ) -> io::Result<()> {
     let parity = (needed % 2) as usize;
     while state.done < needed {
-        if state.running || state.claimed {
+        if state.phase != Phase::Idle {
             // The running sync, or the one a lingering caller will start,
             // or the next after the running one: woken when it has ended
             // (or, for the next one, to run it).
@@ -196,7 +206,7 @@ fn wait_for_sync<'a>(
         }
         // Nobody runs or is about to: this caller does, first waiting (at
         // most `linger`) for the renames other sessions have announced.
-        state.claimed = true;
+        state.phase = Phase::Lingering;
         let until = Instant::now() + linger;
         while state.pending > 0 {
             let left = until.saturating_duration_since(Instant::now());
@@ -209,14 +219,13 @@ fn wait_for_sync<'a>(
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        state.claimed = false;
-        state.running = true;
+        state.phase = Phase::Running;
         state.started += 1;
         let generation = state.started;
         drop(state);
         let result = fsync(dir);
         let mut state = lock(&group.state);
-        state.running = false;
+        state.phase = Phase::Idle;
         state.done = generation;
         if let Err(e) = &result {
             state.failed = Some((generation, e.kind(), e.to_string()));
