@@ -37,6 +37,8 @@
 #                           pinned run writes its own section of BENCHMARKS.md
 #   BENCH_TMPDIR=$TMPDIR or /tmp   where the temp dir goes (it must be on the
 #                           disk you want to measure, not a tmpfs)
+#   BENCH_SETTLE=180        seconds to wait after an earlier run's cleanup
+#                           (its deletions slow file creation for minutes)
 #
 # Needs root (a private Postfix instance, cgroups), python3, cargo, and
 # Debian's postfix package (installed here with apt-get if smtp-source is
@@ -96,6 +98,20 @@ bin=$repo/target/release/postling
 bin_size=$(stat -c %s "$bin")
 
 base=${BENCH_TMPDIR:-${TMPDIR:-/tmp}}
+# A run's cleanup deletes tens of thousands of files, and on this VM's ext4
+# (no journal) creating files stays slow for minutes after that: a run
+# started right after another measured the disk, not the servers (kernel
+# CPU per durable file 175-340 us against 45-110). The cleanup leaves a
+# stamp, and the next run waits until it is BENCH_SETTLE seconds old.
+settle=${BENCH_SETTLE:-180}
+stamp=$base/bench-compare.cleaned
+if [ -f "$stamp" ]; then
+  wait_s=$(( $(stat -c %Y "$stamp") + settle - $(date +%s) ))
+  if [ "$wait_s" -gt 0 ] && [ "$wait_s" -le "$settle" ]; then
+    echo "== waiting ${wait_s} s for the disk to settle after the last run's cleanup (BENCH_SETTLE=$settle)" >&2
+    sleep "$wait_s"
+  fi
+fi
 work=$(mktemp -d "$base/bench-compare.XXXXXX")
 # Postfix's delivery agent runs as nobody and its daemons as postfix: they
 # must be able to walk into the temp dir.
@@ -126,6 +142,7 @@ cleanup() {
     for _ in $(seq 50); do rmdir "$cg" 2>/dev/null && break; sleep 0.1; done
   done
   rm -rf "$work"
+  touch "$stamp"
 }
 trap cleanup EXIT
 failed=""
