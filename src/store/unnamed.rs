@@ -5,8 +5,8 @@
 //! a message so costs one directory entry instead of two: nothing is added
 //! to and removed from the temporary directory, and on ext4 without a
 //! journal the file's fsync no longer writes that directory as well.
-//! Measured here (BENCHMARKS.md): a fifth less CPU per durable file and a
-//! third more files per second.
+//! Measured here (BENCHMARKS.md, "Unnamed files"): a sixth to a quarter
+//! less CPU per durable file, and a sixth to a third more files per second.
 //!
 //! A crash before the link leaves no name behind, so there is nothing to
 //! sweep; the inode is freed by the journal's orphan list or by `e2fsck`.
