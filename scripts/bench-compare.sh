@@ -287,29 +287,19 @@ def cmd_hold(addr, n, spec, rcpt):
     for s, f in socks:
         s.close()
 
-def cmd_fsync(d, n, threads, dirsync="1", unnamed="0"):
+def cmd_fsync(d, n, threads, dirsync="1"):
     # The Maildir way: write into tmp/, fsync the file, rename into new/,
-    # fsync new/ (unless dirsync is 0). With unnamed 1, the file in tmp/ has
-    # no name (O_TMPFILE) until it is linked into new/, as postling does
-    # where the filesystem allows.
-    n, threads, dirsync, unnamed = int(n), int(threads), dirsync == "1", unnamed == "1"
+    # fsync new/ (unless dirsync is 0).
+    n, threads, dirsync = int(n), int(threads), dirsync == "1"
     os.makedirs(f"{d}/tmp"); os.makedirs(f"{d}/new")
     body = b"x" * 4096
     def work(t):
         dfd = os.open(f"{d}/new", os.O_RDONLY | os.O_DIRECTORY)
         for i in range(t, n, threads):
-            if unnamed:
-                fd = os.open(f"{d}/tmp", os.O_RDWR | os.O_TMPFILE, 0o600)
-                os.write(fd, body); os.fsync(fd)
-                # With a dir_fd, CPython calls linkat(2) and honours
-                # follow_symlinks; without one it calls link(2), which does not.
-                os.link(f"/proc/self/fd/{fd}", f"{t}.{i}", dst_dir_fd=dfd, follow_symlinks=True)
-                os.close(fd)
-            else:
-                tmp = f"{d}/tmp/{t}.{i}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                os.write(fd, body); os.fsync(fd); os.close(fd)
-                os.rename(tmp, f"{d}/new/{t}.{i}")
+            tmp = f"{d}/tmp/{t}.{i}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, body); os.fsync(fd); os.close(fd)
+            os.rename(tmp, f"{d}/new/{t}.{i}")
             if dirsync:
                 os.fsync(dfd)
         os.close(dfd)
@@ -414,14 +404,11 @@ def cmd_report(results, fsync, pf_version, wake):
         out.append(f"| PSS, {label} | {fmt(pl, ' KiB')} | {fmt(pf, ' KiB')} | {ratio(pf, pl)} |")
     print("\n".join(out))
     print()
-    # files/s and kernel µs/file: 1 thread, 8, 1 without dir fsync, 1 unnamed without dir fsync; before, after
-    f = fsync.split()
+    f = fsync.split()  # files/s and kernel µs/file: 1 thread, 8, 1 without dir fsync; before, after
     print(f"The disk's own ceiling, 4 KiB files written the Maildir way (write to tmp/, fsync, rename into new/, fsync new/), "
           f"before the runs: {f[0]} files/s from 1 thread, {f[2]} from 8 threads, {f[4]} from 1 thread without the "
-          f"directory fsync, {f[6]} from 1 thread without it and with the file unnamed in tmp/ until it is linked "
-          f"into new/ (O_TMPFILE, as postling writes); after the runs: {f[8]}, {f[10]}, {f[12]} and {f[14]}. "
-          f"Kernel CPU per file, the same eight: {f[1]}, {f[3]}, {f[5]} and {f[7]} µs before, "
-          f"{f[9]}, {f[11]}, {f[13]} and {f[15]} µs after.")
+          f"directory fsync; after the runs: {f[6]}, {f[8]} and {f[10]}. Kernel CPU per file, the same six: "
+          f"{f[1]}, {f[3]} and {f[5]} µs before, {f[7]}, {f[9]} and {f[11]} µs after.")
     print()
     w = wake.split()
     print(f"CPU time per wake-up of a process blocked in read(2) (two processes bouncing a byte over pipes): "
@@ -433,7 +420,7 @@ def cmd_report(results, fsync, pf_version, wake):
         per_file = min(float(x) for x in f[1::2])
         print("An estimate of the floor under CPU per message on this machine, for any server that speaks SMTP to "
               "smtp-source and writes each message durably: Postfix's smtp-sink (one event-loop process, SMTP only, "
-              "no disk) under the same load, plus the kernel CPU of one durable Maildir file, the cheapest of the eight "
+              "no disk) under the same load, plus the kernel CPU of one durable Maildir file, the cheapest of the six "
               f"disk measurements above ({per_file:.0f} µs). postling and Postfix are the inbound 4 KiB rows above.")
         print()
         print("| sessions | smtp-sink CPU µs/msg | + one durable file | = floor | postling | Postfix | Postfix / 10 |")
@@ -761,16 +748,15 @@ PY
 # Its files stay until the end too: deleting them would slow the first
 # server run that follows (see stop_server).
 fsync_ceiling() {
-  local a b c u
+  local a b c
   a=$(py fsync "$work/fsync1.$1" "$fsync_n" 1)
   b=$(py fsync "$work/fsync8.$1" "$fsync_n" 8)
   c=$(py fsync "$work/fsync1n.$1" "$fsync_n" 1 0)
-  u=$(py fsync "$work/fsync1u.$1" "$fsync_n" 1 0 1)
-  echo "$a $b $c $u"
+  echo "$a $b $c"
 }
 echo "== disk: Maildir-style writes with fsync, $fsync_n files" >&2
 fsync_before=$(fsync_ceiling before)
-echo "   $fsync_before files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync, 1 unnamed" >&2
+echo "   $fsync_before files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync" >&2
 echo "== wake-up cost: one CPU, two CPUs" >&2
 wake=$(py wake)
 echo "   $wake µs of CPU per wake-up" >&2
@@ -835,7 +821,7 @@ done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== disk again" >&2
 fsync_after=$(fsync_ceiling after)
-echo "   $fsync_after files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync, 1 unnamed" >&2
+echo "   $fsync_after files/s and kernel µs/file: 1 thread, 8 threads, 1 thread without dir fsync" >&2
 
 # --- the table -----------------------------------------------------------
 cmd="scripts/bench-compare.sh${1:+ $1}"

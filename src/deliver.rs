@@ -45,7 +45,7 @@ pub struct Sink<'m> {
 
 #[derive(Debug)]
 enum SinkFile {
-    /// Some recipient is remote: the queue's spool, in `incoming/`.
+    /// Some recipient is remote: the queue's spool, `incoming/<id>`.
     Queue(Spool),
     /// Every recipient is local: straight into the first mailbox's `tmp/`,
     /// after that mailbox's `Return-Path:` and `Delivered-To:`, so a local

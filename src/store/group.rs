@@ -1,8 +1,6 @@
 //! Group commit for directory fsyncs: when several sessions have each
 //! renamed a file into the same directory (a Maildir's `new/`, the queue's
 //! `queue/`), one fsync of the directory makes all of their names durable.
-//! "Rename" here means any new name: a link of a file written unnamed
-//! ([`super::unnamed`]) counts the same.
 //!
 //! A caller that has finished its rename asks for a sync that *starts after*
 //! that moment, because only such a sync is certain to include its entry. If

@@ -1,5 +1,5 @@
-//! Local delivery into a Maildir: one message copy written in `tmp/`, fsynced,
-//! put into `new/`, and `new/` fsynced, as the Maildir spec prescribes
+//! Local delivery into a Maildir: one message copy written to `tmp/`, fsynced,
+//! renamed into `new/`, and `new/` fsynced, as the Maildir spec prescribes
 //! (<https://cr.yp.to/proto/maildir.html>, "How a message is delivered"; the
 //! `,S=<size>` suffix is the Courier/Dovecot extension that lets readers skip a
 //! stat). Names are `<secs>.M<usecs>P<pid>Q<counter>.<host>,S=<size>`.
@@ -12,21 +12,18 @@
 //!
 //! A message for local recipients only is written straight into `tmp/` as it
 //! arrives ([`Draft`]); other copies are made from a file the caller passes.
-//! Where the filesystem allows, the file in `tmp/` has no name until it is
-//! linked into `new/` ([`super::unnamed`]): readers see the same thing, a
-//! complete file appearing in `new/`, and a crash leaves nothing in `tmp/`.
-//! The fsync of `new/` after the new name is shared with other sessions
+//! The fsync of `new/` after the rename is shared with other sessions
 //! delivering into the same Maildir at the same moment ([`super::group`]).
 //!
 //! This file does not decide who is local or where a user's Maildir is (the
 //! caller passes the directory), does not build the header it is given, and
 //! never seeks a body it is given: the caller positions it.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::unnamed::Temp;
 use super::{at, create_dir_durable, group, next_counter, now_micros, pid, symlink_refused};
 
 /// Attempts at a fresh tmp name before giving up (a clash means a clock jump
@@ -34,7 +31,7 @@ use super::{at, create_dir_durable, group, next_counter, now_micros, pid, symlin
 const NAME_ATTEMPTS: u32 = 4;
 
 /// Delivers one copy: writes `header` then all of `body` (read from its current
-/// position to EOF) into a file in `dir/tmp/`, fsyncs it, puts it into
+/// position to EOF) into `dir/tmp/<unique>`, fsyncs it, renames it into
 /// `dir/new/`, fsyncs `dir/new`. Creates `dir` and its `tmp/ new/ cur/`
 /// (mode 0700) when missing, fsyncing parents. Returns the final path.
 ///
@@ -70,7 +67,7 @@ pub fn deliver_prepared(
     body: &mut File,
 ) -> io::Result<PathBuf> {
     let mut draft = Draft::create(dir, hostname, header)?;
-    io::copy(body, draft.file()).map_err(at(draft.tmp.shown()))?;
+    io::copy(body, draft.file()).map_err(at(&draft.tmp))?;
     draft.publish()
 }
 
@@ -82,7 +79,7 @@ pub fn deliver_prepared(
 #[derive(Debug)]
 pub struct Draft {
     dir: PathBuf,
-    tmp: Temp,
+    tmp: PathBuf,
     unique: String,
     file: File,
     header_len: u64,
@@ -90,7 +87,7 @@ pub struct Draft {
 }
 
 impl Draft {
-    /// Creates a file in `dir/tmp/` and writes `header` into it. `dir` must
+    /// Creates `dir/tmp/<unique>` and writes `header` into it. `dir` must
     /// have been checked by [`prepare`].
     pub fn create(dir: &Path, hostname: &str, header: &[u8]) -> io::Result<Draft> {
         let (tmp, file, unique) = create_tmp(dir, hostname)?;
@@ -102,10 +99,7 @@ impl Draft {
             header_len: header.len() as u64,
             published: false,
         };
-        draft
-            .file
-            .write_all(header)
-            .map_err(at(draft.tmp.shown()))?;
+        draft.file.write_all(header).map_err(at(&draft.tmp))?;
         Ok(draft)
     }
 
@@ -120,34 +114,41 @@ impl Draft {
     pub fn body(&mut self) -> io::Result<&mut File> {
         self.file
             .seek(SeekFrom::Start(self.header_len))
-            .map_err(at(self.tmp.shown()))?;
+            .map_err(at(&self.tmp))?;
         Ok(&mut self.file)
     }
 
-    /// fsyncs the file, puts it into `new/` (with `,S=<size>`) and makes
+    /// fsyncs the file, renames it into `new/` (with `,S=<size>`) and makes
     /// the new name durable; returns the final path. On `Err` the message
     /// is in neither `tmp/` nor `new/`.
     pub fn publish(&mut self) -> io::Result<PathBuf> {
         self.published = true;
         let result = self.try_publish();
         if result.is_err() {
-            // Best effort: the original error matters more.
-            let _ = self.tmp.remove();
+            // Best effort: the file may already be gone, and the original error matters more.
+            let _ = fs::remove_file(&self.tmp);
         }
         result
     }
 
     fn try_publish(&mut self) -> io::Result<PathBuf> {
-        let shown = self.tmp.shown();
+        let tmp = &self.tmp;
         let new_dir = self.dir.join("new");
         // Announced before the slow file fsync, so a directory sync that
         // other sessions are about to start waits for this rename too.
         let rename = group::intend(&new_dir);
-        self.file.sync_all().map_err(at(shown))?;
-        let size = self.file.metadata().map_err(at(shown))?.len();
+        self.file.sync_all().map_err(at(tmp))?;
+        let size = self.file.metadata().map_err(at(tmp))?.len();
         let final_path = new_dir.join(format!("{},S={size}", self.unique));
-        // Never replaces a message; names are unique, so a clash is a stray file.
-        self.tmp.put(&self.file, &final_path)?;
+        // rename(2) would silently replace an existing message; names are
+        // unique, so this only guards against a stray file.
+        if fs::symlink_metadata(&final_path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: already exists", final_path.display()),
+            ));
+        }
+        fs::rename(tmp, &final_path).map_err(at(&final_path))?;
         // Shared with other sessions delivering into this Maildir now.
         if let Err(e) = rename.sync() {
             // Not durable, so report failure; take the copy back so `Err`
@@ -163,7 +164,7 @@ impl Drop for Draft {
     fn drop(&mut self) {
         if !self.published {
             // Best effort: a leftover in tmp/ is swept after 36 hours.
-            let _ = self.tmp.remove();
+            let _ = fs::remove_file(&self.tmp);
         }
     }
 }
@@ -226,34 +227,35 @@ fn ensure_dir(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Creates a file in `dir/tmp/` (see [`Temp::create`]); returns it with the
-/// unique part of the name it will have in `new/`.
-fn create_tmp(dir: &Path, hostname: &str) -> io::Result<(Temp, File, String)> {
+/// Creates `dir/tmp/<unique>` (create_new, O_NOFOLLOW, 0600).
+fn create_tmp(dir: &Path, hostname: &str) -> io::Result<(PathBuf, File, String)> {
     let host = escape_host(hostname);
-    let tmp_dir = dir.join("tmp");
     let mut last = None;
     for _ in 0..NAME_ATTEMPTS {
-        let unique = unique_name(&host);
-        match Temp::create(&tmp_dir, &unique) {
-            Ok((tmp, file)) => return Ok((tmp, file, unique)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(e),
+        let micros = now_micros();
+        let unique = format!(
+            "{}.M{}P{}Q{}.{host}",
+            micros / 1_000_000,
+            micros % 1_000_000,
+            pid(),
+            next_counter()
+        );
+        let path = dir.join("tmp").join(&unique);
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(super::FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(file) => return Ok((path, file, unique)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(at(&path)(e)),
+            Err(e) => return Err(at(&path)(e)),
         }
     }
     // The loop runs at least once and only falls through after setting `last`.
     Err(last.unwrap_or_else(|| io::Error::other("no Maildir name attempted")))
-}
-
-/// `<secs>.M<usecs>P<pid>Q<counter>.<host>`, `host` already escaped.
-fn unique_name(host: &str) -> String {
-    let micros = now_micros();
-    format!(
-        "{}.M{}P{}Q{}.{host}",
-        micros / 1_000_000,
-        micros % 1_000_000,
-        pid(),
-        next_counter()
-    )
 }
 
 /// The host part of a Maildir name: `/` and `:` would break the name, so they
@@ -295,9 +297,8 @@ pub fn sweep_tmp(maildir: &Path, age: std::time::Duration) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testdir::{both_kinds, names, TestDir};
+    use super::super::testdir::{names, TestDir};
     use super::*;
-    use std::fs::OpenOptions;
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::{symlink, PermissionsExt};
 
@@ -317,62 +318,58 @@ mod tests {
 
     #[test]
     fn delivers_byte_identical_copy() {
-        both_kinds(|_| {
-            let t = TestDir::new("md-deliver");
-            let root = t.path().join("mail");
-            let dir = root.join("alice");
-            let mut b = body(&t, b"Subject: hi\r\n\r\nbody\r\n");
-            let header = b"Return-Path: <bob@example.com>\r\n";
-            let path = deliver(&dir, Some(&root), "pi.lan", header, &mut b).expect("deliver");
+        let t = TestDir::new("md-deliver");
+        let root = t.path().join("mail");
+        let dir = root.join("alice");
+        let mut b = body(&t, b"Subject: hi\r\n\r\nbody\r\n");
+        let header = b"Return-Path: <bob@example.com>\r\n";
+        let path = deliver(&dir, Some(&root), "pi.lan", header, &mut b).expect("deliver");
 
-            assert_eq!(path.parent(), Some(dir.join("new").as_path()));
-            let got = fs::read(&path).expect("read delivered");
-            assert_eq!(
-                got,
-                b"Return-Path: <bob@example.com>\r\nSubject: hi\r\n\r\nbody\r\n"
-            );
-            let name = path
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .into_owned();
-            assert!(
-                name.ends_with(&format!(".pi.lan,S={}", got.len())),
-                "{name}"
-            );
-            assert!(
-                name.contains(&format!("P{}Q", std::process::id())),
-                "{name}"
-            );
-            let mode = fs::metadata(&path).expect("meta").permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-            for sub in ["tmp", "new", "cur"] {
-                let m = fs::metadata(dir.join(sub))
-                    .expect("subdir")
-                    .permissions()
-                    .mode();
-                assert_eq!(m & 0o777, 0o700, "{sub}");
-            }
-            assert!(names(&dir.join("tmp")).is_empty());
-            assert!(names(&dir.join("cur")).is_empty());
-        });
+        assert_eq!(path.parent(), Some(dir.join("new").as_path()));
+        let got = fs::read(&path).expect("read delivered");
+        assert_eq!(
+            got,
+            b"Return-Path: <bob@example.com>\r\nSubject: hi\r\n\r\nbody\r\n"
+        );
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.ends_with(&format!(".pi.lan,S={}", got.len())),
+            "{name}"
+        );
+        assert!(
+            name.contains(&format!("P{}Q", std::process::id())),
+            "{name}"
+        );
+        let mode = fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        for sub in ["tmp", "new", "cur"] {
+            let m = fs::metadata(dir.join(sub))
+                .expect("subdir")
+                .permissions()
+                .mode();
+            assert_eq!(m & 0o777, 0o700, "{sub}");
+        }
+        assert!(names(&dir.join("tmp")).is_empty());
+        assert!(names(&dir.join("cur")).is_empty());
     }
 
     #[test]
     fn two_deliveries_two_files() {
-        both_kinds(|_| {
-            let t = TestDir::new("md-two");
-            let dir = t.path().join("box");
-            let mut b1 = body(&t, b"one\r\n");
-            let mut b2 = body(&t, b"two\r\n");
-            let p1 = deliver(&dir, None, "h", b"", &mut b1).expect("first");
-            let p2 = deliver(&dir, None, "h", b"", &mut b2).expect("second");
-            assert_ne!(p1, p2);
-            assert_eq!(names(&dir.join("new")).len(), 2);
-            assert_eq!(fs::read(&p1).expect("p1"), b"one\r\n");
-            assert_eq!(fs::read(&p2).expect("p2"), b"two\r\n");
-            assert!(names(&dir.join("tmp")).is_empty());
-        });
+        let t = TestDir::new("md-two");
+        let dir = t.path().join("box");
+        let mut b1 = body(&t, b"one\r\n");
+        let mut b2 = body(&t, b"two\r\n");
+        let p1 = deliver(&dir, None, "h", b"", &mut b1).expect("first");
+        let p2 = deliver(&dir, None, "h", b"", &mut b2).expect("second");
+        assert_ne!(p1, p2);
+        assert_eq!(names(&dir.join("new")).len(), 2);
+        assert_eq!(fs::read(&p1).expect("p1"), b"one\r\n");
+        assert_eq!(fs::read(&p2).expect("p2"), b"two\r\n");
+        assert!(names(&dir.join("tmp")).is_empty());
     }
 
     #[test]
@@ -485,39 +482,15 @@ mod tests {
     }
 
     #[test]
-    fn a_draft_is_in_new_only_once_published() {
-        both_kinds(|named| {
-            let t = TestDir::new("md-draft");
-            let dir = t.path().join("box");
-            prepare(&dir, None).expect("prepare");
-            let mut draft = Draft::create(&dir, "h", b"H: 1\r\n").expect("create");
-            draft.file().write_all(b"\r\nbody\r\n").expect("write");
-            assert_eq!(names(&dir.join("tmp")).len(), usize::from(named));
-            assert!(names(&dir.join("new")).is_empty());
-            let path = draft.publish().expect("publish");
-            assert_eq!(fs::read(&path).expect("read"), b"H: 1\r\n\r\nbody\r\n");
-            assert!(names(&dir.join("tmp")).is_empty());
-
-            let mut dropped = Draft::create(&dir, "h", b"H: 2\r\n").expect("create");
-            dropped.file().write_all(b"partial").expect("write");
-            drop(dropped);
-            assert!(names(&dir.join("tmp")).is_empty());
-            assert_eq!(names(&dir.join("new")).len(), 1);
-        });
-    }
-
-    #[test]
     fn failed_copy_removes_tmp_file() {
-        both_kinds(|_| {
-            let t = TestDir::new("md-fail");
-            let dir = t.path().join("box");
-            // A write-only handle: reading the body fails after the tmp file exists.
-            let p = t.path().join("wo");
-            fs::write(&p, b"body").expect("write");
-            let mut wo = OpenOptions::new().write(true).open(&p).expect("open wo");
-            assert!(deliver(&dir, None, "h", b"header", &mut wo).is_err());
-            assert!(names(&dir.join("tmp")).is_empty());
-            assert!(names(&dir.join("new")).is_empty());
-        });
+        let t = TestDir::new("md-fail");
+        let dir = t.path().join("box");
+        // A write-only handle: reading the body fails after the tmp file exists.
+        let p = t.path().join("wo");
+        fs::write(&p, b"body").expect("write");
+        let mut wo = OpenOptions::new().write(true).open(&p).expect("open wo");
+        assert!(deliver(&dir, None, "h", b"header", &mut wo).is_err());
+        assert!(names(&dir.join("tmp")).is_empty());
+        assert!(names(&dir.join("new")).is_empty());
     }
 }

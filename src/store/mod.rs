@@ -1,22 +1,20 @@
 //! Storage: everything postling writes to disk, and the one durable-write
 //! pattern they all share.
 //!
-//! The pattern (STYLE habit 7): create the file in a temporary place (unnamed
-//! where the filesystem allows, else with `create_new`), write it,
-//! `sync_all` it, name it in place (a link, or a rename that never replaces),
-//! then fsync the destination directory so the new name itself survives a
-//! power cut. Only after that may the SMTP layer answer `250`. Whatever a
-//! crash leaves half-done has no name, or sits in a temporary place that
-//! startup sweeps (`incoming/` for the queue; for a Maildir, `tmp/` files
-//! older than the spec's 36 hours). References: the Maildir spec
+//! The pattern (STYLE habit 7): create the file with `create_new` in a
+//! temporary place, write it, `sync_all` it, rename it into place, then fsync
+//! the destination directory so the new name itself survives a power cut. Only
+//! after that may the SMTP layer answer `250`. Whatever a crash leaves
+//! half-done sits in a temporary place that startup sweeps (`incoming/` for the
+//! queue; for a Maildir, `tmp/` files older than the spec's 36 hours). References: the Maildir spec
 //! (<https://cr.yp.to/proto/maildir.html>, "How a message is delivered"),
-//! OpenSMTPD `usr.sbin/smtpd/queue_fs.c`, open(2) on `O_TMPFILE`, and
-//! fsync(2) on why a directory must be synced after a rename.
+//! OpenSMTPD `usr.sbin/smtpd/queue_fs.c`, and fsync(2) on why a directory must
+//! be synced after a rename.
 //!
 //! This module owns the small helpers ([`sync_dir`], [`create_dir_durable`],
 //! [`new_id`]); [`maildir`] owns local delivery, [`queue`] the on-disk queue,
-//! [`envelope`] the envelope file format, [`unnamed`] the temporary files,
-//! and [`group`] the directory fsyncs that concurrent sessions share. It does not own policy (who is
+//! [`envelope`] the envelope file format, and [`group`] the directory fsyncs
+//! that concurrent sessions share. It does not own policy (who is
 //! local, what is relayed) nor any protocol code.
 
 #![forbid(unsafe_code)]
@@ -25,7 +23,6 @@ pub mod envelope;
 pub mod group;
 pub mod maildir;
 pub mod queue;
-mod unnamed;
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io;
@@ -170,15 +167,6 @@ pub fn is_valid_id(id: &str) -> bool {
 #[cfg(test)]
 pub(crate) mod testdir {
     use std::path::{Path, PathBuf};
-
-    /// Runs `test` with unnamed temporary files, then with named ones (as
-    /// on a filesystem without unnamed files); its argument is `true` for
-    /// named.
-    pub fn both_kinds(test: impl Fn(bool)) {
-        test(false);
-        let _named = super::unnamed::named_only();
-        test(true);
-    }
 
     pub struct TestDir(PathBuf);
 

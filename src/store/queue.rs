@@ -1,17 +1,15 @@
 //! The on-disk queue under `data_dir`. Like Postfix's queue file, an entry
-//! is one file: the envelope first, the message after it; naming it in
-//! `queue/` is the commit (a rename from `incoming/`, as in OpenSMTPD's
-//! `queue_fs.c`, or a link of a file written unnamed, [`super::unnamed`]).
+//! is one file: the envelope first, the message after it; a rename from
+//! `incoming/` to `queue/` is the commit (as in OpenSMTPD's `queue_fs.c`).
 //!
-//! - `incoming/` — a message being received: its envelope
+//! - `incoming/<id>` — a message being received: its envelope
 //!   ([`super::envelope`], which ends with its `end` line), then the message
-//!   (headers + body as received), in an unnamed file or, where the
-//!   filesystem has none, `incoming/<id>`. Never acknowledged, so startup
-//!   removes everything in `incoming/`; it is also where new envelope files
-//!   are written before they are renamed into `queue/`.
+//!   (headers + body as received). Never acknowledged, so startup removes
+//!   everything in `incoming/`; it is also where new envelope files are
+//!   written before they are renamed into `queue/`.
 //! - `queue/<id>` — committed: the same file, never written again. A message
 //!   exists for the relay exactly when this name does; fsyncing `queue/`
-//!   after naming it makes it durable before the `250`.
+//!   after the rename makes it durable before the `250`.
 //! - `queue/<id>.env` — the envelope as delivery changed it (recipients
 //!   done, attempts counted), once it has; it supersedes the copy at the
 //!   front of `queue/<id>`.
@@ -22,8 +20,8 @@
 //! - `corrupt/` — entries of `queue/` that did not parse at startup, moved
 //!   aside with a warning and never deleted.
 //!
-//! A queued message so costs one file, one fsync, one link or rename and a
-//! share of one fsync of `queue/` (shared by concurrent sessions, [`super::group`]);
+//! A queued message so costs one file, one fsync, one rename and a share of
+//! one fsync of `queue/` (shared by concurrent sessions, [`super::group`]);
 //! the directory layout cost a directory, two files and three fsyncs.
 //!
 //! This file owns those names and the life of an entry (begin, commit,
@@ -37,7 +35,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::envelope::Envelope;
-use super::unnamed::Temp;
 use super::{at, create_dir_durable, group, is_valid_id, new_id, sync_dir};
 
 /// Suffix of the file holding an entry's updated envelope.
@@ -223,22 +220,23 @@ impl Queue {
         Ok(())
     }
 
-    /// Starts a new message: creates a file in `incoming/` (unnamed, or
-    /// `incoming/<id>` with create_new; 0600) with a fresh id and writes `envelope(id)` at its front. The caller then
+    /// Starts a new message: creates `incoming/<id>` (create_new, 0600) with
+    /// a fresh id and writes `envelope(id)` at its front. The caller then
     /// writes the message through [`Spool::file`].
     pub fn begin(&self, envelope: impl FnOnce(&str) -> Envelope) -> io::Result<Spool> {
         let mut attempt = 0;
-        let (id, tmp, mut file) = loop {
+        let (id, path, mut file) = loop {
             attempt += 1;
             let id = new_id();
-            // An id already committed would make the commit fail (it never
-            // replaces a name), so take another; ids are unique, so this and
-            // AlreadyExists only follow a clock jump.
+            let path = self.incoming.join(&id);
+            // An id already committed would make the commit rename replace
+            // it; ids are unique, so this and AlreadyExists only follow a
+            // clock jump.
             let clash = fs::symlink_metadata(self.queue.join(&id)).is_ok();
-            match Temp::create(&self.incoming, &id) {
-                Ok((tmp, file)) if !clash => break (id, tmp, file),
-                Ok((tmp, _)) => {
-                    let _ = tmp.remove();
+            match create_file(&path, true) {
+                Ok(file) if !clash => break (id, path, file),
+                Ok(_) => {
+                    let _ = fs::remove_file(&path);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 4 => {}
                 Err(e) => return Err(e),
@@ -253,7 +251,7 @@ impl Queue {
         let envelope = envelope(&id);
         let front = envelope.to_bytes();
         let written = if envelope.id == id {
-            file.write_all(&front).map_err(at(tmp.shown()))
+            file.write_all(&front).map_err(at(&path))
         } else {
             Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -261,13 +259,13 @@ impl Queue {
             ))
         };
         if let Err(e) = written {
-            let _ = tmp.remove();
+            let _ = fs::remove_file(&path);
             return Err(e);
         }
         log::debug!("queue: begin id={id}");
         Ok(Spool {
             id,
-            tmp,
+            path,
             queue: self.queue.clone(),
             file,
             start: front.len() as u64,
@@ -562,9 +560,10 @@ fn open_nofollow(path: &Path) -> io::Result<File> {
         .map_err(at(path))
 }
 
-/// Creates `path` write-only with create_new, O_NOFOLLOW, mode 0600.
-fn create_file(path: &Path) -> io::Result<File> {
+/// Creates `path` with create_new, O_NOFOLLOW, mode 0600; readable too if `read`.
+fn create_file(path: &Path, read: bool) -> io::Result<File> {
     OpenOptions::new()
+        .read(read)
         .write(true)
         .create_new(true)
         .mode(super::FILE_MODE)
@@ -575,19 +574,19 @@ fn create_file(path: &Path) -> io::Result<File> {
 
 /// create_new + write + sync_all (the caller renames and syncs the directory).
 fn write_durable_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = create_file(path)?;
+    let mut file = create_file(path, false)?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(at(path))
 }
 
-/// A message being received into `incoming/` (unnamed, or `incoming/<id>`
-/// where the filesystem has no unnamed files). Dropping it without
+/// A message being received into `incoming/<id>`. Dropping it without
 /// [`Spool::commit`] or [`Spool::discard`] removes the file (best effort).
 #[derive(Debug)]
 pub struct Spool {
     id: String,
-    tmp: Temp,
+    /// incoming/<id>
+    path: PathBuf,
     queue: PathBuf,
     file: File,
     /// Where the message starts, after the envelope.
@@ -612,18 +611,18 @@ impl Spool {
     pub fn rewound(&mut self) -> io::Result<&mut File> {
         self.file
             .seek(SeekFrom::Start(self.start))
-            .map_err(at(self.tmp.shown()))?;
+            .map_err(at(&self.path))?;
         Ok(&mut self.file)
     }
 
     /// fsyncs the file (call before delivering copies or committing).
     pub fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_all().map_err(at(self.tmp.shown()))
+        self.file.sync_all().map_err(at(&self.path))
     }
 
-    /// fsyncs the file (free if [`Spool::sync`] ran), names it `queue/<id>`
-    /// (a link of the unnamed file, or a rename of `incoming/<id>`) and
-    /// fsyncs `queue/`. After `Ok`, the message is committed.
+    /// fsyncs the file (free if [`Spool::sync`] ran), renames
+    /// `incoming/<id>` to `queue/<id>` and fsyncs `queue/`. After `Ok`, the
+    /// message is committed.
     ///
     /// `incoming/` is not fsynced: if a crash brings the old name back
     /// beside the committed one, startup removes that name, which leaves
@@ -639,7 +638,7 @@ impl Spool {
         let into_queue = group::intend(&self.queue);
         self.sync()?;
         let dest = self.queue.join(&self.id);
-        self.tmp.put(&self.file, &dest)?;
+        fs::rename(&self.path, &dest).map_err(at(&dest))?;
         self.done = true;
         into_queue.sync()?;
         log::debug!("queue: committed id={}", self.id);
@@ -650,14 +649,14 @@ impl Spool {
     /// has been delivered, or on error).
     pub fn discard(mut self) -> io::Result<()> {
         self.done = true;
-        self.tmp.remove()
+        fs::remove_file(&self.path).map_err(at(&self.path))
     }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
         if !self.done {
-            if let Err(e) = self.tmp.remove() {
+            if let Err(e) = fs::remove_file(&self.path) {
                 log::warn!("queue: could not remove id={}: {e}", self.id);
             }
         }
@@ -667,7 +666,7 @@ impl Drop for Spool {
 #[cfg(test)]
 mod tests {
     use super::super::envelope::RcptState;
-    use super::super::testdir::{both_kinds, names, TestDir};
+    use super::super::testdir::{names, TestDir};
     use super::*;
 
     fn envelope(id: &str) -> Envelope {
@@ -799,24 +798,20 @@ mod tests {
 
     #[test]
     fn open_sweeps_incoming() {
-        both_kinds(|named| {
-            let t = TestDir::new("q-sweep");
-            let (q, _) = Queue::open(t.path()).expect("open");
-            let mut s = q.begin(envelope).expect("begin");
-            s.file().write_all(b"half a mess").expect("write");
-            let id = s.id().to_owned();
-            std::mem::forget(s); // as if the process died mid-DATA
-            fs::write(t.path().join("incoming/stray"), b"x").expect("stray file");
-            fs::create_dir(t.path().join("incoming/0000OLDSTYLE")).expect("old-style spool");
-            fs::write(t.path().join("incoming/0000OLDSTYLE/message"), b"x").expect("old message");
-            let left = names(&t.path().join("incoming"));
-            assert_eq!(left.len(), 2 + usize::from(named), "{left:?}");
+        let t = TestDir::new("q-sweep");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        let mut s = q.begin(envelope).expect("begin");
+        s.file().write_all(b"half a mess").expect("write");
+        let id = s.id().to_owned();
+        std::mem::forget(s); // as if the process died mid-DATA
+        fs::write(t.path().join("incoming/stray"), b"x").expect("stray file");
+        fs::create_dir(t.path().join("incoming/0000OLDSTYLE")).expect("old-style spool");
+        fs::write(t.path().join("incoming/0000OLDSTYLE/message"), b"x").expect("old message");
+        assert_eq!(names(&t.path().join("incoming")).len(), 3);
 
-            let (_q, ids) = Queue::open(t.path()).expect("reopen");
-            assert!(ids.is_empty());
-            assert!(names(&t.path().join("incoming")).is_empty(), "{id} swept");
-            assert!(names(q.queue_dir()).is_empty());
-        });
+        let (_q, ids) = Queue::open(t.path()).expect("reopen");
+        assert!(ids.is_empty());
+        assert!(names(&t.path().join("incoming")).is_empty(), "{id} swept");
     }
 
     #[test]
@@ -888,43 +883,19 @@ mod tests {
 
     #[test]
     fn discard_and_drop_remove_incoming() {
-        both_kinds(|named| {
-            let t = TestDir::new("q-discard");
-            let (q, _) = Queue::open(t.path()).expect("open");
-            let s = q.begin(envelope).expect("begin");
-            let want = if named {
-                vec![s.id().to_owned()]
-            } else {
-                vec![]
-            };
-            assert_eq!(names(&t.path().join("incoming")), want);
-            s.discard().expect("discard");
-            assert!(names(&t.path().join("incoming")).is_empty());
+        let t = TestDir::new("q-discard");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        let s = q.begin(envelope).expect("begin");
+        assert_eq!(names(&t.path().join("incoming")), vec![s.id().to_owned()]);
+        s.discard().expect("discard");
+        assert!(names(&t.path().join("incoming")).is_empty());
 
-            {
-                let mut s = q.begin(envelope).expect("begin");
-                s.file().write_all(b"partial").expect("write");
-            }
-            assert!(names(&t.path().join("incoming")).is_empty());
-            assert!(names(q.queue_dir()).is_empty());
-        });
-    }
-
-    #[test]
-    fn commit_never_replaces_a_committed_entry() {
-        both_kinds(|_| {
-            let t = TestDir::new("q-no-replace");
-            let (q, _) = Queue::open(t.path()).expect("open");
+        {
             let mut s = q.begin(envelope).expect("begin");
-            s.file().write_all(b"second").expect("write");
-            let id = s.id().to_owned();
-            // A clock jump handed out an id that is already queued.
-            fs::write(q.queue_dir().join(&id), b"first").expect("taken");
-            let err = s.commit().expect_err("name taken");
-            assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
-            assert_eq!(fs::read(q.queue_dir().join(&id)).expect("read"), b"first");
-            assert!(names(&t.path().join("incoming")).is_empty());
-        });
+            s.file().write_all(b"partial").expect("write");
+        }
+        assert!(names(&t.path().join("incoming")).is_empty());
+        assert!(names(q.queue_dir()).is_empty());
     }
 
     #[test]

@@ -199,39 +199,16 @@ impl Server {
 
     /// Unfinished messages: entries in the spool (`incoming/`) plus files in
     /// the `tmp/` of every Maildir under the default root, where local-only
-    /// mail is written while it arrives. Files there without a name (the
-    /// server writes them unnamed where the filesystem allows) are counted
-    /// from the server's open files.
+    /// mail is written while it arrives.
     pub fn unfinished(&self) -> usize {
-        let mut dirs = vec![self.data.join("incoming")];
+        let count = |dir: &Path| fs::read_dir(dir).map_or(0, |d| d.count());
+        let mut n = count(&self.data.join("incoming"));
         if let Ok(users) = fs::read_dir(self.data.join("mail")) {
-            dirs.extend(users.flatten().map(|user| user.path().join("tmp")));
+            for user in users.flatten() {
+                n += count(&user.path().join("tmp"));
+            }
         }
-        let named: usize = dirs
-            .iter()
-            .map(|dir| fs::read_dir(dir).map_or(0, |d| d.count()))
-            .sum();
-        named + self.open_unnamed(&dirs)
-    }
-
-    /// The server's open files in one of `dirs` that have no name there:
-    /// the kernel shows them as `<dir>/#<inode> (deleted)`.
-    fn open_unnamed(&self, dirs: &[PathBuf]) -> usize {
-        let fds = format!("/proc/{}/fd", self.child.id());
-        let Ok(entries) = fs::read_dir(fds) else {
-            return 0;
-        };
-        entries
-            .flatten()
-            .filter_map(|fd| fs::read_link(fd.path()).ok())
-            .filter(|target| {
-                let target = target.to_string_lossy();
-                target.ends_with(" (deleted)")
-                    && dirs
-                        .iter()
-                        .any(|dir| Path::new(target.as_ref()).parent() == Some(dir.as_path()))
-            })
-            .count()
+        n
     }
 
     /// Waits up to 5 s for [`Server::unfinished`] to reach 0.
