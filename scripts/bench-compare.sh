@@ -101,7 +101,7 @@ base=${BENCH_TMPDIR:-${TMPDIR:-/tmp}}
 # A run's cleanup deletes tens of thousands of files, and on this VM's ext4
 # (no journal) creating files stays slow for minutes after that: a run
 # started right after another measured the disk, not the servers (kernel
-# CPU per durable file 175-340 us against 45-110). The cleanup leaves a
+# CPU per durable file 175-340 us against 65-125). The cleanup leaves a
 # stamp, and the next run waits until it is BENCH_SETTLE seconds old.
 settle=${BENCH_SETTLE:-180}
 stamp=$base/bench-compare.cleaned
