@@ -51,5 +51,6 @@ fi
 
 if [ "$run_tests" = 1 ]; then
   echo "$target small build: running the integration suite against it"
-  POSTLING_TEST_BIN=$bin cargo test --target "$target" --test it
+  cargo test --target "$target" --test it --no-run
+  POSTLING_TEST_BIN=$bin scripts/bounded.sh cargo test --target "$target" --test it
 fi

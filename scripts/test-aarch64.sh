@@ -23,8 +23,12 @@ rustup target add "$target" >/dev/null
 # binfmt_misc: mounted if needed, qemu registered for aarch64 ELF files.
 if scripts/binfmt-qemu.sh aarch64; then
   echo "aarch64: running the whole test suite under qemu"
-  cargo test --target "$target"
+  suite=()
 else
   echo "aarch64: binfmt_misc is not available here; running the unit tests only under qemu"
-  cargo test --target "$target" --lib --test alloc
+  suite=(--lib --test alloc)
 fi
+# Built first, then run with a time limit (scripts/bounded.sh: qemu-user
+# can deadlock a forking guest; a hang is stopped and retried once).
+cargo test --target "$target" "${suite[@]}" --no-run
+scripts/bounded.sh cargo test --target "$target" "${suite[@]}"
