@@ -1491,12 +1491,29 @@ mod tests {
         }
     }
 
-    /// A scratch directory unique to this test process and `name`.
-    fn scratch(name: &str) -> PathBuf {
+    /// A scratch directory unique to this test process and `name`, removed
+    /// when dropped (also when the test fails).
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            // Best effort: a leftover in the temp directory harms nothing.
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Scratch {
         let dir =
             std::env::temp_dir().join(format!("postling-config-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create scratch dir");
-        dir
+        Scratch(dir)
     }
 
     #[test]
@@ -1653,7 +1670,6 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
         })
         .unwrap();
         assert_eq!(format!("{loaded:?}"), format!("{c:?}"));
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -1856,7 +1872,6 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
                 (got, _) => panic!("case {i}: {got:?}"),
             }
         }
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -1979,7 +1994,8 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
 
     #[test]
     fn relay_keys() {
-        let secret = scratch("relay-secret").join("secret");
+        let dir = scratch("relay-secret");
+        let secret = dir.join("secret");
         std::fs::write(&secret, "hunter2\n").expect("secret");
         let text = format!(
             "[relay]\nsmarthost = \"smtp.example.net\"\nsmarthost_tls = \"implicit\"\nsmarthost_user = \"me@example.net\"\nsmarthost_password_file = \"{}\"\nrewrite_from = \"me@example.net\"\nretry = [\"30s\", \"2m\"]\nmax_queue_time = \"1d\"\ndelay_warning = \"off\"\ndns_servers = [\"127.0.0.1:5353\", \"::1\"]\nmx_port = 2526\ndouble_bounce_to_postmaster = true\nconnect_timeout = 5\n",
