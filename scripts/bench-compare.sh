@@ -17,7 +17,7 @@
 #
 #   scripts/bench-compare.sh [--quick]
 #
-# --quick: small counts and one repetition (about 8 minutes); it prints the
+# --quick: small counts and one repetition (about 3 minutes); it prints the
 # table but leaves BENCHMARKS.md alone unless BENCH_WRITE=1. A full run
 # (under 30 minutes) also replaces the section between the
 # `<!-- bench-compare:begin -->` and `<!-- bench-compare:end -->` markers in
@@ -39,10 +39,6 @@
 #                           disk you want to measure, not a tmpfs)
 #   BENCH_SETTLE=180        seconds to wait after an earlier run's cleanup
 #                           (its deletions slow file creation for minutes)
-#   BENCH_RECENT=36         seconds between a run that deleted files (every
-#                           Postfix run, every relay run) and the next
-#                           inbound run; default: vm.dirty_expire_centisecs
-#                           / 100 + 6
 #
 # Needs root (a private Postfix instance, cgroups), python3, cargo, and
 # Debian's postfix package (installed here with apt-get if smtp-source is
@@ -117,20 +113,22 @@ if [ -f "$stamp" ]; then
   fi
 fi
 work=$(mktemp -d "$base/bench-compare.XXXXXX")
-# On ext4 without a journal a new inode is searched past the ones freed in
-# the last dirty_expire_centisecs / 100 + 5 seconds (fs/ext4/ialloc.c,
-# recently_deleted()), one buffer lookup each. Postfix removes each queue
-# file after delivery, so a run right after a Postfix run paid for ~5,000
-# fresh deletions: postling's CPU per message at 10 sessions measured 390-500
-# us right after 5,000 deletions in a sibling directory against 260-300 us
-# 45 s later (three alternating pairs). An inbound run now starts only when
-# the last run's deletions are that old; runs that delete nothing (postling
-# into a Maildir) are not waited after. Relay runs do not wait: each removes
-# its own queue files as it goes, so both servers pay for deletions in every
-# relay run anyway, and after 40 s of idle postling's relay measured 5%
-# slower, not faster (three alternating pairs: 518-549 against 505-515 us).
-recent=${BENCH_RECENT:-$(( $(cat /proc/sys/vm/dirty_expire_centisecs 2>/dev/null || echo 3000) / 100 + 6 ))}
-deleted_at=0
+# Each run gets block groups of its own. On ext4 without a journal a new
+# inode is searched past every inode of its group freed in the last 60 s,
+# or 360 s while their inode-table block is dirty (fs/ext4/ialloc.c,
+# recently_deleted()), one buffer lookup each; and Postfix removes each
+# queue file after delivery, while postling's Maildir runs delete nothing.
+# With every run's directory next to the others, each postling run but the
+# first created its files among a Postfix run's thousands of fresh
+# deletions. Measured apart (smtp-source -s 10 -m 5000 into postling,
+# three alternating pairs, each right after creating and deleting 5,000
+# files in a sibling directory): 393-654 us of CPU per message, against
+# 245-274 us when the parent directory has the ext4 "top directory" flag
+# (chattr +T), which makes the allocator put each new directory below it,
+# with the files later made in it, in a little-used block group. Postfix
+# still pays for its own deletions within its run: that is its design.
+chattr +T "$work" 2>/dev/null ||
+  echo "== chattr +T failed on $work (not ext4?): runs share block groups" >&2
 # Postfix's delivery agent runs as nobody and its daemons as postfix: they
 # must be able to walk into the temp dir.
 chmod 755 "$work"
@@ -571,8 +569,6 @@ TOML
   SRV=postling SRV_DIR=$d SRV_CG=$CG SRV_LOG=$d/log
   if [ "$CG" = - ]; then SRV_SPEC=tree:$SRV_PID; else SRV_SPEC=$CG; fi
   SRV_NEW=$d/mail/user/new SRV_QMODE=entries SRV_QDIRS=("$d/data/queue")
-  # Relayed mail is queued, and the queue file removed once it is sent.
-  if [ "$mode" = relay ]; then SRV_DELETES=1; else SRV_DELETES=0; fi
 }
 
 start_postfix() {
@@ -655,7 +651,7 @@ EOF
     { echo "Postfix did not start:" >&2; cat "$d/maillog" >&2 2>/dev/null; exit 1; }
   SRV=postfix SRV_DIR=$d SRV_CG=$CG SRV_LOG=$d/maillog SRV_PORT=$port SRV_ETC=$etc
   if [ "$CG" = - ]; then SRV_SPEC=kids:$SRV_PID; else SRV_SPEC=$CG; fi
-  SRV_NEW=$d/vmail/user/new SRV_QMODE=files SRV_DELETES=1
+  SRV_NEW=$d/vmail/user/new SRV_QMODE=files
   SRV_QDIRS=("$d/queue/incoming" "$d/queue/active" "$d/queue/deferred" "$d/queue/hold" "$d/queue/maildrop")
 }
 
@@ -673,7 +669,7 @@ start_sink() {
   pids+=("$SRV_PID")
   wait_listen "$SRV_PORT" "$SRV_PID" ||
     { echo "smtp-sink did not start:" >&2; cat "$work/sink.$run_seq.log" >&2; exit 1; }
-  SRV=smtp-sink SRV_CG=$CG SRV_LOG=$work/sink.$run_seq.log SRV_DELETES=0
+  SRV=smtp-sink SRV_CG=$CG SRV_LOG=$work/sink.$run_seq.log
   if [ "$CG" = - ]; then SRV_SPEC=tree:$SRV_PID; else SRV_SPEC=$CG; fi
 }
 
@@ -689,7 +685,6 @@ stop_server() {
   kill -9 "$SRV_PID" 2>/dev/null || true
   wait "$SRV_PID" 2>/dev/null || true
   cg_rm "$SRV_CG"
-  [ "$SRV_DELETES" = 0 ] || deleted_at=$(date +%s)
   # The run's files stay until the exit trap removes $work: deleting
   # thousands of files here would slow the next run's file creation (this
   # VM's ext4 has no journal, and a new inode is searched past recently
@@ -705,10 +700,7 @@ probe_seq=0
 # Maildir (local) or the empty queue (relay). Appends to $results:
 # kind key server msg/s cpu_us_per_msg seconds
 timed_run() {
-  local kind=$1 key=$2 s=$3 m=$4 size=$5 rcpt=$6 c0 c1 t0 t1 f probe wait_s
-  # No inbound run while the last run's deletions are recent (see $recent).
-  wait_s=$((deleted_at + recent - $(date +%s)))
-  if [ "$kind" = inbound ] && [ "$wait_s" -gt 0 ]; then sleep "$wait_s"; fi
+  local kind=$1 key=$2 s=$3 m=$4 size=$5 rcpt=$6 c0 c1 t0 t1 f probe
   # The disk right now (it drifts): 50 Maildir-style files from 1 thread.
   # Kept until the end, like every file written here (see stop_server).
   probe_seq=$((probe_seq + 1))
@@ -878,12 +870,11 @@ sessions come from 127.0.0.1); relay with `smarthost_tls = "none"`.
 Each run's files, and the disk probes' files, stay until the script ends:
 deleting thousands of files between runs would slow the next run's file
 creation on this VM's ext4 (no journal: a new inode is searched past the
-ones freed in the last `dirty_expire_centisecs` / 100 + 5 seconds). For
-the same reason an inbound run that follows one that deleted files (each
-Postfix run removes its queue files; each relay run, Postfix's or
-postling's, its queued copies) starts only once those deletions are that
-old (BENCH_RECENT seconds after that run ended). Relay runs do not wait:
-each deletes its own queue files as it goes.
+ones of its block group freed in the last 60 to 360 seconds). For the same
+reason the temp directory has the ext4 top-directory flag (`chattr +T`),
+so each run's directory, and the files in it, go into a block group away
+from the files earlier runs deleted (each Postfix run removes its queue
+files as it goes).
 Postfix: a private instance (`postfix -c DIR start`, own config, queue and
 data directories, smtpd on `127.0.0.1:PORT` in master.cf, no chroot),
 `inet_interfaces = 127.0.0.1`, delivery by virtual(8) into
