@@ -119,10 +119,12 @@ work=$(mktemp -d "$base/bench-compare.XXXXXX")
 # recently_deleted()), one buffer lookup each; and Postfix removes each
 # queue file after delivery, while postling's Maildir runs delete nothing.
 # With every run's directory next to the others, each postling run but the
-# first created its files among a Postfix run's thousands of fresh
-# deletions. Measured apart (smtp-source -s 10 -m 5000 into postling,
-# three alternating pairs, each right after creating and deleting 5,000
-# files in a sibling directory): 393-654 us of CPU per message, against
+# first could create its files among a Postfix run's thousands of fresh
+# deletions (in the full comparison the effect stayed under the noise:
+# 269 us per message at 10 sessions with the flag, 258-314 without).
+# Measured apart (smtp-source -s 10 -m 5000 into postling, three
+# alternating pairs, each right after creating and deleting 5,000 files in
+# a sibling directory): 393-654 us of CPU per message, against
 # 245-274 us when the parent directory has the ext4 "top directory" flag
 # (chattr +T), which makes the allocator put each new directory below it,
 # with the files later made in it, in a little-used block group. Postfix
