@@ -1477,6 +1477,7 @@ fn unquote(key: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::local::Target;
+    use crate::store::testdir::TestDir;
 
     const FILE: &str = "postling.toml";
 
@@ -1491,29 +1492,9 @@ mod tests {
         }
     }
 
-    /// A scratch directory unique to this test process and `name`, removed
-    /// when dropped (also when the test fails).
-    struct Scratch(PathBuf);
-
-    impl std::ops::Deref for Scratch {
-        type Target = Path;
-        fn deref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            // Best effort: a leftover in the temp directory harms nothing.
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn scratch(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("postling-config-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
+    /// A scratch directory for this test, removed when dropped.
+    fn scratch(name: &str) -> TestDir {
+        TestDir::new(&format!("config-{name}"))
     }
 
     #[test]
@@ -1571,7 +1552,7 @@ mod tests {
     #[test]
     fn every_key() {
         let dir = scratch("every-key");
-        let aliases = dir.join("aliases");
+        let aliases = dir.path().join("aliases");
         std::fs::write(&aliases, "root: alice, bob@example.com\n").unwrap();
         let text = format!(
             r#"
@@ -1662,7 +1643,7 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
         assert!(c.relay.allows("192.168.1.77".parse().unwrap()));
         assert!(!c.relay.allows("127.0.0.1".parse().unwrap()));
         // The same file through `load`.
-        let file = dir.join("postling.toml");
+        let file = dir.path().join("postling.toml");
         std::fs::write(&file, &text).unwrap();
         let loaded = load(&Flags {
             config: Some(file),
@@ -1854,7 +1835,7 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ),
         ];
         for (i, (aliases, users, want)) in cases.iter().enumerate() {
-            let path = dir.join(format!("aliases{i}"));
+            let path = dir.path().join(format!("aliases{i}"));
             std::fs::write(&path, aliases).unwrap();
             let text = format!(
                 "[local]\ndomains = [\"pi.lan\"]\n{users}\naliases = \"{}\"\n",
@@ -1995,7 +1976,7 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
     #[test]
     fn relay_keys() {
         let dir = scratch("relay-secret");
-        let secret = dir.join("secret");
+        let secret = dir.path().join("secret");
         std::fs::write(&secret, "hunter2\n").expect("secret");
         let text = format!(
             "[relay]\nsmarthost = \"smtp.example.net\"\nsmarthost_tls = \"implicit\"\nsmarthost_user = \"me@example.net\"\nsmarthost_password_file = \"{}\"\nrewrite_from = \"me@example.net\"\nretry = [\"30s\", \"2m\"]\nmax_queue_time = \"1d\"\ndelay_warning = \"off\"\ndns_servers = [\"127.0.0.1:5353\", \"::1\"]\nmx_port = 2526\ndouble_bounce_to_postmaster = true\nconnect_timeout = 5\n",
