@@ -51,6 +51,5 @@ fi
 
 if [ "$run_tests" = 1 ]; then
   echo "$target small build: running the integration suite against it"
-  cargo test --target "$target" --test it --no-run
-  POSTLING_TEST_BIN=$bin scripts/bounded.sh cargo test --target "$target" --test it
+  POSTLING_TEST_BIN=$bin scripts/bounded.sh --target "$target" --test it
 fi

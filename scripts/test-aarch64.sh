@@ -28,7 +28,6 @@ else
   echo "aarch64: binfmt_misc is not available here; running the unit tests only under qemu"
   suite=(--lib --test alloc)
 fi
-# Built first, then run with a time limit (scripts/bounded.sh: qemu-user
-# can deadlock a forking guest; a hang is stopped and retried once).
-cargo test --target "$target" "${suite[@]}" --no-run
-scripts/bounded.sh cargo test --target "$target" "${suite[@]}"
+# With a time limit (qemu-user can deadlock a forking guest; a hang is
+# stopped and retried once).
+scripts/bounded.sh --target "$target" "${suite[@]}"

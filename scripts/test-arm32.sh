@@ -32,7 +32,7 @@ echo "$target: $(qemu-arm-static -cpu "$cpu" "$bin" --version) under qemu-arm -c
 
 if scripts/binfmt-qemu.sh arm; then
   echo "$target: running the integration suite against $bin"
-  POSTLING_TEST_BIN=$bin scripts/bounded.sh cargo test --test it
+  POSTLING_TEST_BIN=$bin scripts/bounded.sh --test it
 else
   echo "$target: binfmt_misc is not available here; only --version was run" >&2
 fi
