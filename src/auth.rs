@@ -480,8 +480,8 @@ mod tests {
 
     #[test]
     fn load_refuses_group_or_other_access() {
-        let dir = std::env::temp_dir().join(format!("postling-auth-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = crate::store::testdir::TestDir::new("auth");
+        let dir = scratch.path();
         let path = dir.join("users");
         std::fs::write(&path, format!("alice:{SHA_SECRET}\n")).unwrap();
         for mode in [0o644, 0o640, 0o604, 0o660] {
@@ -505,7 +505,6 @@ mod tests {
         assert_eq!(Users::load(&path).unwrap_err().line, Some(1));
         let missing = Users::load(&dir.join("nope")).unwrap_err();
         assert!(missing.to_string().contains("cannot open"), "{missing}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
