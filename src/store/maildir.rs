@@ -24,7 +24,9 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::{at, create_dir_durable, group, next_counter, now_micros, pid, symlink_refused};
+use super::{
+    at, create_dir_durable, group, next_counter, now_micros, pid, shares_last_link, symlink_refused,
+};
 
 /// Attempts at a fresh tmp name before giving up (a clash means a clock jump
 /// and a pid reused in the same microsecond, or a stray file).
@@ -271,28 +273,56 @@ fn escape_host(hostname: &str) -> String {
 
 /// Removes files in `<maildir>/tmp/` older than `age` (the Maildir spec's
 /// 36 hours): what a crash left between create and rename. Never follows
-/// a symlink; returns how many were removed. Errors are skipped: a sweep
-/// must never stop the server from starting.
+/// a symlink, and never removes a name that is the last link the disk
+/// counts of a message in `new/` or `cur/` ([`super::shares_last_link`]);
+/// returns how many were removed. Errors are skipped: a sweep must never
+/// stop the server from starting.
 pub fn sweep_tmp(maildir: &Path, age: std::time::Duration) -> usize {
     let tmp = maildir.join("tmp");
     let Ok(entries) = fs::read_dir(&tmp) else {
         return 0;
     };
+    let stale: Vec<(PathBuf, fs::Metadata)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let meta = fs::symlink_metadata(entry.path()).ok()?;
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|e| e > age);
+            (meta.is_file() && old).then(|| (entry.path(), meta))
+        })
+        .collect();
+    if stale.is_empty() {
+        return 0;
+    }
+    let delivered = delivered_inodes(maildir);
     let mut removed = 0;
-    for entry in entries.flatten() {
-        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
-            continue;
-        };
-        let old = meta
-            .modified()
-            .ok()
-            .and_then(|m| m.elapsed().ok())
-            .is_some_and(|e| e > age);
-        if meta.is_file() && old && fs::remove_file(entry.path()).is_ok() {
+    for (path, meta) in stale {
+        if shares_last_link(&meta, |ino| delivered.contains(&ino)) {
+            log::warn!(
+                "maildir: a tmp/ name of a delivered message, but the filesystem counts \
+                 one link for both (a crash without a journal); left alone: run e2fsck -f \
+                 path={}",
+                path.display()
+            );
+        } else if fs::remove_file(&path).is_ok() {
             removed += 1;
         }
     }
     removed
+}
+
+/// The inode numbers named in `<maildir>/new/` and `cur/` (from the
+/// directory entries: no stat per message).
+fn delivered_inodes(maildir: &Path) -> std::collections::HashSet<u64> {
+    use std::os::unix::fs::DirEntryExt;
+    ["new", "cur"]
+        .iter()
+        .filter_map(|sub| fs::read_dir(maildir.join(sub)).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.ino()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -479,6 +509,28 @@ mod tests {
             sweep_tmp(&t.path().join("none"), std::time::Duration::ZERO),
             0
         );
+    }
+
+    #[test]
+    fn sweep_removes_a_tmp_name_left_beside_a_delivered_message() {
+        // A rename into new/ whose removal from tmp/ did not reach the disk:
+        // two names, counted as two. The tmp/ name goes, the message stays.
+        let t = TestDir::new("sweep-twice");
+        let dir = t.path().join("alice");
+        let mut b = body(&t, b"delivered\r\n");
+        let delivered = deliver(&dir, None, "h", b"", &mut b).expect("deliver");
+        let unique = delivered.file_name().expect("name").to_string_lossy();
+        let unique = unique.split(",S=").next().expect("unique").to_owned();
+        fs::hard_link(&delivered, dir.join("tmp").join(&unique)).expect("link");
+        fs::write(dir.join("tmp").join("crashed"), b"half").expect("leftover");
+
+        assert_eq!(sweep_tmp(&dir, std::time::Duration::ZERO), 2);
+        assert!(names(&dir.join("tmp")).is_empty());
+        assert_eq!(fs::read(&delivered).expect("still there"), b"delivered\r\n");
+        let inodes = delivered_inodes(&dir);
+        use std::os::unix::fs::MetadataExt;
+        let ino = fs::metadata(&delivered).expect("meta").ino();
+        assert_eq!(inodes.into_iter().collect::<Vec<_>>(), vec![ino]);
     }
 
     #[test]

@@ -57,6 +57,22 @@ pub(crate) fn at(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
     move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
+/// Whether `leftover`, a name a crash left in a temporary place, is also
+/// the name of a committed file that the disk counts only once. A rename's
+/// new name is fsynced, its removal of the old one is not, so on a
+/// filesystem without a journal (a common SD-card tuning) a crash can
+/// leave both names with a link count of 1. Removing the old name would
+/// then free the committed file's inode under it. `committed` says whether
+/// an inode number also has a committed name. Only e2fsck can mend such a
+/// count, so these names are left for it.
+pub(crate) fn shares_last_link(
+    leftover: &fs::Metadata,
+    committed: impl FnOnce(u64) -> bool,
+) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    leftover.nlink() < 2 && committed(leftover.ino())
+}
+
 /// Makes the entries of directory `path` durable: opens it read-only and
 /// fsyncs it. Call after creating, renaming or removing a name in it.
 pub fn sync_dir(path: &Path) -> io::Result<()> {
@@ -225,6 +241,24 @@ mod tests {
             }
         }
         assert_eq!(all.len(), 10_000);
+    }
+
+    #[test]
+    fn only_a_lone_link_of_a_committed_file_is_kept() {
+        use std::os::unix::fs::MetadataExt;
+        let t = TestDir::new("last-link");
+        let lone = t.path().join("lone");
+        fs::write(&lone, b"x").expect("write");
+        let meta = fs::symlink_metadata(&lone).expect("meta");
+        let ino = meta.ino();
+        // One link, and the inode also named among the committed: keep it.
+        assert!(shares_last_link(&meta, |i| i == ino));
+        // One link, named nowhere else: an ordinary leftover.
+        assert!(!shares_last_link(&meta, |i| i != ino));
+        // Two links counted: removing one name leaves the other whole.
+        fs::hard_link(&lone, t.path().join("other")).expect("link");
+        let meta = fs::symlink_metadata(&lone).expect("meta");
+        assert!(!shares_last_link(&meta, |i| i == ino));
     }
 
     #[test]

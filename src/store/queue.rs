@@ -31,11 +31,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::envelope::Envelope;
-use super::{at, create_dir_durable, group, is_valid_id, new_id, sync_dir};
+use super::{at, create_dir_durable, group, is_valid_id, new_id, shares_last_link, sync_dir};
 
 /// Suffix of the file holding an entry's updated envelope.
 const UPDATED: &str = ".env";
@@ -116,8 +116,20 @@ impl Queue {
                 }
                 fs::remove_dir_all(&path)
             } else {
-                // Removing a file's name never removes another name of it:
-                // this is safe even where a rename into queue/ left both.
+                // A rename into queue/ may have left both names. Removing
+                // one never removes the other, unless the disk counts one
+                // link for the two.
+                let meta = fs::symlink_metadata(&path).map_err(at(&path))?;
+                let committed = fs::symlink_metadata(self.queue.join(entry.file_name()));
+                if shares_last_link(&meta, |ino| committed.is_ok_and(|c| c.ino() == ino)) {
+                    log::warn!(
+                        "queue: incoming name of a committed entry, but the filesystem \
+                         counts one link for both (a crash without a journal); left \
+                         alone: run e2fsck -f path={}",
+                        path.display()
+                    );
+                    continue;
+                }
                 fs::remove_file(&path)
             };
             result.map_err(at(&path))?;
