@@ -512,6 +512,26 @@ mod tests {
     }
 
     #[test]
+    fn a_draft_is_in_new_only_once_published() {
+        let t = TestDir::new("md-draft");
+        let dir = t.path().join("box");
+        prepare(&dir, None).expect("prepare");
+        let mut draft = Draft::create(&dir, "h", b"H: 1\r\n").expect("create");
+        draft.file().write_all(b"\r\nbody\r\n").expect("write");
+        assert_eq!(names(&dir.join("tmp")).len(), 1);
+        assert!(names(&dir.join("new")).is_empty());
+        let path = draft.publish().expect("publish");
+        assert_eq!(fs::read(&path).expect("read"), b"H: 1\r\n\r\nbody\r\n");
+        assert!(names(&dir.join("tmp")).is_empty());
+
+        let mut dropped = Draft::create(&dir, "h", b"H: 2\r\n").expect("create");
+        dropped.file().write_all(b"partial").expect("write");
+        drop(dropped);
+        assert!(names(&dir.join("tmp")).is_empty());
+        assert_eq!(names(&dir.join("new")).len(), 1);
+    }
+
+    #[test]
     fn sweep_removes_a_tmp_name_left_beside_a_delivered_message() {
         // A rename into new/ whose removal from tmp/ did not reach the disk:
         // two names, counted as two. The tmp/ name goes, the message stays.
