@@ -533,6 +533,7 @@ mod tests {
 
     #[test]
     fn sweep_removes_a_tmp_name_left_beside_a_delivered_message() {
+        use std::os::unix::fs::MetadataExt;
         // A rename into new/ whose removal from tmp/ did not reach the disk:
         // two names, counted as two. The tmp/ name goes, the message stays.
         let t = TestDir::new("sweep-twice");
@@ -548,7 +549,6 @@ mod tests {
         assert!(names(&dir.join("tmp")).is_empty());
         assert_eq!(fs::read(&delivered).expect("still there"), b"delivered\r\n");
         let inodes = delivered_inodes(&dir);
-        use std::os::unix::fs::MetadataExt;
         let ino = fs::metadata(&delivered).expect("meta").ino();
         assert_eq!(inodes.into_iter().collect::<Vec<_>>(), vec![ino]);
     }

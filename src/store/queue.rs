@@ -120,8 +120,11 @@ impl Queue {
                 // one never removes the other, unless the disk counts one
                 // link for the two.
                 let meta = fs::symlink_metadata(&path).map_err(at(&path))?;
-                let committed = fs::symlink_metadata(self.queue.join(entry.file_name()));
-                if shares_last_link(&meta, |ino| committed.is_ok_and(|c| c.ino() == ino)) {
+                let committed = |ino| {
+                    fs::symlink_metadata(self.queue.join(entry.file_name()))
+                        .is_ok_and(|c| c.ino() == ino)
+                };
+                if shares_last_link(&meta, committed) {
                     log::warn!(
                         "queue: incoming name of a committed entry, but the filesystem \
                          counts one link for both (a crash without a journal); left \
