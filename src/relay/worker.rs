@@ -61,7 +61,9 @@ type Results = Vec<(usize, RcptResult, Option<String>)>;
 struct Flight {
     /// Destinations not yet reported.
     waiting: usize,
-    newly_failed: Vec<usize>,
+    /// Recipients that failed in this attempt, each with its state before
+    /// it: until their notice has gone out, that is the state on disk.
+    newly_failed: Vec<(usize, RcptState)>,
     remote_mta: HashMap<usize, String>,
 }
 
@@ -321,7 +323,7 @@ impl Relay {
             let addr = env.recipients[i].address.clone();
             let delay = now.saturating_sub(env.arrived);
             let relay_name = host.clone().unwrap_or_else(|| "none".into());
-            env.recipients[i].state = match result {
+            let state = match result {
                 RcptResult::Delivered { reply } => {
                     info!("id={id} to=<{addr}> relay={relay_name} delay={delay}s status=sent ({reply})");
                     RcptState::Delivered
@@ -332,10 +334,13 @@ impl Relay {
                 }
                 RcptResult::Failed { reason } => {
                     info!("id={id} to=<{addr}> relay={relay_name} delay={delay}s status=bounced ({reason})");
-                    flight.newly_failed.push(i);
                     RcptState::Failed { reason }
                 }
             };
+            let before = std::mem::replace(&mut env.recipients[i].state, state);
+            if matches!(env.recipients[i].state, RcptState::Failed { .. }) {
+                flight.newly_failed.push((i, before));
+            }
             if let Some(h) = host {
                 flight.remote_mta.insert(i, h);
             }
@@ -343,8 +348,16 @@ impl Relay {
         flight.waiting = flight.waiting.saturating_sub(1);
         if flight.waiting > 0 {
             // Saved now, so a crash before the other destinations report
-            // never re-sends to these recipients.
-            if let Err(e) = self.ctx.queue.save(env) {
+            // never re-sends to these recipients. A failure is saved only
+            // once its notice has gone out (in `finish`): until then the
+            // disk keeps the state before it, so after a crash the
+            // recipient is tried again and fails again, rather than
+            // counting as done with nobody told.
+            let mut saved = env.clone();
+            for (i, before) in &flight.newly_failed {
+                saved.recipients[*i].state = before.clone();
+            }
+            if let Err(e) = self.ctx.queue.save(&saved) {
                 error!("id={id} cannot save envelope: {e}");
             }
             return;
@@ -372,14 +385,15 @@ impl Relay {
                 };
                 let reason = format!("4.4.7 delivery time expired ({limit}); last error: {last}");
                 info!("id={id} to=<{}> status=expired ({reason})", r.address);
-                r.state = RcptState::Failed { reason };
-                flight.newly_failed.push(i);
+                let before = std::mem::replace(&mut r.state, RcptState::Failed { reason });
+                flight.newly_failed.push((i, before));
             }
         }
         // Notices go out before the envelope is saved: a crash in between
         // repeats a notice rather than losing it.
         if !flight.newly_failed.is_empty() {
-            let entries = entries(&env, &flight.newly_failed, &flight.remote_mta);
+            let failed: Vec<usize> = flight.newly_failed.iter().map(|(i, _)| *i).collect();
+            let entries = entries(&env, &failed, &flight.remote_mta);
             self.notify(&env, &entries, Kind::Failed);
         } else if self.schedule.should_warn(&env, now) {
             let deferred: Vec<usize> = (0..env.recipients.len())

@@ -280,6 +280,72 @@ fn null_mx_and_missing_domain_bounce_at_once_and_bounces_never_bounce() {
 }
 
 #[test]
+fn a_crash_while_other_domains_are_still_running_never_loses_a_bounce() {
+    // One message to three domains: one fails at once (null MX), one is
+    // delivered, one hangs (its MX accepts the connection and never
+    // greets). The relay is killed before the hanging one reports.
+    let ok = TestServer::start(Script::default()).expect("test server");
+    let port = ok.addr.port();
+    let hang = TcpListener::bind(("127.0.0.2", port)).expect("bind 127.0.0.2");
+    let dns = TestDns::start(vec![
+        Record::mx("nomail.test", 0, "."),
+        Record::mx("ok.test", 10, "mx.ok.test"),
+        Record::a("mx.ok.test", "127.0.0.1".parse().expect("ip")),
+        Record::mx("hang.test", 10, "mx.hang.test"),
+        Record::a("mx.hang.test", "127.0.0.2".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let config = relay_config(&format!("mx_port = {port}\n"), &dns);
+    let mut a = Server::start(&dir, &config);
+    let id = send(
+        &a,
+        "cron@localhost",
+        &["x@nomail.test", "z@ok.test", "y@hang.test"],
+        "Subject: three domains\r\n\r\nhi\r\n",
+    );
+    let env = dir.path().join("data/queue").join(format!("{id}.env"));
+    assert!(
+        wait_for(SHORT, || {
+            let log = a.log();
+            log.contains("to=<x@nomail.test>")
+                && log.contains("to=<z@ok.test>")
+                && fs::read_to_string(&env).is_ok_and(|e| e.contains("rcpt delivered z@ok.test"))
+        }),
+        "{}",
+        a.log()
+    );
+    a.kill();
+    assert!(
+        a.mail("cron").is_empty(),
+        "the notice is sent only at the end"
+    );
+    let saved = fs::read_to_string(&env).expect("envelope");
+    assert!(
+        !saved.contains("rcpt failed x@nomail.test"),
+        "a failure is on disk before its notice went out:\n{saved}"
+    );
+
+    // Restarted with the hanging host gone (connection refused: deferred),
+    // the failed recipient is tried again and its bounce goes out.
+    drop(hang);
+    let a = Server::start_at(dir.path(), &config, "127.0.0.1:0");
+    assert!(wait_for(SHORT, || a.mail("cron").len() == 1), "{}", a.log());
+    let bounce = String::from_utf8(a.mail("cron")[0].clone()).expect("utf8");
+    assert!(bounce.contains("x@nomail.test"), "{bounce}");
+    assert!(!bounce.contains("z@ok.test"), "{bounce}");
+    assert!(
+        wait_for(SHORT, || a.log().contains("to=<y@hang.test>")),
+        "{}",
+        a.log()
+    );
+    assert_eq!(
+        ok.messages().len(),
+        1,
+        "the delivered recipient is not sent again"
+    );
+}
+
+#[test]
 fn connection_dropped_mid_data_defers() {
     let server = TestServer::start(Script {
         drop_mid_data: true,
