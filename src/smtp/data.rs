@@ -10,7 +10,8 @@
 //! - a bare CR or bare LF anywhere poisons the message (no SMTP smuggling: a
 //!   fake end such as `<LF>.<LF>` or `<CR>.<CR>` is never an end, and the
 //!   transaction is refused once the real end arrives);
-//! - a line over 1000 octets with its CRLF (RFC 5321 4.5.3.1.6) poisons it;
+//! - a line over 1000 octets with its CRLF, not counting a dot added for
+//!   transparency (RFC 5321 4.5.3.1.6), poisons it;
 //! - more than `max_size` octets poisons it (RFC 1870 SIZE, 552).
 //!
 //! Once poisoned, nothing more is produced, but the decoder keeps looking for
@@ -136,7 +137,8 @@ impl DataDecoder {
                 }
                 State::Bol => match b {
                     b'.' => {
-                        self.line_len = 1;
+                        // Not counted: the 1000-octet limit excludes the
+                        // dot added for transparency (RFC 5321 4.5.3.1.6).
                         self.state = State::Dot;
                     }
                     b'\r' => {
@@ -394,14 +396,15 @@ mod tests {
         let long = [vec![b'x'; MAX_LINE + 1], b"\r\n.\r\n".to_vec()].concat();
         assert_eq!(run(&long, 4096, 1 << 20).2, Err(DataError::LineTooLong));
         assert_eq!(run(&long, 7, 1 << 20).2, Err(DataError::LineTooLong));
-        // A stuffed dot counts as transmitted: 998 on the wire is fine.
-        let dotted = [
-            b".".to_vec(),
-            vec![b'x'; MAX_LINE - 1],
-            b"\r\n.\r\n".to_vec(),
-        ]
-        .concat();
-        assert!(run(&dotted, 100, 1 << 20).2.is_ok());
+        // The dot added for transparency is not counted (RFC 5321
+        // 4.5.3.1.6): a 998-octet line that starts with a dot is 999 on the
+        // wire, and fine.
+        let stuffed = |n: usize| [b"..".to_vec(), vec![b'x'; n], b"\r\n.\r\n".to_vec()].concat();
+        assert!(run(&stuffed(MAX_LINE - 1), 100, 1 << 20).2.is_ok());
+        assert_eq!(
+            run(&stuffed(MAX_LINE), 100, 1 << 20).2,
+            Err(DataError::LineTooLong)
+        );
     }
 
     #[test]

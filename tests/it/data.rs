@@ -90,7 +90,18 @@ fn over_long_data_line_gets_550() {
     assert!(c
         .send_mail("a@b.test", &["alice@localhost"], &ok)
         .starts_with("250"));
-    assert_eq!(s.mail("alice").len(), 1);
+    // A 998-octet line that starts with a dot is 999 on the wire: the dot
+    // added for transparency does not count (RFC 5321 4.5.3.1.6).
+    let dotted = format!(".{}", "x".repeat(997));
+    let stuffed = format!("Subject: dotted\r\n\r\n.{dotted}\r\n");
+    let r = c.send_mail("a@b.test", &["alice@localhost"], &stuffed);
+    assert!(r.starts_with("250"), "{r}");
+    assert_eq!(s.mail("alice").len(), 2);
+    let found = s
+        .mail("alice")
+        .iter()
+        .any(|m| String::from_utf8_lossy(m).contains(&format!("\r\n\r\n{dotted}\r\n")));
+    assert!(found, "the dotted line arrives unstuffed and whole");
 }
 
 #[test]
