@@ -538,7 +538,7 @@ struct RawRelay {
     connect_timeout: Option<Spanned<Secs>>,
 }
 
-/// A duration, or "off" (also 0) for none.
+/// A duration, or "off" (also any zero: 0, "0s", "0h") for none.
 #[derive(Clone, Copy)]
 struct OptSecs(Option<Duration>);
 
@@ -546,14 +546,16 @@ impl<'de> Deserialize<'de> for OptSecs {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<OptSecs, D::Error> {
         d.deserialize_any(NumberOrString {
             expecting: "a duration such as \"4h\", or \"off\"",
-            parse: |s| match s {
-                "off" | "0" => Ok(OptSecs(None)),
-                _ if parse_duration(s).is_some_and(|d| d > MAX_DURATION) => {
+            parse: |s| match (s, parse_duration(s)) {
+                ("off", _) => Ok(OptSecs(None)),
+                (_, Some(d)) if d.is_zero() => Ok(OptSecs(None)),
+                (_, Some(d)) if d > MAX_DURATION => {
                     Err(format!("duration \"{s}\" is too long (at most 365d)"))
                 }
-                _ => parse_duration(s).map(|d| OptSecs(Some(d))).ok_or_else(|| {
-                    format!("invalid duration \"{s}\" (expected e.g. \"4h\", or \"off\")")
-                }),
+                (_, Some(d)) => Ok(OptSecs(Some(d))),
+                (_, None) => Err(format!(
+                    "invalid duration \"{s}\" (expected e.g. \"4h\", or \"off\")"
+                )),
             },
         })
     }
@@ -1547,6 +1549,20 @@ mod tests {
             format!("{c:?}"),
             format!("{:?}", p("[limits]\n[local]\n[relay]\n").unwrap())
         );
+    }
+
+    #[test]
+    fn a_zero_duration_where_off_is_allowed_means_off() {
+        for zero in ["0", "\"0\"", "\"0s\"", "\"0m\"", "\"0h\"", "\"off\""] {
+            let c = p(&format!(
+                "[limits]\ngreeting_delay = {zero}\n[relay]\ndelay_warning = {zero}\n"
+            ))
+            .unwrap();
+            assert_eq!(c.limits.greeting_delay, None, "{zero}");
+            assert_eq!(c.relay.delay_warning, None, "{zero}");
+        }
+        let c = p("[limits]\ngreeting_delay = \"2s\"\n").unwrap();
+        assert_eq!(c.limits.greeting_delay, Some(Duration::from_secs(2)));
     }
 
     #[test]
