@@ -86,6 +86,11 @@ pub struct MailParams {
     pub size: Option<u64>,
     pub body: Body,
     pub smtputf8: bool,
+    /// An `AUTH=` parameter (RFC 4954 5) was given, `<>` or a valid xtext
+    /// mailbox. Its value is not kept: postling never trusts a client's
+    /// claim of who submitted a message, so it is discarded as RFC 4954
+    /// allows.
+    pub auth: bool,
 }
 
 /// Which command an error belongs to, for the enhanced status code
@@ -428,6 +433,21 @@ fn valid_literal(lit: &[u8]) -> bool {
     text.parse::<Ipv4Addr>().is_ok()
 }
 
+/// RFC 3461 4: printable ASCII except `+` and `=`, which appear only as
+/// `+` and two upper-case hex digits.
+fn is_xtext(v: &[u8]) -> bool {
+    let hex = |b: u8| b.is_ascii_digit() || (b'A'..=b'F').contains(&b);
+    let mut i = 0;
+    while i < v.len() {
+        match v[i] {
+            b'+' if v.len() > i + 2 && hex(v[i + 1]) && hex(v[i + 2]) => i += 3,
+            b'!'..=b'~' if v[i] != b'+' && v[i] != b'=' => i += 1,
+            _ => return false,
+        }
+    }
+    !v.is_empty()
+}
+
 fn parse_mail_params(params: &[u8]) -> Result<MailParams, ParseError> {
     let mut out = MailParams::default();
     let (mut seen_size, mut seen_body) = (false, false);
@@ -467,6 +487,12 @@ fn parse_mail_params(params: &[u8]) -> Result<MailParams, ParseError> {
                 return Err(bad("Bad SMTPUTF8 parameter"));
             }
             out.smtputf8 = true;
+        } else if key.eq_ignore_ascii_case(b"AUTH") {
+            let v = value.ok_or(bad("AUTH needs a value"))?;
+            if out.auth || !(v == b"<>" || is_xtext(v)) {
+                return Err(bad("Bad AUTH parameter"));
+            }
+            out.auth = true;
         } else {
             return Err(ParseError::UnknownParam(Verb::Mail));
         }
@@ -706,11 +732,12 @@ mod tests {
                 }),
             ),
             (
-                "size=0 body=8bitmime smtputf8",
+                "size=0 body=8bitmime smtputf8 auth=<>",
                 Ok(MailParams {
                     size: Some(0),
                     body: Body::EightBitMime,
                     smtputf8: true,
+                    auth: true,
                 }),
             ),
             ("BODY=7BIT", Ok(MailParams::default())),
@@ -753,7 +780,36 @@ mod tests {
                 Err(ParseError::Syntax(Verb::Mail, "Bad SMTPUTF8 parameter")),
             ),
             ("RET=FULL", Err(ParseError::UnknownParam(Verb::Mail))),
-            ("AUTH=<>", Err(ParseError::UnknownParam(Verb::Mail))),
+            (
+                "AUTH=<>",
+                Ok(MailParams {
+                    auth: true,
+                    ..Default::default()
+                }),
+            ),
+            (
+                "AUTH=bob+40example.org",
+                Ok(MailParams {
+                    auth: true,
+                    ..Default::default()
+                }),
+            ),
+            (
+                "AUTH=a+4",
+                Err(ParseError::Syntax(Verb::Mail, "Bad AUTH parameter")),
+            ),
+            (
+                "AUTH=a+zz",
+                Err(ParseError::Syntax(Verb::Mail, "Bad AUTH parameter")),
+            ),
+            (
+                "AUTH=<> AUTH=<>",
+                Err(ParseError::Syntax(Verb::Mail, "Bad AUTH parameter")),
+            ),
+            (
+                "AUTH",
+                Err(ParseError::Syntax(Verb::Mail, "AUTH needs a value")),
+            ),
             ("X-FOO", Err(ParseError::UnknownParam(Verb::Mail))),
         ];
         for (params, want) in cases {

@@ -432,6 +432,10 @@ impl<'c> Session<'c> {
             // Extensions exist only after EHLO (RFC 5321 4.1.1.1).
             return Reply::new(555, "5.5.4", "MAIL parameters need EHLO, not HELO");
         }
+        if params.auth && !self.auth_offered() {
+            // Part of the AUTH extension: unknown where it is not offered.
+            return parse_error_reply(ParseError::UnknownParam(Verb::Mail));
+        }
         let sender = match from {
             ReversePath::Null => String::new(),
             ReversePath::Mailbox(m) => {

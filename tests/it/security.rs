@@ -186,6 +186,10 @@ fn auth_reply_codes() {
         .cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")))
         .starts_with("538 5.7.11"));
     assert!(c.cmd("STARTTLS now").starts_with("501"));
+    // AUTH= on MAIL belongs to the AUTH extension: unknown where not offered.
+    assert!(c
+        .cmd("MAIL FROM:<x@y.test> AUTH=<>")
+        .starts_with("555 5.5.4"));
 
     let mut t = starttls(&f, "smtp");
     assert!(t.cmd("AUTH PLAIN").starts_with("503"), "before EHLO");
@@ -218,8 +222,9 @@ fn auth_reply_codes() {
     assert!(t.cmd("*").starts_with("501 5.0.0"));
     assert_eq!(t.cmd("AUTH LOGIN"), "334 VXNlcm5hbWU6");
     assert!(t.cmd(&"A".repeat(13_000)).starts_with("500 5.5.6"));
-    // AUTH in a transaction: 503.
-    assert!(t.cmd("MAIL FROM:<x@y.test>").starts_with("250"));
+    // AUTH in a transaction: 503 (this MAIL, before AUTH, carries AUTH=<>:
+    // accepted where AUTH is offered).
+    assert!(t.cmd("MAIL FROM:<x@y.test> AUTH=<>").starts_with("250"));
     assert!(t
         .cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")))
         .starts_with("503"));
@@ -234,7 +239,14 @@ fn auth_reply_codes() {
         .starts_with("503"));
     // Authenticated: own sender only, and relaying is allowed.
     assert!(t.cmd("MAIL FROM:<bob@localhost>").starts_with("553 5.7.1"));
-    assert!(t.cmd("MAIL FROM:<alice@localhost>").starts_with("250"));
+    // AUTH= (as Exim and sendmail send it, RFC 4954 5) is accepted and
+    // discarded; a malformed one is refused.
+    assert!(t
+        .cmd("MAIL FROM:<alice@localhost> AUTH=alice+localhost")
+        .starts_with("501 5.5.4"));
+    assert!(t
+        .cmd("MAIL FROM:<alice@localhost> AUTH=alice+40localhost")
+        .starts_with("250"));
     assert!(t.cmd("RCPT TO:<friend@example.com>").starts_with("250"));
     assert!(
         !f.server.log().contains("wonderland"),
