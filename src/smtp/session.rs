@@ -165,6 +165,9 @@ impl<'c> Session<'c> {
         info!("session={} tls={description}", self.id);
         self.tls = Some(description);
         self.helo = None;
+        // A login in clear (allow_plaintext_loopback) is knowledge from
+        // before TLS too: discarded.
+        self.user = None;
         self.set_state(State::Greeted);
     }
 

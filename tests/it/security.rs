@@ -255,6 +255,27 @@ fn auth_reply_codes() {
 }
 
 #[test]
+fn starttls_discards_a_login_made_in_clear() {
+    let f = fixture("allow_plaintext_loopback = true\n");
+    let mut c = Client::connect(f.server.listener("submission"));
+    assert!(c.cmd("EHLO laptop.test").contains("AUTH PLAIN LOGIN"));
+    assert!(c
+        .cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")))
+        .starts_with("235"));
+    assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
+    let mut t = TlsClient::handshake(c.stream.try_clone().expect("clone"), &f.pki);
+    // RFC 3207 4.2: everything learnt before TLS is forgotten, the login too.
+    assert!(t.cmd("EHLO laptop.test").contains("AUTH PLAIN LOGIN"));
+    assert!(t
+        .cmd("MAIL FROM:<alice@localhost>")
+        .starts_with("530 5.7.0"));
+    assert!(t
+        .cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")))
+        .starts_with("235"));
+    assert!(t.cmd("MAIL FROM:<alice@localhost>").starts_with("250"));
+}
+
+#[test]
 fn submission_needs_auth_and_smtp_does_not_relay_for_strangers() {
     let f = fixture("[relay]\nallow_from = [\"10.0.0.0/8\"]\n");
     let mut t = starttls(&f, "submission");
