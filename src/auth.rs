@@ -11,7 +11,9 @@
 //!
 //! It does not speak SMTP or SASL (that is `smtp::sasl` and the session), it
 //! does not delay or count failed attempts (the session does), and it never
-//! logs a password or a hash.
+//! logs a password or a hash. It does bound how many checks run at once:
+//! an Argon2id check takes 19 MiB while it runs, and AUTH attempts need no
+//! valid user, so a burst of them must not take a small box's memory.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,6 +21,7 @@ use std::fs::File;
 use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, PoisonError};
 
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 use sha_crypt::{PasswordHashRef, ShaCrypt};
@@ -26,6 +29,38 @@ use sha_crypt::{PasswordHashRef, ShaCrypt};
 /// The longest password `run_passwd` reads, in bytes. Far above any real
 /// password; it only bounds what a stray `postling passwd u < bigfile` reads.
 const MAX_PASSWORD_LEN: usize = 1024;
+
+/// Password checks that may run at once, in the whole process. With the
+/// default Argon2id parameters (m=19456 KiB) that is at most 38 MiB; other
+/// sessions wait for a turn.
+const MAX_CHECKS: usize = 2;
+
+/// Checks running now, and the signal that one ended.
+static RUNNING: Mutex<usize> = Mutex::new(0);
+static ENDED: Condvar = Condvar::new();
+
+/// A turn to run one password check; the next waiter's when dropped.
+struct Turn;
+
+impl Turn {
+    fn wait() -> Turn {
+        let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+        while *running >= MAX_CHECKS {
+            running = ENDED.wait(running).unwrap_or_else(PoisonError::into_inner);
+        }
+        *running += 1;
+        Turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+        *running -= 1;
+        drop(running);
+        ENDED.notify_one();
+    }
+}
 
 /// The users who may AUTH, each with a password hash checked at load.
 pub struct Users {
@@ -173,8 +208,10 @@ impl Users {
 
     /// True when `password` is `user`'s password. An unknown user is checked
     /// against a dummy hash of the same scheme and cost as the file's users,
-    /// so the time taken does not tell who exists.
+    /// so the time taken does not tell who exists. Waits for a turn when
+    /// [`MAX_CHECKS`] checks are running.
     pub fn verify(&self, user: &str, password: &str) -> bool {
+        let _turn = Turn::wait();
         match self.users.get(user) {
             Some(hash) => hash.verify(password),
             None => {

@@ -310,6 +310,73 @@ fn failed_auth_is_delayed_and_capped_per_address() {
 }
 
 #[test]
+fn a_burst_of_auth_attempts_costs_bounded_memory() {
+    // Each Argon2id check takes 19 MiB while it runs, and an attempt needs
+    // no valid user: 16 at once used to take ~300 MB. At most two checks
+    // run at a time now. (glibc keeps freed memory of this size unless its
+    // mmap threshold is fixed, as the systemd unit does; musl ignores it.)
+    let dir = TempDir::new();
+    let users = dir.path().join("users");
+    let line = postling::auth::passwd_line("alice", "wonderland").expect("hash");
+    fs::write(&users, format!("{line}\n")).expect("users");
+    let mut perms = fs::metadata(&users).expect("meta").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    fs::set_permissions(&users, perms).expect("chmod");
+    let config = format!(
+        "[auth]\nusers_file = \"{}\"\nallow_plaintext_loopback = true\nmax_failures = 100\n",
+        users.display()
+    );
+    let s = Server::start_env(
+        &dir,
+        &config,
+        &[("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")],
+    );
+    let status = |key: &str| -> u64 {
+        let text = fs::read_to_string(format!("/proc/{}/status", s.pid())).expect("status");
+        let line = text.lines().find(|l| l.starts_with(key)).expect(key);
+        line.split_whitespace()
+            .nth(1)
+            .expect("kB")
+            .parse()
+            .expect("number")
+    };
+    let before = status("VmHWM:");
+    let attempts: Vec<_> = (0..16)
+        .map(|_| {
+            let mut c = s.client();
+            assert!(c.cmd("EHLO burst.test").contains("AUTH PLAIN"));
+            c
+        })
+        .collect();
+    let replies: Vec<String> = std::thread::scope(|scope| {
+        let running: Vec<_> = attempts
+            .into_iter()
+            .map(|mut c| {
+                scope.spawn(move || c.cmd(&format!("AUTH PLAIN {}", plain("mallory", "guess"))))
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().expect("client"))
+            .collect()
+    });
+    for r in &replies {
+        assert!(r.starts_with("535 5.7.8"), "{r}");
+    }
+    let grown = status("VmHWM:").saturating_sub(before);
+    assert!(
+        grown < 80 * 1024,
+        "16 AUTH attempts raised the peak by {grown} KiB"
+    );
+    // The server still logs in the right user.
+    let mut c = s.client();
+    c.cmd("EHLO ok.test");
+    assert!(c
+        .cmd(&format!("AUTH PLAIN {}", plain("alice", "wonderland")))
+        .starts_with("235"));
+}
+
+#[test]
 fn a_client_that_talks_before_the_greeting_is_dropped() {
     let dir = TempDir::new();
     let s = Server::start(&dir, "[limits]\ngreeting_delay = \"1s\"\n");
