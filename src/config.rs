@@ -38,6 +38,11 @@ pub struct Flags {
     pub listen: Vec<SocketAddr>,
     /// `--data-dir DIR`, overrides `data_dir`.
     pub data_dir: Option<PathBuf>,
+    /// Loaded by a client tool (`sendmail`, `mailq`, the queue commands),
+    /// which any user may run: the daemon's own files (TLS certificate and
+    /// key, smarthost password, CA file, users file), which are its
+    /// user's alone, are not opened, as Postfix's sendmail never reads them.
+    pub client: bool,
 }
 
 /// The validated configuration.
@@ -441,6 +446,7 @@ pub fn parse(text: &str, file: Option<&Path>, flags: &Flags) -> Result<Config, C
         text,
         file,
         keys: OnceCell::new(),
+        open_files: !flags.client,
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.toml_error(&e))?;
     build(raw, &ctx, flags)
@@ -1082,8 +1088,12 @@ fn mode_name(mode: ListenMode) -> &'static str {
 }
 
 /// A path that must be readable now, so a typo fails at start with the
-/// file, line and key rather than at the first delivery.
+/// file, line and key rather than at the first delivery (not checked for a
+/// client tool: [`Flags::client`]).
 fn readable(ctx: &Ctx<'_>, path: Spanned<PathBuf>) -> Result<PathBuf, ConfigError> {
+    if !ctx.open_files {
+        return Ok(path.into_inner());
+    }
     match std::fs::File::open(path.get_ref()) {
         Ok(_) => Ok(path.into_inner()),
         Err(e) => Err(ctx.error(
@@ -1285,6 +1295,8 @@ struct Ctx<'a> {
     /// Every key and value in the document with its dotted path, built on
     /// the first error only.
     keys: OnceCell<Option<Vec<KeySpan>>>,
+    /// Whether [`readable`] opens the files it is given.
+    open_files: bool,
 }
 
 impl Ctx<'_> {
@@ -1552,6 +1564,19 @@ mod tests {
     }
 
     #[test]
+    fn a_client_tool_does_not_open_the_daemons_files() {
+        let text = "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n";
+        let daemon = parse(text, None, &Flags::default()).unwrap_err();
+        assert!(daemon.to_string().contains("cannot read"), "{daemon}");
+        let client = Flags {
+            client: true,
+            ..Flags::default()
+        };
+        let c = parse(text, None, &client).expect("a client does not open them");
+        assert_eq!(c.tls.expect("tls").key, Path::new("/nonexistent/key.pem"));
+    }
+
+    #[test]
     fn a_zero_duration_where_off_is_allowed_means_off() {
         for zero in ["0", "\"0\"", "\"0s\"", "\"0m\"", "\"0h\"", "\"off\""] {
             let c = p(&format!(
@@ -1676,6 +1701,7 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             config: None,
             listen: vec!["127.0.0.1:25".parse().unwrap(), "[::1]:25".parse().unwrap()],
             data_dir: Some("/tmp/d".into()),
+            client: false,
         };
         let c = parse(text, None, &flags).unwrap();
         let addrs: Vec<String> = c.listen.iter().map(|l| l.addr.to_string()).collect();

@@ -190,6 +190,7 @@ fn queue(
         config,
         listen: Vec::new(),
         data_dir,
+        client: true,
     };
     let config = match postling::config::load(&flags) {
         Ok(c) => c,
@@ -369,6 +370,7 @@ fn main() -> ExitCode {
         config: serve.config,
         listen: serve.listen,
         data_dir: serve.data_dir,
+        client: false,
     };
     let config = match postling::config::load(&flags) {
         Ok(c) => c,

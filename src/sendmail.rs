@@ -823,6 +823,7 @@ fn refusal(what: &str, r: &ServerReply) -> Error {
 fn load_config(path: Option<PathBuf>) -> Result<Config, Error> {
     let flags = Flags {
         config: crate::config::installed_or(path),
+        client: true,
         ..Flags::default()
     };
     crate::config::load(&flags).map_err(|e| Error::Config(e.to_string()))

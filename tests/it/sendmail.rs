@@ -244,6 +244,28 @@ fn a_large_message_is_streamed_whole() {
 }
 
 #[test]
+fn sendmail_and_mailq_never_open_the_daemons_own_files() {
+    // The TLS key, the users file and the smarthost password are the
+    // daemon's user's alone (chmod 600); sendmail runs as whoever calls it
+    // (a user's crontab, www-data). Here the client's config names files
+    // that do not exist at all: it must not care.
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    let secrets = dir.path().join("secret");
+    let client = format!(
+        "{}[tls]\ncert = {:?}\nkey = {:?}\n[auth]\nusers_file = {:?}\n",
+        config(&dir),
+        secrets.join("cert.pem"),
+        secrets.join("key.pem"),
+        secrets.join("users"),
+    );
+    std::fs::write(dir.path().join("postling.toml"), client).expect("client config");
+    ok(&sendmail(&dir, &["root"], b"Subject: cron\n\nout\n"));
+    assert_eq!(mail(&s, "root", 1).len(), 1);
+    ok(&sendmail(&dir, &["-bp"], b""));
+}
+
+#[test]
 fn daemon_not_running_is_tempfail() {
     let dir = TempDir::new();
     std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
