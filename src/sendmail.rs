@@ -340,11 +340,14 @@ fn add_recipients(list: &str, domain: &str, out: &mut Vec<String>) -> Vec<String
 // Reading the message.
 
 /// A reader that turns every line ending (CRLF, lone CR, LF) into LF, so
-/// everything after it sees LF-terminated lines only.
+/// everything after it sees LF-terminated lines only. A run of CRs is one
+/// line ending, with the LF after it if there is one: `CR CR LF` is what a
+/// program that converted LF to CRLF twice writes (a known PHP `mail()`
+/// problem), and it must not end the header section after its first line.
 pub struct Normalize<R> {
     inner: R,
-    /// The last byte read was a CR, already given out as LF: a following LF
-    /// belongs to it.
+    /// The last byte read was a CR, already given out as LF: more CRs and
+    /// a following LF belong to it.
     after_cr: bool,
 }
 
@@ -367,8 +370,8 @@ impl<R: Read> Read for Normalize<R> {
             let mut w = 0;
             for r in 0..n {
                 let b = buf[r];
-                if self.after_cr && b == b'\n' {
-                    self.after_cr = false;
+                if self.after_cr && (b == b'\n' || b == b'\r') {
+                    self.after_cr = b == b'\r';
                     continue;
                 }
                 self.after_cr = b == b'\r';
@@ -382,13 +385,22 @@ impl<R: Read> Read for Normalize<R> {
     }
 }
 
+/// The longest line SMTP carries, without its CRLF (RFC 5321 4.5.3.1.6).
+const MAX_LINE: usize = crate::smtp::data::MAX_LINE;
+
 /// Turns LF-terminated lines into CRLF-terminated, dot-stuffed DATA
 /// (RFC 5321 4.5.2), and, unless told to ignore dots, finds the line with a
-/// single "." that ends the input. Sans-IO: bytes in, bytes out.
+/// single "." that ends the input. A line longer than SMTP allows is broken
+/// by inserting CRLF and a space, as Postfix does (`smtp_line_length_limit`):
+/// in a header field that is folding, and a body line arrives in pieces
+/// rather than not at all. Sans-IO: bytes in, bytes out.
 #[derive(Debug)]
 pub struct Encoder {
     stop_at_dot: bool,
     line_start: bool,
+    /// Octets of the current output line, without a dot added for
+    /// transparency.
+    line_len: usize,
     /// The current line so far is exactly "." (only when `stop_at_dot`).
     dot_pending: bool,
     ended: bool,
@@ -399,6 +411,7 @@ impl Encoder {
         Encoder {
             stop_at_dot,
             line_start: true,
+            line_len: 0,
             dot_pending: false,
             ended: false,
         }
@@ -419,10 +432,15 @@ impl Encoder {
                 }
                 out.extend_from_slice(b"..");
             }
+            if b != b'\n' && self.line_len == MAX_LINE {
+                out.extend_from_slice(b"\r\n ");
+                self.line_len = 1;
+            }
             match b {
                 b'\n' => {
                     out.extend_from_slice(b"\r\n");
                     self.line_start = true;
+                    self.line_len = 0;
                 }
                 b'.' if self.line_start => {
                     if self.stop_at_dot {
@@ -431,10 +449,12 @@ impl Encoder {
                         out.extend_from_slice(b"..");
                     }
                     self.line_start = false;
+                    self.line_len = 1;
                 }
                 _ => {
                     out.push(b);
                     self.line_start = false;
+                    self.line_len += 1;
                 }
             }
         }
@@ -1427,7 +1447,13 @@ mod tests {
             (b"a\nb\n", true, b"a\r\nb\r\n"),
             (b"a\r\nb\r\n", true, b"a\r\nb\r\n"),
             (b"a\rb\r", true, b"a\r\nb\r\n"),
-            (b"a\r\rb", true, b"a\r\n\r\nb\r\n"),
+            // A run of CRs is one line end, with its LF (LF to CRLF twice).
+            (b"a\r\rb", true, b"a\r\nb\r\n"),
+            (
+                b"To: x\r\r\nSubject: y\r\r\n\r\r\nz\r\r\n",
+                true,
+                b"To: x\r\nSubject: y\r\n\r\nz\r\n",
+            ),
             (b"a\n\nb", true, b"a\r\n\r\nb\r\n"),
             (b"no newline", true, b"no newline\r\n"),
             (b"", true, b""),
@@ -1452,6 +1478,42 @@ mod tests {
                 String::from_utf8_lossy(input)
             );
         }
+    }
+
+    #[test]
+    fn lines_longer_than_smtp_allows_are_broken_with_crlf_space() {
+        for len in [998, 999, 2500, 5000] {
+            let line = vec![b'x'; len];
+            let out = encode(&[&line[..], b"\n"].concat(), true);
+            let lines: Vec<&[u8]> = out.split(|&b| b == b'\n').collect();
+            for l in &lines {
+                assert!(l.len() <= MAX_LINE + 1, "{len}: a line of {}", l.len());
+            }
+            let pieces = if len <= MAX_LINE {
+                1
+            } else {
+                1 + (len - MAX_LINE).div_ceil(MAX_LINE - 1)
+            };
+            assert_eq!(lines.len(), pieces + 1, "{len}");
+            // Removing each inserted CRLF and space gives the line back.
+            let mut joined = Vec::new();
+            let mut i = 0;
+            while i < out.len() {
+                if out[i..].starts_with(b"\r\n ") {
+                    i += 3;
+                } else {
+                    joined.push(out[i]);
+                    i += 1;
+                }
+            }
+            assert_eq!(joined, [&line[..], b"\r\n"].concat(), "{len}");
+        }
+        // A dot added for transparency is not counted.
+        let dotted = [b".".to_vec(), vec![b'x'; MAX_LINE - 1], b"\n".to_vec()].concat();
+        assert_eq!(
+            encode(&dotted, true),
+            [b"..".to_vec(), vec![b'x'; MAX_LINE - 1], b"\r\n".to_vec()].concat()
+        );
     }
 
     #[test]

@@ -266,6 +266,45 @@ fn sendmail_and_mailq_never_open_the_daemons_own_files() {
 }
 
 #[test]
+fn long_lines_are_broken_and_doubled_carriage_returns_end_one_line() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    // One-line HTML or JSON from a script: delivered, broken with CRLF SP
+    // as Postfix does, rather than refused.
+    let subject = "s".repeat(3000);
+    let body = "x".repeat(5000);
+    ok(&sendmail(
+        &dir,
+        &["root"],
+        format!("Subject: {subject}\n\n{body}\n").as_bytes(),
+    ));
+    let msg = &mail(&s, "root", 1)[0];
+    assert_crlf(msg);
+    assert!(msg.split(|&b| b == b'\n').all(|l| l.len() <= 1000));
+    let text = String::from_utf8_lossy(msg).replace("\r\n ", "");
+    assert!(text.contains(&format!("\r\nSubject: {subject}\r\n")));
+    assert!(text.ends_with(&format!("\r\n\r\n{body}\r\n")));
+    // LF turned into CRLF twice (PHP mail()): the header stays whole.
+    ok(&sendmail(
+        &dir,
+        &["-t"],
+        b"To: root@localhost\r\r\nSubject: crcr\r\r\nContent-Type: text/html\r\r\n\r\r\n<b>hi</b>\r\r\n",
+    ));
+    let msgs = mail(&s, "root", 2);
+    let crcr = msgs
+        .iter()
+        .map(|m| split_message(m))
+        .find(|(h, _)| h.contains("Subject: crcr"))
+        .expect("the Subject stayed in the header");
+    assert!(
+        crcr.0.contains("\r\nContent-Type: text/html\r\n"),
+        "{}",
+        crcr.0
+    );
+    assert_eq!(crcr.1, b"<b>hi</b>\r\n");
+}
+
+#[test]
 fn daemon_not_running_is_tempfail() {
     let dir = TempDir::new();
     std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
