@@ -1012,7 +1012,11 @@ fn submit(
         conn.quit();
         return Err(refusal("EHLO", &r));
     }
-    let r = conn.command(&format!("MAIL FROM:<{sender}>"))?;
+    // A non-ASCII address needs SMTPUTF8 (RFC 6531), which the daemon
+    // offers; asked for only then, as Postfix's sendmail does.
+    let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+    let param = if utf8 { " SMTPUTF8" } else { "" };
+    let r = conn.command(&format!("MAIL FROM:<{sender}>{param}"))?;
     if r.code != 250 {
         conn.quit();
         return Err(refusal(&format!("<{sender}>"), &r));

@@ -305,6 +305,27 @@ fn long_lines_are_broken_and_doubled_carriage_returns_end_one_line() {
 }
 
 #[test]
+fn a_non_ascii_recipient_is_sent_with_smtputf8() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    ok(&sendmail(
+        &dir,
+        &["r@bücher.example"],
+        "Subject: Bücher\n\nhi\n".as_bytes(),
+    ));
+    assert!(
+        wait_for(Duration::from_secs(10), || s.queue().len() == 1),
+        "{}",
+        s.log()
+    );
+    let (_, envelope) = &s.queue()[0];
+    assert!(
+        envelope.contains("rcpt pending r@b%C3%BCcher.example"),
+        "{envelope}"
+    );
+}
+
+#[test]
 fn daemon_not_running_is_tempfail() {
     let dir = TempDir::new();
     std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
