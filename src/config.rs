@@ -1137,6 +1137,23 @@ fn at_least<T: PartialOrd + Copy>(
     }
 }
 
+const QUEUE_CLASH: &str = "must not be data_dir or inside its incoming/, queue/ or corrupt/: \
+     Maildirs there would be taken for queue entries (and mail to users named \
+     incoming or queue would be swept away at start)";
+
+/// True when Maildirs at `path` (or under it) would share directories with
+/// the queue in `data_dir`. Compared as absolute paths, without resolving
+/// symlinks.
+fn clashes_with_queue(path: &Path, data_dir: &Path) -> bool {
+    let (Ok(path), Ok(data)) = (std::path::absolute(path), std::path::absolute(data_dir)) else {
+        return false;
+    };
+    path.components().eq(data.components())
+        || ["incoming", "queue", "corrupt"]
+            .iter()
+            .any(|own| path.starts_with(data.join(own)))
+}
+
 fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, ConfigError> {
     let mut domains = Vec::new();
     for d in raw.domains.iter().flatten() {
@@ -1156,6 +1173,9 @@ fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, C
     let maildir_root = match raw.maildir_root {
         Some(root) if root.get_ref().as_os_str().is_empty() => {
             return Err(ctx.error(&root, "must not be empty"))
+        }
+        Some(root) if clashes_with_queue(root.get_ref(), data_dir) => {
+            return Err(ctx.error(&root, QUEUE_CLASH))
         }
         Some(root) => root.into_inner(),
         None => data_dir.join("mail"),
@@ -1195,6 +1215,9 @@ fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, C
                     dir.get_ref().display()
                 ),
             ));
+        }
+        if clashes_with_queue(dir.get_ref(), data_dir) {
+            return Err(ctx.error(&dir, QUEUE_CLASH));
         }
         if mailboxes.insert(name, dir.get_ref().clone()).is_some() {
             return Err(ctx.error(
@@ -1789,6 +1812,9 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ("[local]\nusers = [\"ok\", \"bad/name\"]\n", "postling.toml:2: local.users[1]: invalid user name \"bad/name\""),
             ("[local]\ndomains = [\"pi.lan\", \"bad_domain\"]\n", "postling.toml:2: local.domains[1]: invalid domain \"bad_domain\""),
             ("[local]\nmaildir_root = \"\"\n", "postling.toml:2: local.maildir_root: must not be empty"),
+            ("data_dir = \"/var/lib/postling\"\n[local]\nmaildir_root = \"/var/lib/postling/\"\n", "postling.toml:3: local.maildir_root: must not be data_dir or inside its incoming/"),
+            ("data_dir = \"/var/lib/postling\"\n[local]\nmaildir_root = \"/var/lib/./postling/queue/x\"\n", "postling.toml:3: local.maildir_root: must not be data_dir or inside its incoming/"),
+            ("data_dir = \"/d\"\n[local.mailboxes]\nalice = \"/d/incoming\"\n", "postling.toml:3: local.mailboxes.alice: must not be data_dir or inside its incoming/"),
             ("[local]\naliases = \"/nonexistent/aliases\"\n", "postling.toml:2: local.aliases: cannot read \"/nonexistent/aliases\": No such file or directory"),
             ("[limits]\nmax_recipients = 10 0\n", "postling.toml:2: limits.max_recipients: string values must be quoted"),
             ("hostname = \"x\n", "postling.toml:1: hostname: invalid basic string"),

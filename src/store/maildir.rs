@@ -274,10 +274,17 @@ fn escape_host(hostname: &str) -> String {
 /// Removes files in `<maildir>/tmp/` older than `age` (the Maildir spec's
 /// 36 hours): what a crash left between create and rename. Never follows
 /// a symlink, and never removes a name that is the last link the disk
-/// counts of a message in `new/` or `cur/` ([`super::shares_last_link`]);
-/// returns how many were removed. Errors are skipped: a sweep must never
-/// stop the server from starting.
+/// counts of a message in `new/` or `cur/` ([`super::shares_last_link`]),
+/// and sweeps nothing in a directory without `new/` and `cur/` (not a
+/// Maildir); returns how many were removed. Errors are skipped: a sweep
+/// must never stop the server from starting.
 pub fn sweep_tmp(maildir: &Path, age: std::time::Duration) -> usize {
+    // Only a Maildir's tmp/: a directory under maildir_root that has no
+    // new/ and cur/ beside it is someone's folder, and its tmp/ theirs.
+    let is_dir = |sub: &str| fs::symlink_metadata(maildir.join(sub)).is_ok_and(|m| m.is_dir());
+    if !is_dir("new") || !is_dir("cur") {
+        return 0;
+    }
     let tmp = maildir.join("tmp");
     let Ok(entries) = fs::read_dir(&tmp) else {
         return 0;
@@ -508,6 +515,17 @@ mod tests {
         assert_eq!(
             sweep_tmp(&t.path().join("none"), std::time::Duration::ZERO),
             0
+        );
+        // A folder with a tmp/ but no new/ and cur/ is not a Maildir: its
+        // files are someone's, and stay.
+        let home = t.path().join("bob");
+        fs::create_dir_all(home.join("tmp")).expect("mkdir");
+        fs::write(home.join("tmp").join("notes.txt"), b"mine").expect("write");
+        fs::create_dir(home.join("new")).expect("mkdir");
+        assert_eq!(sweep_tmp(&home, std::time::Duration::ZERO), 0);
+        assert_eq!(
+            fs::read(home.join("tmp").join("notes.txt")).expect("kept"),
+            b"mine"
         );
     }
 
