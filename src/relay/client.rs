@@ -552,7 +552,13 @@ impl Client {
         if reply.code / 100 == 2 {
             self.ehlo_command();
         } else {
-            self.finish_by_reply(&reply, "the greeting");
+            // Even a 5xx greeting only defers: it says this host will not
+            // talk to us now, not that the address is bad, so the next MX
+            // is tried, and the last one's 5xx leaves the mail queued
+            // (Postfix's default, smtp_skip_5xx_greeting = yes).
+            self.finish_all(&RcptResult::Deferred {
+                reason: diagnostic(&reply, "the greeting"),
+            });
             self.quit();
         }
     }
@@ -1199,10 +1205,11 @@ mod tests {
 
     #[test]
     fn greeting_decides_for_everyone() {
+        // A 5xx greeting defers too: the next MX may take the mail.
         let (_, o) = run(job(&["b@y.test"]), &["554 5.7.1 go away", "221 bye"]);
         assert_eq!(
             results(&o),
-            ["b@y.test failed: 554 5.7.1 go away (in reply to the greeting)"]
+            ["b@y.test deferred: 554 5.7.1 go away (in reply to the greeting)"]
         );
         let (_, o) = run(job(&["b@y.test"]), &["421 4.3.2 busy", "EOF"]);
         assert_eq!(

@@ -75,7 +75,16 @@ impl TestServer {
     /// Listens on 127.0.0.1 on a free port and serves connections one at a
     /// time on a thread.
     pub fn start(script: Script) -> io::Result<TestServer> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        TestServer::start_on("127.0.0.1:0".parse().expect("address"), script)
+    }
+
+    /// [`TestServer::start`] on `addr`, which must be a loopback address
+    /// (another 127.x.y.z beside a server on 127.0.0.1, say).
+    pub fn start_on(addr: SocketAddr, script: Script) -> io::Result<TestServer> {
+        if !addr.ip().is_loopback() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "loopback only"));
+        }
+        let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let record = Arc::new(Mutex::new(Record::default()));
         let stop = Arc::new(AtomicBool::new(false));

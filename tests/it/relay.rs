@@ -346,6 +346,42 @@ fn a_crash_while_other_domains_are_still_running_never_loses_a_bounce() {
 }
 
 #[test]
+fn a_primary_mx_that_greets_with_554_is_skipped_for_the_backup() {
+    let backup = TestServer::start(Script::default()).expect("backup");
+    let port = backup.addr.port();
+    let primary = TestServer::start_on(
+        format!("127.0.0.2:{port}").parse().expect("address"),
+        Script {
+            greeting: "554 5.3.2 mx1 not accepting mail now".into(),
+            ..Script::default()
+        },
+    )
+    .expect("primary");
+    let dns = TestDns::start(vec![
+        Record::mx("two.test", 10, "mx1.two.test"),
+        Record::a("mx1.two.test", "127.0.0.2".parse().expect("ip")),
+        Record::mx("two.test", 20, "mx2.two.test"),
+        Record::a("mx2.two.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let a = Server::start(&dir, &relay_config(&format!("mx_port = {port}\n"), &dns));
+    send(
+        &a,
+        "cron@localhost",
+        &["bob@two.test"],
+        "Subject: b\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || backup.messages().len() == 1),
+        "{}",
+        a.log()
+    );
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+    assert_eq!(primary.lines(), ["QUIT"], "the primary only heard QUIT");
+    assert!(a.mail("cron").is_empty(), "no bounce");
+}
+
+#[test]
 fn connection_dropped_mid_data_defers() {
     let server = TestServer::start(Script {
         drop_mid_data: true,
