@@ -548,6 +548,11 @@ impl Conn<'_> {
                     self.close_with(&r);
                     return Ok(());
                 }
+                Action::CloseAfter(r) => {
+                    self.queue(&r);
+                    self.close_with(&reply::too_many_errors());
+                    return Ok(());
+                }
                 Action::StartTls(r) => {
                     self.queue(&r);
                     self.flush()?;

@@ -40,6 +40,11 @@ pub enum Action {
     Reply(Reply),
     /// Send this reply, then close the connection.
     Close(Reply),
+    /// Send this reply, then `421 4.7.0 Too many errors` and close: the
+    /// session passed `max_errors`, but this reply still answers the
+    /// client's command (a permanent refusal must stay permanent, or the
+    /// client would retry a message that can never be taken).
+    CloseAfter(Reply),
     /// Open a spool file; on success send `354` and stream the data into it,
     /// then report with `data_done`; on failure report `Storage` at once.
     Data(Message),
@@ -275,14 +280,14 @@ impl<'c> Session<'c> {
     }
 
     fn count_errors(&mut self, action: Action) -> Action {
-        let Action::Reply(r) = &action else {
+        let Action::Reply(r) = action else {
             return action;
         };
         // 452 "too many recipients" is the client's cue to send the rest in
         // another transaction (RFC 5321 4.5.3.1.10), not misbehaviour: it
         // must not end the session before the accepted ones get the mail.
         if !r.is_error() || r.code == 452 {
-            return action;
+            return Action::Reply(r);
         }
         self.errors += 1;
         debug!("session={} error={} reply=\"{}\"", self.id, self.errors, r);
@@ -292,9 +297,9 @@ impl<'c> Session<'c> {
                 self.id, self.errors
             );
             self.set_state(State::Closed);
-            return Action::Close(reply::too_many_errors());
+            return Action::CloseAfter(r);
         }
-        action
+        Action::Reply(r)
     }
 
     fn dispatch(&mut self, cmd: Command<'_>) -> Action {
@@ -712,7 +717,7 @@ mod tests {
         script
             .split('|')
             .map(|cmd| match s.command(cmd.as_bytes()) {
-                Action::Reply(r) | Action::Close(r) => {
+                Action::Reply(r) | Action::Close(r) | Action::CloseAfter(r) => {
                     format!("{} {}", r.code, r.enhanced.unwrap_or(""))
                         .trim_end()
                         .to_string()
@@ -836,7 +841,8 @@ mod tests {
         assert!(matches!(s.command(b"X"), Action::Reply(_)));
         assert!(matches!(s.command(b"X"), Action::Reply(_)));
         match s.command(b"X") {
-            Action::Close(r) => assert_eq!((r.code, r.enhanced), (421, Some("4.7.0"))),
+            // The reply itself, then the close.
+            Action::CloseAfter(r) => assert_eq!(r.code, 500),
             other => panic!("{other:?}"),
         }
     }

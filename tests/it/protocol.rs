@@ -184,11 +184,30 @@ fn too_many_errors_end_the_session() {
     for _ in 0..3 {
         assert!(c.cmd("BOGUS").starts_with("500"));
     }
-    assert_eq!(
-        c.cmd("BOGUS"),
-        "421 4.7.0 Too many errors, closing connection"
-    );
+    // The fourth error still gets its own reply, then the 421.
+    assert!(c.cmd("BOGUS").starts_with("500"));
+    assert_eq!(c.reply(), "421 4.7.0 Too many errors, closing connection");
     assert!(c.is_closed());
+
+    // A permanent refusal past the limit stays permanent: a client must
+    // not retry a message that can never fit.
+    let dir = TempDir::new();
+    let s = Server::start(
+        &dir,
+        "[limits]\nmax_errors = 1\nmax_message_size = \"1K\"\n",
+    );
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("BOGUS").starts_with("500"));
+    let r = c.send_mail(
+        "a@b.test",
+        &["alice@localhost"],
+        &format!("{}\r\n", "x".repeat(70)).repeat(30),
+    );
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    assert_eq!(c.reply(), "421 4.7.0 Too many errors, closing connection");
+    assert!(c.is_closed());
+    assert!(s.mail("alice").is_empty());
 }
 
 #[test]
