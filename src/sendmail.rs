@@ -8,7 +8,12 @@
 //! header section (bounded by [`MAX_HEADER`]) is held in memory so `-t` can
 //! take recipients from To/Cc/Bcc, Bcc can be removed and a missing `From:`,
 //! `Date:` or `Message-ID:` (RFC 5322 3.6) can be added; the body is
-//! streamed to the socket and never held whole. On the way, any line ending
+//! never held whole: the message, encoded for DATA, goes into an unnamed
+//! file in the temporary directory while it is read, and only then is the
+//! daemon called, so a cron job that writes for an hour is not cut off by
+//! the daemon's DATA timeout, and recipients over the daemon's
+//! `max_recipients` get the same message in a further transaction
+//! (RFC 5321 4.5.3.1.10). On the way, any line ending
 //! (LF, CRLF, or a lone CR) becomes CRLF and lines are dot-stuffed
 //! (RFC 5321 4.5.2). Without `-i`, a line holding a single "." ends the
 //! message, as in classic sendmail. A `Bcc:` field is always removed (with
@@ -19,9 +24,9 @@
 //! It does not decide the envelope sender: the daemon learns the Unix user
 //! from SO_PEERCRED and, unless the user is trusted, replaces `MAIL FROM`
 //! with `login@<first local domain>` (see `smtp::conn::serve_local`). If the
-//! daemon is not running, nothing is written anywhere: the exit code is 75
-//! (EX_TEMPFAIL) so the caller keeps the message and may retry. There is no
-//! maildrop directory.
+//! daemon is not running, nothing is kept (the temporary file has no name):
+//! the exit code is 75 (EX_TEMPFAIL) so the caller keeps the message and
+//! may retry. There is no maildrop directory.
 //!
 //! Exit codes follow sysexits.h: 0 sent, 64 usage, 65 bad message data,
 //! 67 no recipient accepted, 69 refused by the daemon, 74 I/O error,
@@ -1001,6 +1006,10 @@ fn submit(
         message_id: message_id(&config.hostname),
     };
 
+    let mut spool = spool_file()?;
+    let limit = config.limits.max_message_size.saturating_mul(2);
+    write_data(&mut spool, &header, &added, input, !opts.ignore_dots, limit)?;
+
     let path = config.data_dir.join(SUBMIT_SOCKET);
     let mut conn = Conn::connect(&path, Some(SOCKET_TIMEOUT))?;
     let greeting = conn.reply()?;
@@ -1016,39 +1025,102 @@ fn submit(
     // offers; asked for only then, as Postfix's sendmail does.
     let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
     let param = if utf8 { " SMTPUTF8" } else { "" };
-    let r = conn.command(&format!("MAIL FROM:<{sender}>{param}"))?;
-    if r.code != 250 {
-        conn.quit();
-        return Err(refusal(&format!("<{sender}>"), &r));
-    }
-    let mut accepted = 0;
-    for rcpt in &recipients {
-        let r = conn.command(&format!("RCPT TO:<{rcpt}>"))?;
-        if r.is_positive() {
-            accepted += 1;
-        } else if r.is_transient() {
-            // Sending to the others now would make a retry a duplicate for
-            // them: give up on the whole message, the caller retries it.
+    let mut todo = &recipients[..];
+    let mut sent = false;
+    while !todo.is_empty() {
+        let r = conn.command(&format!("MAIL FROM:<{sender}>{param}"))?;
+        if r.code != 250 {
             conn.quit();
-            return Err(refusal(rcpt, &r));
-        } else {
-            let _ = writeln!(diag, "sendmail: {rcpt}: {}", r.one_line());
+            return Err(refusal(&format!("<{sender}>"), &r));
+        }
+        let mut accepted = 0;
+        let mut next: &[String] = &[];
+        for (k, rcpt) in todo.iter().enumerate() {
+            let r = conn.command(&format!("RCPT TO:<{rcpt}>"))?;
+            if r.is_positive() {
+                accepted += 1;
+            } else if r.code == 452 && accepted > 0 {
+                // Too many recipients for one transaction: these get the
+                // message, the rest the same message in the next one.
+                next = &todo[k..];
+                break;
+            } else if r.is_transient() {
+                // Sending to the others now would make a retry a duplicate for
+                // them: give up on the whole message, the caller retries it.
+                conn.quit();
+                return Err(refusal(rcpt, &r));
+            } else {
+                let _ = writeln!(diag, "sendmail: {rcpt}: {}", r.one_line());
+            }
+        }
+        todo = next;
+        if accepted == 0 {
+            break;
+        }
+        send_spooled(&mut conn, &mut spool)?;
+        sent = true;
+    }
+    conn.quit();
+    if sent {
+        Ok(exit::OK)
+    } else {
+        Err(Error::NoRecipient)
+    }
+}
+
+/// An unnamed, private file in the temporary directory (`$TMPDIR`, else
+/// `/tmp`): created with a fresh name, mode 0600, and unlinked at once, so
+/// nothing is left behind however sendmail ends.
+fn spool_file() -> Result<std::fs::File, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    let fail = |e: io::Error| {
+        Error::TempFail(format!("cannot keep the message in {}: {e}", dir.display()))
+    };
+    for attempt in 0..8 {
+        let path = dir.join(format!(
+            ".postling-sendmail.{}.{}.{attempt}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        ));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(file) => {
+                std::fs::remove_file(&path).map_err(fail)?;
+                return Ok(file);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(fail(e)),
         }
     }
-    if accepted == 0 {
-        conn.quit();
-        return Err(Error::NoRecipient);
-    }
+    Err(fail(io::Error::from(io::ErrorKind::AlreadyExists)))
+}
+
+/// DATA, the spooled message, and the daemon's verdict on it.
+fn send_spooled(conn: &mut Conn, spool: &mut std::fs::File) -> Result<(), Error> {
+    use std::io::Seek;
     let r = conn.command("DATA")?;
     if r.code != 354 {
         conn.quit();
         return Err(refusal("DATA", &r));
     }
-    let written = send_data(&conn.stream, &header, &added, input, !opts.ignore_dots);
-    match written {
-        Ok(()) => {}
-        // The daemon may have given up on us (size, timeout): its reply, if
-        // any, says why.
+    let copied = spool
+        .rewind()
+        .map_err(|e| Error::Io(format!("reading the kept message: {e}")))
+        .and_then(|()| io::copy(spool, &mut conn.stream).map_err(|e| broken(&e.to_string())));
+    match copied {
+        Ok(_) => {}
+        // The daemon may have given up on us (size): its reply, if any,
+        // says why.
         Err(Error::TempFail(m)) => {
             return match conn.reply() {
                 Ok(r) if !r.is_positive() => Err(final_error(&r)),
@@ -1058,10 +1130,10 @@ fn submit(
         Err(e) => return Err(e),
     }
     let r = conn.reply()?;
-    conn.quit();
     if r.code == 250 {
-        Ok(exit::OK)
+        Ok(())
     } else {
+        conn.quit();
         Err(final_error(&r))
     }
 }
@@ -1078,18 +1150,21 @@ fn final_error(r: &ServerReply) -> Error {
     }
 }
 
-/// Writes the message as DATA: header fields, the added ones, the empty
-/// line, the body from `input`, and the final dot.
-fn send_data(
-    stream: &UnixStream,
+/// Writes the message as DATA into `out` (the spool): header fields, the
+/// added ones, the empty line, the body from `input`, and the final dot.
+/// More than `limit` octets is an error: the daemon would refuse it, and
+/// the temporary directory must not fill up first.
+fn write_data(
+    out: &mut impl Write,
     header: &Header,
     added: &Added,
     input: &mut impl BufRead,
     stop_at_dot: bool,
+    limit: u64,
 ) -> Result<(), Error> {
-    let mut w = BufWriter::with_capacity(CHUNK, stream);
+    let mut w = BufWriter::with_capacity(CHUNK, out);
     let mut enc = Encoder::new(stop_at_dot);
-    let mut out = Vec::with_capacity(2 * CHUNK);
+    let mut buf = Vec::with_capacity(2 * CHUNK);
     let mut head = Vec::new();
     for f in &header.fields {
         head.extend_from_slice(f);
@@ -1102,39 +1177,48 @@ fn send_data(
     head.push(b'\n');
     // Header lines cannot be the "." line (`Header::read` stops there), so
     // they only get CRLF and dot-stuffing here.
-    let mut ended = enc.push(&head, &mut out);
+    let mut ended = enc.push(&head, &mut buf);
     if let Some(line) = &header.first_body_line {
-        ended = enc.push(line, &mut out);
+        ended = enc.push(line, &mut buf);
     }
-    let sock = |e: io::Error| broken(&e.to_string());
-    w.write_all(&out).map_err(sock)?;
+    let mut written = 0u64;
+    let mut keep = |w: &mut BufWriter<&mut _>, bytes: &[u8]| -> Result<(), Error> {
+        written += bytes.len() as u64;
+        if written > limit {
+            return Err(Error::DataErr(format!(
+                "message too big (over {limit} octets); message not sent"
+            )));
+        }
+        w.write_all(bytes)
+            .map_err(|e| Error::TempFail(format!("cannot keep the message: {e}")))
+    };
+    keep(&mut w, &buf)?;
     if !ended && !header.input_ended {
-        let mut buf = vec![0u8; CHUNK];
+        let mut chunk = vec![0u8; CHUNK];
         loop {
-            let n = match input.read(&mut buf) {
+            let n = match input.read(&mut chunk) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // Never let a half-read message through: drop the
-                    // connection without the final dot.
+                    // Never let a half-read message through.
                     return Err(Error::Io(format!("reading the message: {e}")));
                 }
             };
-            out.clear();
-            let ended = enc.push(&buf[..n], &mut out);
-            w.write_all(&out).map_err(sock)?;
+            buf.clear();
+            let ended = enc.push(&chunk[..n], &mut buf);
+            keep(&mut w, &buf)?;
             if ended {
                 break;
             }
         }
     }
-    out.clear();
-    enc.finish(&mut out);
-    out.extend_from_slice(b".\r\n");
-    w.write_all(&out).map_err(sock)?;
-    w.flush().map_err(sock)?;
-    Ok(())
+    buf.clear();
+    enc.finish(&mut buf);
+    buf.extend_from_slice(b".\r\n");
+    keep(&mut w, &buf)?;
+    w.flush()
+        .map_err(|e| Error::TempFail(format!("cannot keep the message: {e}")))
 }
 
 #[cfg(test)]

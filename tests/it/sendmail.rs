@@ -326,6 +326,48 @@ fn a_non_ascii_recipient_is_sent_with_smtputf8() {
 }
 
 #[test]
+fn a_job_that_writes_slowly_is_not_cut_off_by_the_data_timeout() {
+    // cron starts sendmail at a job's first output and streams the rest as
+    // it comes: a long job with little output must still be mailed whole.
+    let dir = TempDir::new();
+    let config = format!("{}[limits]\ndata_timeout = \"1s\"\n", config(&dir));
+    let s = Server::start(&dir, &config);
+    let mut child = Command::new(bin())
+        .arg("sendmail")
+        .arg("-C")
+        .arg(dir.path().join("postling.toml"))
+        .arg("root")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sendmail");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"Subject: nightly\n\nstep 1 done\n")
+        .expect("write");
+    // Three times the daemon's DATA timeout without a byte.
+    thread::sleep(Duration::from_secs(3));
+    stdin.write_all(b"step 2 done\n").expect("write");
+    drop(stdin);
+    ok(&child.wait_with_output().expect("wait"));
+    let (_, body) = split_message(&mail(&s, "root", 1)[0]);
+    assert_eq!(body, b"step 1 done\r\nstep 2 done\r\n");
+}
+
+#[test]
+fn recipients_over_max_recipients_get_the_message_in_a_second_transaction() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    let users: Vec<String> = (0..130).map(|i| format!("u{i}")).collect();
+    let args: Vec<&str> = users.iter().map(String::as_str).collect();
+    ok(&sendmail(&dir, &args, b"Subject: everyone\n\nhi\n"));
+    for u in &users {
+        assert_eq!(mail(&s, u, 1).len(), 1, "{u}");
+    }
+}
+
+#[test]
 fn daemon_not_running_is_tempfail() {
     let dir = TempDir::new();
     std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
@@ -372,6 +414,22 @@ fn refused_recipients_are_reported_and_none_accepted_is_nouser() {
     assert_eq!(mail(&s, "root", 1).len(), 1);
     let out = sendmail(&dir, &["nobody-here"], b"Subject: x\n\nhi\n");
     assert_eq!(out.status.code(), Some(67), "{out:?}");
+}
+
+#[test]
+fn a_message_over_the_size_limit_is_a_data_error_and_nothing_is_sent() {
+    let dir = TempDir::new();
+    let config = format!("{}[limits]\nmax_message_size = \"1K\"\n", config(&dir));
+    let s = Server::start(&dir, &config);
+    let line = format!("{}\n", "x".repeat(70));
+    // Refused by the daemon (552), and, far over, before it is asked.
+    for lines in [20, 1000] {
+        let input = format!("Subject: big\n\n{}", line.repeat(lines));
+        let out = sendmail(&dir, &["root"], input.as_bytes());
+        assert_eq!(out.status.code(), Some(65), "{lines}: {out:?}");
+    }
+    ok(&sendmail(&dir, &["root"], b"Subject: small\n\nhi\n"));
+    assert_eq!(mail(&s, "root", 1).len(), 1);
 }
 
 #[test]
