@@ -615,12 +615,17 @@ impl Header {
             .retain(|f| !Header::name(f).eq_ignore_ascii_case(name.as_bytes()));
     }
 
-    /// The recipients `-t` takes: every address in To, Cc and Bcc.
+    /// The recipients `-t` takes: every address in To, Cc and Bcc, or, in
+    /// a message being resent (RFC 5322 3.6.6), in Resent-To, Resent-Cc
+    /// and Resent-Bcc only, as Postfix's cleanup does.
     pub fn recipient_lists(&self) -> Vec<String> {
-        ["To", "Cc", "Bcc"]
-            .iter()
-            .flat_map(|n| self.values(n))
-            .collect()
+        const RESENT: [&str; 3] = ["Resent-To", "Resent-Cc", "Resent-Bcc"];
+        let names = if RESENT.iter().any(|n| self.has(n)) {
+            RESENT
+        } else {
+            ["To", "Cc", "Bcc"]
+        };
+        names.iter().flat_map(|n| self.values(n)).collect()
     }
 }
 
@@ -974,6 +979,7 @@ fn submit(
     }
     // Bcc is never sent on: it would tell every recipient who else got it.
     header.remove("Bcc");
+    header.remove("Resent-Bcc");
     if recipients.is_empty() {
         return Err(Error::Usage("no recipients".into()));
     }
@@ -1471,6 +1477,17 @@ mod tests {
             add_recipients(&list, "pi.lan", &mut rcpts);
         }
         assert_eq!(rcpts, ["a@b", "c@d"]);
+
+        // A resent message goes to its Resent- recipients only.
+        let (h, _) = read(
+            b"Resent-To: frank@x\nResent-Bcc: grace@y\nResent-From: root@pi\nTo: alice@z\n\n",
+            true,
+        );
+        let mut rcpts = Vec::new();
+        for list in h.recipient_lists() {
+            add_recipients(&list, "pi.lan", &mut rcpts);
+        }
+        assert_eq!(rcpts, ["frank@x", "grace@y"]);
     }
 
     #[test]

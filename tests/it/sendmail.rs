@@ -161,6 +161,29 @@ fn t_i_like_cron_reaches_every_recipient_without_bcc() {
 }
 
 #[test]
+fn t_on_a_resent_message_uses_the_resent_recipients_and_hides_resent_bcc() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    ok(&sendmail(
+        &dir,
+        &["-t"],
+        b"Resent-To: frank@localhost\nResent-From: root@localhost\nResent-Bcc: grace@localhost\nTo: alice@localhost\nSubject: resent\n\nbody\n",
+    ));
+    for user in ["frank", "grace"] {
+        let (header, _) = split_message(&mail(&s, user, 1)[0]);
+        assert!(!header.contains("Resent-Bcc"), "{user}: {header}");
+        assert!(
+            header.contains("\r\nResent-To: frank@localhost\r\n"),
+            "{header}"
+        );
+    }
+    assert!(
+        s.mail("alice").is_empty(),
+        "the original recipient is not sent it again"
+    );
+}
+
+#[test]
 fn without_i_a_dot_line_ends_the_message() {
     let dir = TempDir::new();
     let s = Server::start(&dir, &config(&dir));
