@@ -87,10 +87,14 @@ pub fn open_with_client<'m>(
 ) -> io::Result<Sink<'m>> {
     let config = ctx.config();
     let copies = message.mailboxes();
+    let remote = message.remote();
+    let several = copies.len() + usize::from(!remote.is_empty()) > 1;
     for copy in &copies {
         maildir::prepare(copy.dir, within(copy.dir, &config.local.maildir_root))?;
+        if several {
+            maildir::check_writable(copy.dir)?;
+        }
     }
-    let remote = message.remote();
     let (id, file) = match copies.first() {
         Some(first) if remote.is_empty() => {
             let header = trace_header(&message.sender, &first.delivered_to);

@@ -203,6 +203,21 @@ pub fn prepare(dir: &Path, root: Option<&Path>) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this process may write into `dir/tmp/` and `dir/new/` now
+/// (`access(2)`: mode bits, ACLs, a read-only mount, an immutable flag).
+/// For a message with several copies, checked for every mailbox before any
+/// is written: otherwise one broken mailbox would make the client retry,
+/// and every retry would add a copy to the healthy ones.
+pub fn check_writable(dir: &Path) -> io::Result<()> {
+    use nix::unistd::{access, AccessFlags};
+    for sub in ["tmp", "new"] {
+        let path = dir.join(sub);
+        access(&path, AccessFlags::W_OK | AccessFlags::X_OK)
+            .map_err(|e| at(&path)(io::Error::from(e)))?;
+    }
+    Ok(())
+}
+
 fn outside(dir: &Path, root: &Path) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,

@@ -250,6 +250,63 @@ fn a_failed_write_gets_451_and_leaves_no_partial_file() {
 }
 
 #[test]
+fn a_mailbox_it_may_not_write_to_is_found_before_any_copy_is_written() {
+    // Running as nobody (the systemd unit's kind of user), with bob's new/
+    // made read-only: without the check, alice got a copy at each of the
+    // client's retries.
+    let root = fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    });
+    let dir = TempDir::new();
+    if !root || !crate::util::others_can_reach(dir.path()) {
+        eprintln!("skipped: needs root, and a scratch directory others can reach");
+        return;
+    }
+    let data = dir.path().join("data");
+    for d in [
+        "",
+        "mail",
+        "mail/bob",
+        "mail/bob/tmp",
+        "mail/bob/new",
+        "mail/bob/cur",
+    ] {
+        let path = data.join(d);
+        fs::create_dir_all(&path).expect("mkdir");
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).expect("chown");
+    }
+    let mut perms = fs::metadata(data.join("mail/bob/new"))
+        .expect("meta")
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o500);
+    fs::set_permissions(data.join("mail/bob/new"), perms).expect("chmod");
+    let s = Server::start(
+        &dir,
+        "user = \"nobody\"\n[local]\ndomains = [\"localhost\"]\n",
+    );
+    for _ in 0..3 {
+        let mut c = s.client();
+        c.cmd("EHLO client.test");
+        assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+        for to in ["alice@localhost", "bob@localhost"] {
+            assert!(c.cmd(&format!("RCPT TO:<{to}>")).starts_with("250"));
+        }
+        let r = c.cmd("DATA");
+        assert!(r.starts_with("451 4.3.0"), "{r}");
+    }
+    assert!(s.mail("alice").is_empty(), "a copy per retry");
+    assert!(s.log().contains("Permission denied"), "{}", s.log());
+    // One recipient alone: no duplicate is possible, and the mail is taken.
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .send_mail("a@b.test", &["alice@localhost"], "Subject: a\r\n\r\nhi\r\n")
+        .starts_with("250"));
+    assert_eq!(s.mail("alice").len(), 1);
+}
+
+#[test]
 fn local_mail_is_written_straight_into_the_maildir_and_a_dropped_one_is_removed() {
     let dir = TempDir::new();
     let aliases = dir.path().join("aliases");
