@@ -27,6 +27,7 @@ use toml::Spanned;
 
 use crate::aliases::{self, Aliases};
 use crate::local::{self, Local, ResolveError};
+use crate::store::maildir::Sharing;
 
 /// Command-line flags that override the file.
 #[derive(Debug, Clone, Default)]
@@ -521,6 +522,8 @@ struct RawLocal {
     mailboxes: Option<BTreeMap<String, Spanned<PathBuf>>>,
     aliases: Option<Spanned<PathBuf>>,
     trusted_users: Option<Vec<String>>,
+    mode: Option<Spanned<FileMode>>,
+    group: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -564,6 +567,71 @@ impl<'de> Deserialize<'de> for OptSecs {
                 )),
             },
         })
+    }
+}
+
+/// The mode of Maildir files: octal digits as a string ("0640") or a TOML
+/// octal integer (0o640). The owner keeps read and write; nothing may be
+/// executable, special, or writable by others.
+#[derive(Clone, Copy)]
+struct FileMode(u32);
+
+impl FileMode {
+    fn check(mode: u32) -> Result<FileMode, String> {
+        if mode > 0o777 || mode & 0o600 != 0o600 || mode & 0o113 != 0 {
+            return Err(format!(
+                "mode {mode:04o} is not allowed (from 0600 to 0664, no x bits, \
+                 not writable by others; e.g. \"0640\")"
+            ));
+        }
+        Ok(FileMode(mode))
+    }
+}
+
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<FileMode, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = FileMode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a file mode such as \"0640\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<FileMode, E> {
+                u32::try_from(v)
+                    .map_err(|_| E::custom(format!("mode {v} is negative")))
+                    .and_then(|m| FileMode::check(m).map_err(E::custom))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<FileMode, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<FileMode, E> {
+                let octal =
+                    !v.is_empty() && v.len() <= 4 && v.bytes().all(|b| (b'0'..=b'7').contains(&b));
+                if !octal {
+                    return Err(E::custom(format!(
+                        "invalid mode \"{v}\" (expected octal digits, e.g. \"0640\")"
+                    )));
+                }
+                let mode = u32::from_str_radix(v, 8).map_err(E::custom)?;
+                FileMode::check(mode).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A group by name (looked up in the group database) or by number.
+fn group_id(ctx: &Ctx<'_>, group: &Spanned<String>) -> Result<u32, ConfigError> {
+    let name = group.get_ref();
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return name
+            .parse()
+            .map_err(|_| ctx.error(group, format!("invalid group id \"{name}\"")));
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(ctx.error(group, format!("unknown group \"{name}\""))),
+        Err(e) => Err(ctx.error(group, format!("cannot look up group \"{name}\": {e}"))),
     }
 }
 
@@ -1227,6 +1295,12 @@ fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, C
         }
     }
 
+    let sharing = Sharing {
+        file_mode: raw
+            .mode
+            .map_or(Sharing::default().file_mode, |m| m.into_inner().0),
+        gid: raw.group.as_ref().map(|g| group_id(ctx, g)).transpose()?,
+    };
     let mut local = Local {
         domains,
         maildir_root,
@@ -1234,6 +1308,7 @@ fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, C
         mailboxes,
         aliases: Aliases::default(),
         trusted_users: raw.trusted_users.unwrap_or_default(),
+        sharing,
     };
     if let Some(path) = raw.aliases {
         local.aliases = aliases::load(path.get_ref()).map_err(|e| match e.line {
@@ -1597,6 +1672,41 @@ mod tests {
         };
         let c = parse(text, None, &client).expect("a client does not open them");
         assert_eq!(c.tls.expect("tls").key, Path::new("/nonexistent/key.pem"));
+    }
+
+    #[test]
+    fn maildir_mode_and_group() {
+        let c = p("[local]\nmode = \"0640\"\ngroup = \"root\"\n").unwrap();
+        assert_eq!(
+            c.local.sharing,
+            Sharing {
+                file_mode: 0o640,
+                gid: Some(0)
+            }
+        );
+        let c = p("[local]\nmode = 0o644\ngroup = \"4242\"\n").unwrap();
+        assert_eq!(
+            (c.local.sharing.file_mode, c.local.sharing.gid),
+            (0o644, Some(4242))
+        );
+        assert_eq!(p("").unwrap().local.sharing, Sharing::default());
+        for (text, want) in [
+            ("mode = \"0755\"", "local.mode: mode 0755 is not allowed"),
+            ("mode = \"0646\"", "local.mode: mode 0646 is not allowed"),
+            ("mode = \"0400\"", "local.mode: mode 0400 is not allowed"),
+            (
+                "mode = \"rw-r-----\"",
+                "local.mode: invalid mode \"rw-r-----\"",
+            ),
+            ("mode = 640", "local.mode: mode 1200 is not allowed"),
+            (
+                "group = \"no-such-group-postling\"",
+                "local.group: unknown group",
+            ),
+        ] {
+            let e = p(&format!("[local]\n{text}\n")).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

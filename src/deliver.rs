@@ -90,7 +90,11 @@ pub fn open_with_client<'m>(
     let remote = message.remote();
     let several = copies.len() + usize::from(!remote.is_empty()) > 1;
     for copy in &copies {
-        maildir::prepare(copy.dir, within(copy.dir, &config.local.maildir_root))?;
+        maildir::prepare(
+            copy.dir,
+            within(copy.dir, &config.local.maildir_root),
+            config.local.sharing,
+        )?;
         if several {
             maildir::check_writable(copy.dir)?;
         }
@@ -98,7 +102,12 @@ pub fn open_with_client<'m>(
     let (id, file) = match copies.first() {
         Some(first) if remote.is_empty() => {
             let header = trace_header(&message.sender, &first.delivered_to);
-            let draft = Draft::create(first.dir, &config.hostname, header.as_bytes())?;
+            let draft = Draft::create(
+                first.dir,
+                &config.hostname,
+                header.as_bytes(),
+                config.local.sharing,
+            )?;
             (new_id(), SinkFile::Maildir(draft))
         }
         _ => {
@@ -148,6 +157,7 @@ pub fn store(message: &Message, sink: Sink<'_>, size: u64, ctx: &Context) -> io:
                     &config.hostname,
                     header.as_bytes(),
                     draft.body()?,
+                    config.local.sharing,
                 )?;
                 log_delivered(&id, sender, &copy.delivered_to, size, &path);
             }
@@ -162,6 +172,7 @@ pub fn store(message: &Message, sink: Sink<'_>, size: u64, ctx: &Context) -> io:
             &config.hostname,
             header.as_bytes(),
             spool.rewound()?,
+            config.local.sharing,
         )?;
         log_delivered(&id, sender, &copy.delivered_to, size, &path);
     }

@@ -20,6 +20,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::aliases::Aliases;
+use crate::store::maildir::Sharing;
 
 /// Most targets one recipient may expand to before we call it a loop.
 const MAX_TARGETS: usize = 1000;
@@ -43,6 +44,8 @@ pub struct Local {
     /// Unix users (besides root) whose `sendmail -f` sender is honoured;
     /// others always send as `login@<first domain>`. Default none.
     pub trusted_users: Vec<String>,
+    /// `mode` and `group`: who else may read the Maildirs postling creates.
+    pub sharing: Sharing,
 }
 
 /// Where one expanded recipient goes.
@@ -251,6 +254,7 @@ mod tests {
             aliases: crate::aliases::parse(aliases, Path::new("aliases"))
                 .expect("test aliases parse"),
             trusted_users: Vec::new(),
+            sharing: Sharing::default(),
         }
     }
 
@@ -465,6 +469,7 @@ plussed+x: bob@example.com
             mailboxes: BTreeMap::new(),
             aliases,
             trusted_users: Vec::new(),
+            sharing: Sharing::default(),
         };
         assert_eq!(
             local.resolve("root", "pi.lan"),

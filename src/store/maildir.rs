@@ -19,14 +19,65 @@
 //! caller passes the directory), does not build the header it is given, and
 //! never seeks a body it is given: the caller positions it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::{
-    at, create_dir_durable, group, next_counter, now_micros, pid, shares_last_link, symlink_refused,
+    at, check_real_dir, group, next_counter, now_micros, parent_of, pid, shares_last_link,
+    symlink_refused, sync_dir,
 };
+
+/// Who besides postling's own user may read the Maildirs it creates
+/// (`[local] mode` and `group`), for a mail reader or IMAP server running
+/// as another user. Applied to what postling creates only: a directory that
+/// already exists keeps its owner, group and mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sharing {
+    /// Mode of message files; directories get the same bits with x wherever
+    /// r is set (0640 -> 0750). Default 0600 (owner only).
+    pub file_mode: u32,
+    /// Group of every file and directory created; directories also get
+    /// setgid, so what others create in them (an IMAP server moving a
+    /// message to `cur/`) keeps the group too.
+    pub gid: Option<u32>,
+}
+
+impl Default for Sharing {
+    fn default() -> Sharing {
+        Sharing {
+            file_mode: super::FILE_MODE,
+            gid: None,
+        }
+    }
+}
+
+impl Sharing {
+    pub fn dir_mode(self) -> u32 {
+        let mode = self.file_mode | ((self.file_mode & 0o444) >> 2);
+        if self.gid.is_some() {
+            mode | 0o2000
+        } else {
+            mode
+        }
+    }
+
+    /// Gives a file or directory postling just created its group, then its
+    /// mode (set explicitly: the umask, 0077 under the systemd unit, would
+    /// take the group bits away, and mkdir(2) ignores setgid).
+    fn apply(self, created: &File, mode: u32, path: &Path) -> io::Result<()> {
+        if let Some(gid) = self.gid {
+            std::os::unix::fs::fchown(created, None, Some(gid)).map_err(at(path))?;
+        }
+        if self != Sharing::default() {
+            created
+                .set_permissions(Permissions::from_mode(mode))
+                .map_err(at(path))?;
+        }
+        Ok(())
+    }
+}
 
 /// Attempts at a fresh tmp name before giving up (a clash means a clock jump
 /// and a pid reused in the same microsecond, or a stray file).
@@ -56,8 +107,9 @@ pub fn deliver(
     header: &[u8],
     body: &mut File,
 ) -> io::Result<PathBuf> {
-    prepare(dir, root)?;
-    deliver_prepared(dir, hostname, header, body)
+    let sharing = Sharing::default();
+    prepare(dir, root, sharing)?;
+    deliver_prepared(dir, hostname, header, body, sharing)
 }
 
 /// `deliver` into a Maildir that `prepare` has just checked: for a caller
@@ -67,8 +119,9 @@ pub fn deliver_prepared(
     hostname: &str,
     header: &[u8],
     body: &mut File,
+    sharing: Sharing,
 ) -> io::Result<PathBuf> {
-    let mut draft = Draft::create(dir, hostname, header)?;
+    let mut draft = Draft::create(dir, hostname, header, sharing)?;
     io::copy(body, draft.file()).map_err(at(&draft.tmp))?;
     draft.publish()
 }
@@ -91,8 +144,17 @@ pub struct Draft {
 impl Draft {
     /// Creates `dir/tmp/<unique>` and writes `header` into it. `dir` must
     /// have been checked by [`prepare`].
-    pub fn create(dir: &Path, hostname: &str, header: &[u8]) -> io::Result<Draft> {
+    pub fn create(
+        dir: &Path,
+        hostname: &str,
+        header: &[u8],
+        sharing: Sharing,
+    ) -> io::Result<Draft> {
         let (tmp, file, unique) = create_tmp(dir, hostname)?;
+        if let Err(e) = sharing.apply(&file, sharing.file_mode, &tmp) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         let mut draft = Draft {
             dir: dir.to_path_buf(),
             tmp,
@@ -174,12 +236,12 @@ impl Drop for Draft {
 /// Checks and creates the directories down to `dir/{tmp,new,cur}`, with the
 /// same rules as `deliver` (which calls it too); lets a caller with several
 /// copies to write find a broken mailbox before writing any.
-pub fn prepare(dir: &Path, root: Option<&Path>) -> io::Result<()> {
+pub fn prepare(dir: &Path, root: Option<&Path>, sharing: Sharing) -> io::Result<()> {
     match root {
         Some(root) => {
             let rel = dir.strip_prefix(root).map_err(|_| outside(dir, root))?;
             if fs::metadata(root).is_err() {
-                create_dir_durable(root)?;
+                create_dir(root, sharing)?;
             }
             let mut cur = root.to_path_buf();
             for comp in rel.components() {
@@ -188,17 +250,17 @@ pub fn prepare(dir: &Path, root: Option<&Path>) -> io::Result<()> {
                     Component::CurDir => continue,
                     _ => return Err(outside(dir, root)),
                 }
-                ensure_dir(&cur)?;
+                ensure_dir(&cur, sharing)?;
             }
         }
         None => {
             if fs::metadata(dir).is_err() {
-                create_dir_durable(dir)?;
+                create_dir(dir, sharing)?;
             }
         }
     }
     for sub in ["tmp", "new", "cur"] {
-        ensure_dir(&dir.join(sub))?;
+        ensure_dir(&dir.join(sub), sharing)?;
     }
     Ok(())
 }
@@ -231,7 +293,7 @@ fn outside(dir: &Path, root: &Path) -> io::Error {
 
 /// Ok if `path` is a real directory; creates it durably if missing; refuses a
 /// symlink or anything else.
-fn ensure_dir(path: &Path) -> io::Result<()> {
+fn ensure_dir(path: &Path, sharing: Sharing) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => Err(symlink_refused(path)),
         Ok(m) if m.is_dir() => Ok(()),
@@ -239,9 +301,30 @@ fn ensure_dir(path: &Path) -> io::Result<()> {
             io::ErrorKind::AlreadyExists,
             format!("{}: exists and is not a directory", path.display()),
         )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => create_dir_durable(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create_dir(path, sharing),
         Err(e) => Err(at(path)(e)),
     }
+}
+
+/// [`super::create_dir_durable`] for a Maildir directory: one level, with
+/// `sharing`'s group and mode when postling creates it (an existing one is
+/// only checked), the parent fsynced either way.
+fn create_dir(path: &Path, sharing: Sharing) -> io::Result<()> {
+    let mode = sharing.dir_mode();
+    match DirBuilder::new().mode(mode & 0o777).create(path) {
+        Ok(()) if sharing != Sharing::default() => {
+            let dir = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(at(path))?;
+            sharing.apply(&dir, mode, path)?;
+        }
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_real_dir(path)?,
+        Err(e) => return Err(at(path)(e)),
+    }
+    sync_dir(parent_of(path))
 }
 
 /// Creates `dir/tmp/<unique>` (create_new, O_NOFOLLOW, 0600).
@@ -522,7 +605,7 @@ mod tests {
     fn sweep_removes_only_old_tmp_files() {
         let t = TestDir::new("sweep");
         let dir = t.path().join("alice");
-        prepare(&dir, None).expect("maildir");
+        prepare(&dir, None, Sharing::default()).expect("maildir");
         fs::write(dir.join("tmp").join("fresh"), b"x").expect("write");
         assert_eq!(sweep_tmp(&dir, std::time::Duration::from_secs(3600)), 0);
         assert_eq!(sweep_tmp(&dir, std::time::Duration::ZERO), 1);
@@ -545,11 +628,59 @@ mod tests {
     }
 
     #[test]
+    fn shared_maildirs_get_the_group_and_mode_asked_for() {
+        use std::os::unix::fs::MetadataExt;
+        let t = TestDir::new("md-share");
+        let root = t.path().join("mail");
+        let dir = root.join("alice");
+        let gid = nix::unistd::getegid().as_raw();
+        let sharing = Sharing {
+            file_mode: 0o640,
+            gid: Some(gid),
+        };
+        assert_eq!(sharing.dir_mode(), 0o2750);
+        prepare(&dir, Some(&root), sharing).expect("prepare");
+        let mut body = body(&t, b"\r\nhi\r\n");
+        let path = deliver_prepared(&dir, "h", b"H: 1\r\n", &mut body, sharing).expect("deliver");
+        for d in [
+            &root,
+            &dir,
+            &dir.join("tmp"),
+            &dir.join("new"),
+            &dir.join("cur"),
+        ] {
+            let m = fs::metadata(d).expect("dir");
+            assert_eq!(
+                (m.mode() & 0o7777, m.gid()),
+                (0o2750, gid),
+                "{}",
+                d.display()
+            );
+        }
+        let m = fs::metadata(&path).expect("file");
+        assert_eq!((m.mode() & 0o7777, m.gid()), (0o640, gid));
+        // A directory that already exists is left as it is.
+        let other = root.join("bob");
+        fs::create_dir(&other).expect("mkdir");
+        fs::set_permissions(&other, Permissions::from_mode(0o700)).expect("chmod");
+        prepare(&other, Some(&root), sharing).expect("prepare");
+        assert_eq!(fs::metadata(&other).expect("dir").mode() & 0o7777, 0o700);
+        // The default stays owner-only.
+        let private_root = t.path().join("private");
+        let private = private_root.join("carol");
+        prepare(&private, Some(&private_root), Sharing::default()).expect("prepare");
+        assert_eq!(
+            fs::metadata(private.join("new")).expect("dir").mode() & 0o7777,
+            0o700
+        );
+    }
+
+    #[test]
     fn a_draft_is_in_new_only_once_published() {
         let t = TestDir::new("md-draft");
         let dir = t.path().join("box");
-        prepare(&dir, None).expect("prepare");
-        let mut draft = Draft::create(&dir, "h", b"H: 1\r\n").expect("create");
+        prepare(&dir, None, Sharing::default()).expect("prepare");
+        let mut draft = Draft::create(&dir, "h", b"H: 1\r\n", Sharing::default()).expect("create");
         draft.file().write_all(b"\r\nbody\r\n").expect("write");
         assert_eq!(names(&dir.join("tmp")).len(), 1);
         assert!(names(&dir.join("new")).is_empty());
@@ -557,7 +688,8 @@ mod tests {
         assert_eq!(fs::read(&path).expect("read"), b"H: 1\r\n\r\nbody\r\n");
         assert!(names(&dir.join("tmp")).is_empty());
 
-        let mut dropped = Draft::create(&dir, "h", b"H: 2\r\n").expect("create");
+        let mut dropped =
+            Draft::create(&dir, "h", b"H: 2\r\n", Sharing::default()).expect("create");
         dropped.file().write_all(b"partial").expect("write");
         drop(dropped);
         assert!(names(&dir.join("tmp")).is_empty());

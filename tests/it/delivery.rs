@@ -307,6 +307,58 @@ fn a_mailbox_it_may_not_write_to_is_found_before_any_copy_is_written() {
 }
 
 #[test]
+fn maildirs_can_be_shared_with_a_group_for_an_imap_server() {
+    use std::os::unix::fs::MetadataExt;
+    // As root any group will do; otherwise one of our own.
+    let egid = nix::unistd::getegid().as_raw();
+    let gid = if nix::unistd::geteuid().is_root() {
+        1
+    } else {
+        egid
+    };
+    let dir = TempDir::new();
+    let s = Server::start(
+        &dir,
+        &format!("[local]\ndomains = [\"localhost\"]\nmode = \"0640\"\ngroup = \"{gid}\"\n"),
+    );
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    for to in [
+        &["alice@localhost"][..],
+        &["alice@localhost", "bob@localhost"],
+    ] {
+        assert!(c
+            .send_mail("a@b.test", to, "Subject: shared\r\n\r\nhi\r\n")
+            .starts_with("250"));
+    }
+    let mail = s.data.join("mail");
+    for d in [
+        mail.clone(),
+        mail.join("alice"),
+        mail.join("bob/new"),
+        mail.join("alice/cur"),
+    ] {
+        let m = fs::metadata(&d).expect("dir");
+        assert_eq!(
+            (m.mode() & 0o7777, m.gid()),
+            (0o2750, gid),
+            "{}",
+            d.display()
+        );
+    }
+    for user in ["alice", "bob"] {
+        for f in fs::read_dir(mail.join(user).join("new")).expect("new") {
+            let m = f.expect("entry").metadata().expect("meta");
+            assert_eq!((m.mode() & 0o7777, m.gid()), (0o640, gid), "{user}");
+        }
+    }
+    assert_eq!(s.mail("alice").len(), 2);
+    // The queue stays the daemon's alone.
+    let queue = fs::metadata(s.data.join("queue")).expect("queue");
+    assert_eq!(queue.mode() & 0o777, 0o700);
+}
+
+#[test]
 fn local_mail_is_written_straight_into_the_maildir_and_a_dropped_one_is_removed() {
     let dir = TempDir::new();
     let aliases = dir.path().join("aliases");
