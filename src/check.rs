@@ -402,9 +402,16 @@ fn auth(
             &format!("AUTH PLAIN {}", b64(&format!("\0{user}\0{password}"))),
         )
     } else {
-        command(s, parser, "AUTH LOGIN")
-            .and_then(|_| command(s, parser, &b64(user)))
-            .and_then(|_| command(s, parser, &b64(&password)))
+        // Each step only after a 334: a refusal must never be followed by
+        // the user name and password as if they were commands.
+        let mut result = command(s, parser, "AUTH LOGIN");
+        for line in [b64(user), b64(&password)] {
+            result = match result {
+                Ok(rep) if rep.code == 334 => command(s, parser, &line),
+                other => other,
+            };
+        }
+        result
     };
     match result {
         Ok(rep) if rep.code == 235 => r.ok("AUTH", &format!("accepted for {user}")),

@@ -32,6 +32,8 @@ pub struct Script {
     pub auth: Option<(String, String)>,
     /// The mechanisms to offer, e.g. "PLAIN LOGIN".
     pub auth_mechanisms: String,
+    /// Answer every AUTH command with this reply, without an exchange.
+    pub auth_refusal: Option<String>,
     pub pipelining: bool,
     /// Replies to RCPT by address; others get 250.
     pub rcpt_replies: Vec<(String, String)>,
@@ -50,6 +52,7 @@ impl Default for Script {
             broken_tls: false,
             auth: None,
             auth_mechanisms: "PLAIN LOGIN".into(),
+            auth_refusal: None,
             pipelining: true,
             rcpt_replies: Vec::new(),
             drop_mid_data: false,
@@ -272,6 +275,10 @@ fn serve(sock: TcpStream, script: &Script, record: &Mutex<Record>) -> io::Result
                 c.reply("503 5.5.1 no AUTH here")?;
                 continue;
             };
+            if let Some(refusal) = &script.auth_refusal {
+                c.reply(refusal)?;
+                continue;
+            }
             let words: Vec<&str> = text.split_ascii_whitespace().collect();
             let (got_user, got_password) = match words.get(1).map(|m| m.to_ascii_uppercase()) {
                 Some(m) if m == "PLAIN" => {

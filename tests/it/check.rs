@@ -2,6 +2,8 @@
 //! and failures carry the right hint.
 
 use std::fs;
+
+use base64::Engine as _;
 use std::process::Command;
 
 use postling::relay::dns::test_server::{Record, TestDns};
@@ -44,6 +46,37 @@ fn tls_server(pki: &Pki) -> TestServer {
         ..Script::default()
     })
     .expect("test server")
+}
+
+#[test]
+fn a_refused_auth_login_is_never_followed_by_the_password() {
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir);
+    let server = TestServer::start(Script {
+        tls: Some(pki.server_config()),
+        auth: Some(("me".into(), "right".into())),
+        auth_mechanisms: "LOGIN".into(),
+        auth_refusal: Some("454 4.7.0 Temporary authentication failure".into()),
+        ..Script::default()
+    })
+    .expect("test server");
+    let (code, out) = check(
+        &dir,
+        &smarthost_config(&dir, server.addr.port(), "right", Some(&pki)),
+        &[],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("454 4.7.0 Temporary authentication failure"),
+        "{out}"
+    );
+    let secret = base64::engine::general_purpose::STANDARD.encode("right");
+    let user = base64::engine::general_purpose::STANDARD.encode("me");
+    let lines = server.lines();
+    assert!(
+        !lines.iter().any(|l| l.contains(&secret) || l == &user),
+        "{lines:?}"
+    );
 }
 
 #[test]
