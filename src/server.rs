@@ -116,7 +116,7 @@ fn reload(ctx: &Context) {
     };
     let same =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-    let fixed: [(&str, bool); 8] = [
+    let fixed: [(&str, bool); 9] = [
         ("listen", same(&old.listen, &new.listen)),
         ("data_dir", old.data_dir == new.data_dir),
         ("user", old.user == new.user),
@@ -132,6 +132,10 @@ fn reload(ctx: &Context) {
             old.relay.dns_servers == new.relay.dns_servers,
         ),
         ("relay.ca_file", old.relay.ca_file == new.relay.ca_file),
+        (
+            "local.mode / local.group",
+            old.local.sharing == new.local.sharing,
+        ),
     ];
     for (key, unchanged) in fixed {
         if !unchanged {
@@ -143,6 +147,7 @@ fn reload(ctx: &Context) {
     new.data_dir = old.data_dir.clone();
     new.user = old.user.clone();
     new.tls = old.tls.clone();
+    new.local.sharing = old.local.sharing;
     *ctx.users.write().unwrap_or_else(|p| p.into_inner()) = users;
     *ctx.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     info!("SIGHUP: configuration reloaded");
@@ -154,10 +159,35 @@ fn reload(ctx: &Context) {
     }
 }
 
-/// Becomes `user` when running as root (setgroups, setgid, then setuid, and
-/// a check that root cannot be regained). Not root: nothing to do.
+/// `local.group` must be one this process holds, or every delivery would
+/// fail at its first `fchown`: refused at start instead, with the fix.
+fn check_sharing_group(gid: Option<u32>) -> io::Result<()> {
+    use nix::unistd::{getegid, geteuid, getgroups, Gid};
+    let Some(gid) = gid else {
+        return Ok(());
+    };
+    let held = geteuid().is_root()
+        || getegid().as_raw() == gid
+        || getgroups().is_ok_and(|groups| groups.contains(&Gid::from_raw(gid)));
+    if held {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "local.group: this process (uid {}) is not in group {gid}; add its user to \
+             the group (usermod -aG) and restart",
+            geteuid()
+        ),
+    ))
+}
+
+/// Becomes `user` when running as root (initgroups, setgid, then setuid,
+/// and a check that root cannot be regained): the user keeps the groups
+/// /etc/group gives it, such as a `local.group` shared with an IMAP
+/// server. Not root: nothing to do.
 fn drop_privileges(user: Option<&str>) -> io::Result<()> {
-    use nix::unistd::{setgid, setgroups, setuid, Uid, User};
+    use nix::unistd::{initgroups, setgid, setuid, Uid, User};
     if !Uid::effective().is_root() {
         return Ok(());
     }
@@ -173,7 +203,8 @@ fn drop_privileges(user: Option<&str>) -> io::Result<()> {
                 format!("user {name}: no such user"),
             )
         })?;
-    setgroups(&[entry.gid]).map_err(io::Error::from)?;
+    let login = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    initgroups(&login, entry.gid).map_err(io::Error::from)?;
     setgid(entry.gid).map_err(io::Error::from)?;
     setuid(entry.uid).map_err(io::Error::from)?;
     if setuid(Uid::from_raw(0)).is_ok() {
@@ -248,6 +279,12 @@ impl Server {
         // Ports are bound and root-only files (TLS key, users) read: from
         // here on, run as the configured user.
         drop_privileges(config.user.as_deref())?;
+        check_sharing_group(config.local.sharing.gid)?;
+        if let Some(mask) = config.local.sharing.umask() {
+            // Maildir modes come from mkdir(2) and open(2); every other
+            // file postling creates has an owner-only mode of its own.
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+        }
         let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
         let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
         // After the lock: a control.sock already there is a dead daemon's.

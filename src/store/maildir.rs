@@ -19,9 +19,9 @@
 //! caller passes the directory), does not build the header it is given, and
 //! never seeks a body it is given: the caller positions it.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::{
@@ -33,14 +33,18 @@ use super::{
 /// (`[local] mode` and `group`), for a mail reader or IMAP server running
 /// as another user. Applied to what postling creates only: a directory that
 /// already exists keeps its owner, group and mode.
+///
+/// Modes are given to `mkdir(2)` and `open(2)`, never set by `chmod`: the
+/// server sets its umask to match ([`Sharing::umask`]), so a setgid bit a
+/// new directory inherits (Debian's `/var/mail` is 2775) is kept, and the
+/// systemd unit's `RestrictSUIDSGID=` has nothing to refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sharing {
     /// Mode of message files; directories get the same bits with x wherever
     /// r is set (0640 -> 0750). Default 0600 (owner only).
     pub file_mode: u32,
-    /// Group of every file and directory created; directories also get
-    /// setgid, so what others create in them (an IMAP server moving a
-    /// message to `cur/`) keeps the group too.
+    /// Group of every file and directory created (`fchown`): postling's
+    /// user must be in it.
     pub gid: Option<u32>,
 }
 
@@ -55,27 +59,22 @@ impl Default for Sharing {
 
 impl Sharing {
     pub fn dir_mode(self) -> u32 {
-        let mode = self.file_mode | ((self.file_mode & 0o444) >> 2);
-        if self.gid.is_some() {
-            mode | 0o2000
-        } else {
-            mode
-        }
+        self.file_mode | ((self.file_mode & 0o444) >> 2)
     }
 
-    /// Gives a file or directory postling just created its group, then its
-    /// mode (set explicitly: the umask, 0077 under the systemd unit, would
-    /// take the group bits away, and mkdir(2) ignores setgid).
-    fn apply(self, created: &File, mode: u32, path: &Path) -> io::Result<()> {
-        if let Some(gid) = self.gid {
-            std::os::unix::fs::fchown(created, None, Some(gid)).map_err(at(path))?;
+    /// The process umask that lets [`Sharing::dir_mode`] and `file_mode`
+    /// through whole; `None` for the default, which needs no change (every
+    /// file and directory postling creates is owner-only anyway).
+    pub fn umask(self) -> Option<u32> {
+        (self != Sharing::default()).then(|| 0o777 & !self.dir_mode())
+    }
+
+    /// Gives a file or directory postling just created its group.
+    fn apply(self, created: &File, path: &Path) -> io::Result<()> {
+        match self.gid {
+            Some(gid) => std::os::unix::fs::fchown(created, None, Some(gid)).map_err(at(path)),
+            None => Ok(()),
         }
-        if self != Sharing::default() {
-            created
-                .set_permissions(Permissions::from_mode(mode))
-                .map_err(at(path))?;
-        }
-        Ok(())
     }
 }
 
@@ -150,8 +149,8 @@ impl Draft {
         header: &[u8],
         sharing: Sharing,
     ) -> io::Result<Draft> {
-        let (tmp, file, unique) = create_tmp(dir, hostname)?;
-        if let Err(e) = sharing.apply(&file, sharing.file_mode, &tmp) {
+        let (tmp, file, unique) = create_tmp(dir, hostname, sharing.file_mode)?;
+        if let Err(e) = sharing.apply(&file, &tmp) {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
@@ -310,15 +309,19 @@ fn ensure_dir(path: &Path, sharing: Sharing) -> io::Result<()> {
 /// `sharing`'s group and mode when postling creates it (an existing one is
 /// only checked), the parent fsynced either way.
 fn create_dir(path: &Path, sharing: Sharing) -> io::Result<()> {
-    let mode = sharing.dir_mode();
-    match DirBuilder::new().mode(mode & 0o777).create(path) {
-        Ok(()) if sharing != Sharing::default() => {
-            let dir = OpenOptions::new()
+    match DirBuilder::new().mode(sharing.dir_mode()).create(path) {
+        Ok(()) if sharing.gid.is_some() => {
+            let given = OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
                 .open(path)
-                .map_err(at(path))?;
-            sharing.apply(&dir, mode, path)?;
+                .and_then(|dir| sharing.apply(&dir, path));
+            if let Err(e) = given {
+                // Taken back, so the next delivery makes it again rather
+                // than take it for one the admin made.
+                let _ = fs::remove_dir(path);
+                return Err(at(path)(e));
+            }
         }
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_real_dir(path)?,
@@ -327,8 +330,8 @@ fn create_dir(path: &Path, sharing: Sharing) -> io::Result<()> {
     sync_dir(parent_of(path))
 }
 
-/// Creates `dir/tmp/<unique>` (create_new, O_NOFOLLOW, 0600).
-fn create_tmp(dir: &Path, hostname: &str) -> io::Result<(PathBuf, File, String)> {
+/// Creates `dir/tmp/<unique>` (create_new, O_NOFOLLOW, `mode`).
+fn create_tmp(dir: &Path, hostname: &str, mode: u32) -> io::Result<(PathBuf, File, String)> {
     let host = escape_host(hostname);
     let mut last = None;
     for _ in 0..NAME_ATTEMPTS {
@@ -345,7 +348,7 @@ fn create_tmp(dir: &Path, hostname: &str) -> io::Result<(PathBuf, File, String)>
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(super::FILE_MODE)
+            .mode(mode)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
         {
@@ -638,7 +641,10 @@ mod tests {
             file_mode: 0o640,
             gid: Some(gid),
         };
-        assert_eq!(sharing.dir_mode(), 0o2750);
+        assert_eq!((sharing.dir_mode(), sharing.umask()), (0o750, Some(0o027)));
+        // As the server does at start (in this test process: harmless, every
+        // other file here is made with an owner-only mode of its own).
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
         prepare(&dir, Some(&root), sharing).expect("prepare");
         let mut body = body(&t, b"\r\nhi\r\n");
         let path = deliver_prepared(&dir, "h", b"H: 1\r\n", &mut body, sharing).expect("deliver");
@@ -652,7 +658,7 @@ mod tests {
             let m = fs::metadata(d).expect("dir");
             assert_eq!(
                 (m.mode() & 0o7777, m.gid()),
-                (0o2750, gid),
+                (0o750, gid),
                 "{}",
                 d.display()
             );
@@ -662,9 +668,26 @@ mod tests {
         // A directory that already exists is left as it is.
         let other = root.join("bob");
         fs::create_dir(&other).expect("mkdir");
-        fs::set_permissions(&other, Permissions::from_mode(0o700)).expect("chmod");
+        fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("chmod");
         prepare(&other, Some(&root), sharing).expect("prepare");
         assert_eq!(fs::metadata(&other).expect("dir").mode() & 0o7777, 0o700);
+        // A setgid bit a new directory inherits is kept (Debian's /var/mail
+        // is 2775), with the group it brings.
+        let setgid_root = t.path().join("var-mail");
+        fs::create_dir(&setgid_root).expect("mkdir");
+        fs::set_permissions(
+            &setgid_root,
+            std::os::unix::fs::PermissionsExt::from_mode(0o2775),
+        )
+        .expect("chmod");
+        let only_mode = Sharing {
+            file_mode: 0o640,
+            gid: None,
+        };
+        prepare(&setgid_root.join("dave"), Some(&setgid_root), only_mode).expect("prepare");
+        let m = fs::metadata(setgid_root.join("dave/new")).expect("dir");
+        assert_eq!(m.mode() & 0o7777, 0o2750);
         // The default stays owner-only.
         let private_root = t.path().join("private");
         let private = private_root.join("carol");

@@ -341,7 +341,7 @@ fn maildirs_can_be_shared_with_a_group_for_an_imap_server() {
         let m = fs::metadata(&d).expect("dir");
         assert_eq!(
             (m.mode() & 0o7777, m.gid()),
-            (0o2750, gid),
+            (0o750, gid),
             "{}",
             d.display()
         );
@@ -356,6 +356,24 @@ fn maildirs_can_be_shared_with_a_group_for_an_imap_server() {
     // The queue stays the daemon's alone.
     let queue = fs::metadata(s.data.join("queue")).expect("queue");
     assert_eq!(queue.mode() & 0o777, 0o700);
+
+    // A group the server's user is not in is refused at start, not at
+    // every delivery.
+    if nix::unistd::geteuid().is_root() {
+        let dir = TempDir::new();
+        let config = dir.path().join("postling.toml");
+        fs::write(&config, "user = \"nobody\"\n[local]\ngroup = \"1\"\n").expect("config");
+        let out = std::process::Command::new(crate::util::bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("local.group"), "{stderr}");
+    }
 }
 
 #[test]
