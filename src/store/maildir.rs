@@ -21,6 +21,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -380,26 +381,50 @@ fn escape_host(hostname: &str) -> String {
 /// Maildir); returns how many were removed. Errors are skipped: a sweep
 /// must never stop the server from starting.
 pub fn sweep_tmp(maildir: &Path, age: std::time::Duration) -> usize {
+    use nix::fcntl::AtFlags;
+    use nix::sys::stat::{fstatat, SFlag};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
     // Only a Maildir's tmp/: a directory under maildir_root that has no
     // new/ and cur/ beside it is someone's folder, and its tmp/ theirs.
     let is_dir = |sub: &str| fs::symlink_metadata(maildir.join(sub)).is_ok_and(|m| m.is_dir());
     if !is_dir("new") || !is_dir("cur") {
         return 0;
     }
+    // tmp/ is opened without following a symlink, and every name in it is
+    // looked at and removed through that handle: a tmp/ swapped for a
+    // symlink (by anyone who may write to the Maildir) cannot point the
+    // sweep at other files, such as the queue's.
     let tmp = maildir.join("tmp");
-    let Ok(entries) = fs::read_dir(&tmp) else {
+    let Ok(handle) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&tmp)
+    else {
         return 0;
     };
-    let stale: Vec<(PathBuf, fs::Metadata)> = entries
+    let Some(mut entries) = handle
+        .try_clone()
+        .ok()
+        .and_then(|dup| nix::dir::Dir::from_fd(dup.into()).ok())
+    else {
+        return 0;
+    };
+    let stale: Vec<(std::ffi::CString, libc::nlink_t, libc::ino_t)> = entries
+        .iter()
         .flatten()
-        .filter_map(|entry| {
-            let meta = fs::symlink_metadata(entry.path()).ok()?;
-            let old = meta
-                .modified()
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|e| e > age);
-            (meta.is_file() && old).then(|| (entry.path(), meta))
+        .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
+        .filter_map(|e| {
+            let name = e.file_name().to_owned();
+            let st = fstatat(&handle, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).ok()?;
+            let regular = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
+            let mtime = std::time::Duration::new(
+                u64::try_from(st.st_mtime).unwrap_or(0),
+                u32::try_from(st.st_mtime_nsec).unwrap_or(0),
+            );
+            let old = (std::time::UNIX_EPOCH + mtime)
+                .elapsed()
+                .is_ok_and(|e| e > age);
+            (regular && old).then_some((name, st.st_nlink, st.st_ino))
         })
         .collect();
     if stale.is_empty() {
@@ -407,15 +432,16 @@ pub fn sweep_tmp(maildir: &Path, age: std::time::Duration) -> usize {
     }
     let delivered = delivered_inodes(maildir);
     let mut removed = 0;
-    for (path, meta) in stale {
-        if shares_last_link(&meta, |ino| delivered.contains(&ino)) {
+    for (name, nlink, ino) in stale {
+        if shares_last_link(nlink, ino, |ino| delivered.contains(&ino)) {
             log::warn!(
                 "maildir: a tmp/ name of a delivered message, but the filesystem counts \
                  one link for both (a crash without a journal); left alone: run e2fsck -f \
                  path={}",
-                path.display()
+                tmp.join(std::ffi::OsStr::from_bytes(name.to_bytes()))
+                    .display()
             );
-        } else if fs::remove_file(&path).is_ok() {
+        } else if unlinkat(&handle, name.as_c_str(), UnlinkatFlags::NoRemoveDir).is_ok() {
             removed += 1;
         }
     }
@@ -628,6 +654,17 @@ mod tests {
             fs::read(home.join("tmp").join("notes.txt")).expect("kept"),
             b"mine"
         );
+        // A tmp/ that is a symlink is not followed: what it points at (the
+        // queue, say) is not the Maildir's to sweep.
+        let carol = t.path().join("carol");
+        prepare(&carol, None, Sharing::default()).expect("maildir");
+        let elsewhere = t.path().join("queue");
+        fs::create_dir(&elsewhere).expect("mkdir");
+        fs::write(elsewhere.join("entry"), b"queued").expect("write");
+        fs::remove_dir(carol.join("tmp")).expect("rmdir");
+        std::os::unix::fs::symlink(&elsewhere, carol.join("tmp")).expect("symlink");
+        assert_eq!(sweep_tmp(&carol, std::time::Duration::ZERO), 0);
+        assert_eq!(fs::read(elsewhere.join("entry")).expect("kept"), b"queued");
     }
 
     #[test]

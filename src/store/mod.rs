@@ -64,13 +64,14 @@ pub(crate) fn at(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
 /// leave both names with a link count of 1. Removing the old name would
 /// then free the committed file's inode under it. `committed` says whether
 /// an inode number also has a committed name. Only e2fsck can mend such a
-/// count, so these names are left for it.
+/// count, so these names are left for it. `nlink` and `ino` are the
+/// leftover's link count and inode number.
 pub(crate) fn shares_last_link(
-    leftover: &fs::Metadata,
+    nlink: impl Into<u64>,
+    ino: impl Into<u64>,
     committed: impl FnOnce(u64) -> bool,
 ) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    leftover.nlink() < 2 && committed(leftover.ino())
+    nlink.into() < 2 && committed(ino.into())
 }
 
 /// Makes the entries of directory `path` durable: opens it read-only and
@@ -252,13 +253,13 @@ mod tests {
         let meta = fs::symlink_metadata(&lone).expect("meta");
         let ino = meta.ino();
         // One link, and the inode also named among the committed: keep it.
-        assert!(shares_last_link(&meta, |i| i == ino));
+        assert!(shares_last_link(meta.nlink(), ino, |i| i == ino));
         // One link, named nowhere else: an ordinary leftover.
-        assert!(!shares_last_link(&meta, |i| i != ino));
+        assert!(!shares_last_link(meta.nlink(), ino, |i| i != ino));
         // Two links counted: removing one name leaves the other whole.
         fs::hard_link(&lone, t.path().join("other")).expect("link");
         let meta = fs::symlink_metadata(&lone).expect("meta");
-        assert!(!shares_last_link(&meta, |i| i == ino));
+        assert!(!shares_last_link(meta.nlink(), ino, |i| i == ino));
     }
 
     #[test]

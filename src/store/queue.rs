@@ -124,7 +124,7 @@ impl Queue {
                     fs::symlink_metadata(self.queue.join(entry.file_name()))
                         .is_ok_and(|c| c.ino() == ino)
                 };
-                if shares_last_link(&meta, committed) {
+                if shares_last_link(meta.nlink(), meta.ino(), committed) {
                     log::warn!(
                         "queue: incoming name of a committed entry, but the filesystem \
                          counts one link for both (a crash without a journal); left \
