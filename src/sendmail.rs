@@ -345,48 +345,86 @@ fn add_recipients(list: &str, domain: &str, out: &mut Vec<String>) -> Vec<String
 // Reading the message.
 
 /// A reader that turns every line ending (CRLF, lone CR, LF) into LF, so
-/// everything after it sees LF-terminated lines only. A run of CRs is one
-/// line ending, with the LF after it if there is one: `CR CR LF` is what a
-/// program that converted LF to CRLF twice writes (a known PHP `mail()`
-/// problem), and it must not end the header section after its first line.
+/// everything after it sees LF-terminated lines only. A run of CRs that
+/// ends in an LF is one line ending: `CR CR LF` is what a program that
+/// converted LF to CRLF twice writes (a known PHP `mail()` problem), and
+/// it must not end the header section after its first line. CRs not
+/// followed by an LF are each a line ending (old Mac text).
 pub struct Normalize<R> {
     inner: R,
-    /// The last byte read was a CR, already given out as LF: more CRs and
-    /// a following LF belong to it.
-    after_cr: bool,
+    /// Input read from `inner`, and how far it has been used.
+    buf: Box<[u8]>,
+    pos: usize,
+    len: usize,
+    eof: bool,
+    /// CRs seen in a row: one LF if an LF follows, else one each.
+    crs: usize,
+    /// Line endings decided on and not yet given out.
+    owed: usize,
 }
 
 impl<R: Read> Normalize<R> {
     pub fn new(inner: R) -> Normalize<R> {
         Normalize {
             inner,
-            after_cr: false,
+            buf: vec![0; CHUNK].into_boxed_slice(),
+            pos: 0,
+            len: 0,
+            eof: false,
+            crs: 0,
+            owed: 0,
         }
     }
 }
 
 impl<R: Read> Read for Normalize<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let n = self.inner.read(buf)?;
-            if n == 0 {
-                return Ok(0);
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let mut w = 0;
+        while w < out.len() {
+            if self.owed > 0 {
+                out[w] = b'\n';
+                w += 1;
+                self.owed -= 1;
+                continue;
             }
-            let mut w = 0;
-            for r in 0..n {
-                let b = buf[r];
-                if self.after_cr && (b == b'\n' || b == b'\r') {
-                    self.after_cr = b == b'\r';
+            if self.pos == self.len {
+                if w > 0 {
+                    break;
+                }
+                if self.eof {
+                    // CRs at the very end are line endings of their own.
+                    self.owed = std::mem::take(&mut self.crs);
+                    if self.owed == 0 {
+                        break;
+                    }
                     continue;
                 }
-                self.after_cr = b == b'\r';
-                buf[w] = if b == b'\r' { b'\n' } else { b };
-                w += 1;
+                self.len = self.inner.read(&mut self.buf)?;
+                self.pos = 0;
+                self.eof = self.len == 0;
+                continue;
             }
-            if w > 0 {
-                return Ok(w);
+            let b = self.buf[self.pos];
+            self.pos += 1;
+            match b {
+                b'\r' => self.crs += 1,
+                b'\n' => {
+                    self.crs = 0;
+                    out[w] = b'\n';
+                    w += 1;
+                }
+                _ if self.crs > 0 => {
+                    // Lone CRs: each a line ending, then this byte again.
+                    self.owed = std::mem::take(&mut self.crs);
+                    self.pos -= 1;
+                }
+                _ => {
+                    out[w] = b;
+                    w += 1;
+                }
             }
         }
+        Ok(w)
     }
 }
 
@@ -406,6 +444,9 @@ pub struct Encoder {
     /// Octets of the current output line, without a dot added for
     /// transparency.
     line_len: usize,
+    /// Dots added for transparency so far: the output is this much longer
+    /// than the message the daemon will count.
+    pub stuffed: u64,
     /// The current line so far is exactly "." (only when `stop_at_dot`).
     dot_pending: bool,
     ended: bool,
@@ -417,6 +458,7 @@ impl Encoder {
             stop_at_dot,
             line_start: true,
             line_len: 0,
+            stuffed: 0,
             dot_pending: false,
             ended: false,
         }
@@ -436,6 +478,7 @@ impl Encoder {
                     return true;
                 }
                 out.extend_from_slice(b"..");
+                self.stuffed += 1;
             }
             if b != b'\n' && self.line_len == MAX_LINE {
                 out.extend_from_slice(b"\r\n ");
@@ -452,6 +495,7 @@ impl Encoder {
                         self.dot_pending = true;
                     } else {
                         out.extend_from_slice(b"..");
+                        self.stuffed += 1;
                     }
                     self.line_start = false;
                     self.line_len = 1;
@@ -729,11 +773,20 @@ pub enum Error {
     Permission(String),
     Config(String),
     Io(String),
+    /// A later transaction failed after earlier ones had given the message
+    /// to `sent` recipients: the exit code is the failure's, and the text
+    /// says who has the message and who has not.
+    Partial {
+        sent: usize,
+        unsent: Vec<String>,
+        cause: Box<Error>,
+    },
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
+            Error::Partial { cause, .. } => cause.exit_code(),
             Error::Usage(_) => exit::USAGE,
             Error::DataErr(_) => exit::DATAERR,
             Error::NoRecipient => exit::NOUSER,
@@ -759,6 +812,24 @@ impl fmt::Display for Error {
                 p.display()
             ),
             Error::Permission(m) => write!(f, "{m}; message not sent"),
+            Error::Partial {
+                sent,
+                unsent,
+                cause,
+            } => {
+                let why = match cause.as_ref() {
+                    Error::Refused(m) | Error::TempFail(m) | Error::DataErr(m) | Error::Io(m) => {
+                        m.clone()
+                    }
+                    other => other.to_string(),
+                };
+                write!(
+                    f,
+                    "{why}; the message went to {sent} recipient(s) but not to {} \
+                     (trying again sends the first ones another copy)",
+                    unsent.join(", ")
+                )
+            }
         }
     }
 }
@@ -1013,11 +1084,52 @@ fn submit(
     };
 
     let mut spool = spool_file()?;
-    let limit = config.limits.max_message_size.saturating_mul(2);
+    let limit = config.limits.max_message_size;
     write_data(&mut spool, &header, &added, input, !opts.ignore_dots, limit)?;
 
     let path = config.data_dir.join(SUBMIT_SOCKET);
-    let mut conn = Conn::connect(&path, Some(SOCKET_TIMEOUT))?;
+    // A non-ASCII address needs SMTPUTF8 (RFC 6531), which the daemon
+    // offers; asked for only then, as Postfix's sendmail does.
+    let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+    let mut todo = &recipients[..];
+    let mut sent = 0;
+    while !todo.is_empty() {
+        match transaction(&path, &sender, utf8, todo, &mut spool, diag) {
+            Ok((accepted, rest)) => {
+                sent += accepted;
+                todo = rest;
+            }
+            Err(cause) if sent > 0 => {
+                return Err(Error::Partial {
+                    sent,
+                    unsent: todo.to_vec(),
+                    cause: Box::new(cause),
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if sent > 0 {
+        Ok(exit::OK)
+    } else {
+        Err(Error::NoRecipient)
+    }
+}
+
+/// One transaction on a connection of its own (so the daemon's per-session
+/// limits, such as `max_errors`, start afresh): the spooled message to as
+/// many of `todo` as the daemon takes at once. Returns how many took it and
+/// the recipients left for the next transaction (after a `452`, RFC 5321
+/// 4.5.3.1.10); refused recipients are reported to `diag`.
+fn transaction<'r>(
+    path: &Path,
+    sender: &str,
+    utf8: bool,
+    todo: &'r [String],
+    spool: &mut std::fs::File,
+    diag: &mut dyn Write,
+) -> Result<(usize, &'r [String]), Error> {
+    let mut conn = Conn::connect(path, Some(SOCKET_TIMEOUT))?;
     let greeting = conn.reply()?;
     if greeting.code != 220 {
         return Err(refusal("greeting", &greeting));
@@ -1027,62 +1139,60 @@ fn submit(
         conn.quit();
         return Err(refusal("EHLO", &r));
     }
-    // A non-ASCII address needs SMTPUTF8 (RFC 6531), which the daemon
-    // offers; asked for only then, as Postfix's sendmail does.
-    let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
     let param = if utf8 { " SMTPUTF8" } else { "" };
-    let mut todo = &recipients[..];
-    let mut sent = false;
-    while !todo.is_empty() {
-        let r = conn.command(&format!("MAIL FROM:<{sender}>{param}"))?;
-        if r.code != 250 {
-            conn.quit();
-            return Err(refusal(&format!("<{sender}>"), &r));
-        }
-        let mut accepted = 0;
-        let mut next: &[String] = &[];
-        for (k, rcpt) in todo.iter().enumerate() {
-            let r = conn.command(&format!("RCPT TO:<{rcpt}>"))?;
-            if r.is_positive() {
-                accepted += 1;
-            } else if r.code == 452 && accepted > 0 {
-                // Too many recipients for one transaction: these get the
-                // message, the rest the same message in the next one.
-                next = &todo[k..];
-                break;
-            } else if r.is_transient() {
-                // Sending to the others now would make a retry a duplicate for
-                // them: give up on the whole message, the caller retries it.
-                conn.quit();
-                return Err(refusal(rcpt, &r));
-            } else {
-                let _ = writeln!(diag, "sendmail: {rcpt}: {}", r.one_line());
-            }
-        }
-        todo = next;
-        if accepted == 0 {
+    let r = conn.command(&format!("MAIL FROM:<{sender}>{param}"))?;
+    if r.code != 250 {
+        conn.quit();
+        return Err(refusal(&format!("<{sender}>"), &r));
+    }
+    let mut accepted = 0;
+    let mut rest: &[String] = &[];
+    for (k, rcpt) in todo.iter().enumerate() {
+        let r = conn.command(&format!("RCPT TO:<{rcpt}>"))?;
+        if r.is_positive() {
+            accepted += 1;
+        } else if r.code == 452 && accepted > 0 {
+            // Too many recipients for one transaction: these get the
+            // message, the rest the same message in the next one.
+            rest = &todo[k..];
             break;
+        } else if r.is_transient() {
+            // Sending to the others now would make a retry a duplicate for
+            // them: give up on the whole message, the caller retries it.
+            conn.quit();
+            return Err(refusal(rcpt, &r));
+        } else {
+            let _ = writeln!(diag, "sendmail: {rcpt}: {}", r.one_line());
         }
-        send_spooled(&mut conn, &mut spool)?;
-        sent = true;
+    }
+    if accepted > 0 {
+        send_spooled(&mut conn, spool)?;
     }
     conn.quit();
-    if sent {
-        Ok(exit::OK)
-    } else {
-        Err(Error::NoRecipient)
-    }
+    Ok((accepted, rest))
 }
 
-/// An unnamed, private file in the temporary directory (`$TMPDIR`, else
-/// `/tmp`): created with a fresh name, mode 0600, and unlinked at once, so
-/// nothing is left behind however sendmail ends.
+/// An unnamed, private file for the message: in `$TMPDIR` when it is set
+/// and usable, else in `/tmp`; created with a fresh name, mode 0600, and
+/// unlinked at once, so nothing is left behind however sendmail ends.
 fn spool_file() -> Result<std::fs::File, Error> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::var_os("TMPDIR").filter(|d| !d.is_empty()) {
+        dirs.push(PathBuf::from(dir));
+    }
+    dirs.push(PathBuf::from("/tmp"));
+    let mut last = None;
+    for dir in dirs {
+        match unnamed_file_in(&dir) {
+            Ok(file) => return Ok(file),
+            Err(e) => last = Some(format!("cannot keep the message in {}: {e}", dir.display())),
+        }
+    }
+    Err(Error::TempFail(last.unwrap_or_default()))
+}
+
+fn unnamed_file_in(dir: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = std::env::temp_dir();
-    let fail = |e: io::Error| {
-        Error::TempFail(format!("cannot keep the message in {}: {e}", dir.display()))
-    };
     for attempt in 0..8 {
         let path = dir.join(format!(
             ".postling-sendmail.{}.{}.{attempt}",
@@ -1101,14 +1211,14 @@ fn spool_file() -> Result<std::fs::File, Error> {
             .open(&path)
         {
             Ok(file) => {
-                std::fs::remove_file(&path).map_err(fail)?;
+                std::fs::remove_file(&path)?;
                 return Ok(file);
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(fail(e)),
+            Err(e) => return Err(e),
         }
     }
-    Err(fail(io::Error::from(io::ErrorKind::AlreadyExists)))
+    Err(io::Error::from(io::ErrorKind::AlreadyExists))
 }
 
 /// DATA, the spooled message, and the daemon's verdict on it.
@@ -1158,8 +1268,9 @@ fn final_error(r: &ServerReply) -> Error {
 
 /// Writes the message as DATA into `out` (the spool): header fields, the
 /// added ones, the empty line, the body from `input`, and the final dot.
-/// More than `limit` octets is an error: the daemon would refuse it, and
-/// the temporary directory must not fill up first.
+/// A message over `limit` octets as the daemon counts them (without the
+/// dots added for transparency) is refused here, before the temporary
+/// directory fills up with what the daemon would refuse anyway.
 fn write_data(
     out: &mut impl Write,
     header: &Header,
@@ -1188,17 +1299,17 @@ fn write_data(
         ended = enc.push(line, &mut buf);
     }
     let mut written = 0u64;
-    let mut keep = |w: &mut BufWriter<&mut _>, bytes: &[u8]| -> Result<(), Error> {
+    let mut keep = |w: &mut BufWriter<&mut _>, bytes: &[u8], stuffed: u64| -> Result<(), Error> {
         written += bytes.len() as u64;
-        if written > limit {
+        if written.saturating_sub(stuffed) > limit {
             return Err(Error::DataErr(format!(
-                "message too big (over {limit} octets); message not sent"
+                "message too big (over the {limit} octets of max_message_size); message not sent"
             )));
         }
         w.write_all(bytes)
             .map_err(|e| Error::TempFail(format!("cannot keep the message: {e}")))
     };
-    keep(&mut w, &buf)?;
+    keep(&mut w, &buf, enc.stuffed)?;
     if !ended && !header.input_ended {
         let mut chunk = vec![0u8; CHUNK];
         loop {
@@ -1213,7 +1324,7 @@ fn write_data(
             };
             buf.clear();
             let ended = enc.push(&chunk[..n], &mut buf);
-            keep(&mut w, &buf)?;
+            keep(&mut w, &buf, enc.stuffed)?;
             if ended {
                 break;
             }
@@ -1221,9 +1332,9 @@ fn write_data(
     }
     buf.clear();
     enc.finish(&mut buf);
-    buf.extend_from_slice(b".\r\n");
-    keep(&mut w, &buf)?;
-    w.flush()
+    keep(&mut w, &buf, enc.stuffed)?;
+    w.write_all(b".\r\n")
+        .and_then(|()| w.flush())
         .map_err(|e| Error::TempFail(format!("cannot keep the message: {e}")))
 }
 
@@ -1552,8 +1663,11 @@ mod tests {
             (b"a\nb\n", true, b"a\r\nb\r\n"),
             (b"a\r\nb\r\n", true, b"a\r\nb\r\n"),
             (b"a\rb\r", true, b"a\r\nb\r\n"),
-            // A run of CRs is one line end, with its LF (LF to CRLF twice).
-            (b"a\r\rb", true, b"a\r\nb\r\n"),
+            // A run of CRs before an LF is one line end (LF to CRLF twice);
+            // lone CRs are one each.
+            (b"a\r\rb", true, b"a\r\n\r\nb\r\n"),
+            (b"a\r\r", true, b"a\r\n\r\n"),
+            (b"a\r\r\r\nb", true, b"a\r\nb\r\n"),
             (
                 b"To: x\r\r\nSubject: y\r\r\n\r\r\nz\r\r\n",
                 true,
@@ -1583,6 +1697,21 @@ mod tests {
                 String::from_utf8_lossy(input)
             );
         }
+    }
+
+    #[test]
+    fn a_failure_after_some_recipients_got_it_says_so() {
+        let e = Error::Partial {
+            sent: 100,
+            unsent: vec!["u100@pi.lan".into(), "u101@pi.lan".into()],
+            cause: Box::new(Error::TempFail("DATA: 451 4.3.0 disk full".into())),
+        };
+        assert_eq!(e.exit_code(), exit::TEMPFAIL);
+        assert_eq!(
+            e.to_string(),
+            "DATA: 451 4.3.0 disk full; the message went to 100 recipient(s) but not to \
+             u100@pi.lan, u101@pi.lan (trying again sends the first ones another copy)"
+        );
     }
 
     #[test]

@@ -286,7 +286,10 @@ impl<'c> Session<'c> {
         // 452 "too many recipients" is the client's cue to send the rest in
         // another transaction (RFC 5321 4.5.3.1.10), not misbehaviour: it
         // must not end the session before the accepted ones get the mail.
-        if !r.is_error() || r.code == 452 {
+        // A local submission (sendmail, over the Unix socket) comes from a
+        // known Unix user, not a stranger probing: a long list of unknown
+        // recipients from a script must not cut its message off.
+        if !r.is_error() || r.code == 452 || self.local_user.is_some() {
             return Action::Reply(r);
         }
         self.errors += 1;

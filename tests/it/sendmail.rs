@@ -381,13 +381,49 @@ fn a_job_that_writes_slowly_is_not_cut_off_by_the_data_timeout() {
 #[test]
 fn recipients_over_max_recipients_get_the_message_in_a_second_transaction() {
     let dir = TempDir::new();
-    let s = Server::start(&dir, &config(&dir));
     let users: Vec<String> = (0..130).map(|i| format!("u{i}")).collect();
-    let args: Vec<&str> = users.iter().map(String::as_str).collect();
-    ok(&sendmail(&dir, &args, b"Subject: everyone\n\nhi\n"));
+    // Only these have mailboxes: the unknown ones after them get 550s,
+    // more than max_errors of them, which must not cut the message off.
+    let config = config(&dir).replace("[local]\n", &format!("[local]\nusers = {users:?}\n"));
+    let s = Server::start(&dir, &config);
+    let unknown: Vec<String> = (0..15).map(|i| format!("x{i}")).collect();
+    let args: Vec<&str> = users.iter().chain(&unknown).map(String::as_str).collect();
+    let out = sendmail(&dir, &args, b"Subject: everyone\n\nhi\n");
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("sendmail: x").count(), 15, "{stderr}");
     for u in &users {
         assert_eq!(mail(&s, u, 1).len(), 1, "{u}");
     }
+}
+
+#[test]
+fn an_unusable_tmpdir_falls_back_to_tmp() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, &config(&dir));
+    for tmpdir in ["/nonexistent-postling-tmpdir", ""] {
+        let out = Command::new(bin())
+            .arg("sendmail")
+            .arg("-C")
+            .arg(dir.path().join("postling.toml"))
+            .arg("root")
+            .env("TMPDIR", tmpdir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(b"Subject: t\n\nhi\n")?;
+                child.wait_with_output()
+            })
+            .expect("run sendmail");
+        ok(&out);
+    }
+    assert_eq!(mail(&s, "root", 2).len(), 2);
 }
 
 #[test]
@@ -445,14 +481,25 @@ fn a_message_over_the_size_limit_is_a_data_error_and_nothing_is_sent() {
     let config = format!("{}[limits]\nmax_message_size = \"1K\"\n", config(&dir));
     let s = Server::start(&dir, &config);
     let line = format!("{}\n", "x".repeat(70));
-    // Refused by the daemon (552), and, far over, before it is asked.
+    // Refused before the daemon is asked (and before the temporary file
+    // holds more than the limit).
     for lines in [20, 1000] {
         let input = format!("Subject: big\n\n{}", line.repeat(lines));
         let out = sendmail(&dir, &["root"], input.as_bytes());
         assert_eq!(out.status.code(), Some(65), "{lines}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("max_message_size"), "{stderr}");
     }
+    // Dots added for transparency do not count: a message of dot lines
+    // just under the limit goes.
+    let dots = ".\n".repeat(200);
+    ok(&sendmail(
+        &dir,
+        &["-i", "root"],
+        format!("Subject: dots\n\n{dots}").as_bytes(),
+    ));
     ok(&sendmail(&dir, &["root"], b"Subject: small\n\nhi\n"));
-    assert_eq!(mail(&s, "root", 1).len(), 1);
+    assert_eq!(mail(&s, "root", 2).len(), 2);
 }
 
 #[test]
