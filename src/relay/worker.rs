@@ -375,7 +375,8 @@ impl Relay {
         let now = unix_now();
         env.attempts = env.attempts.saturating_add(1);
         env.tried = now;
-        if self.schedule.expired(&env, now) {
+        let expired = self.schedule.expired(&env, now);
+        if expired {
             let limit = human(self.schedule.max_queue_time);
             for (i, r) in env.recipients.iter_mut().enumerate() {
                 let last = match &r.state {
@@ -394,7 +395,22 @@ impl Relay {
         if !flight.newly_failed.is_empty() {
             let failed: Vec<usize> = flight.newly_failed.iter().map(|(i, _)| *i).collect();
             let entries = entries(&env, &failed, &flight.remote_mta);
-            self.notify(&env, &entries, Kind::Failed);
+            if !self.notify(&env, &entries, Kind::Failed) {
+                if expired {
+                    error!(
+                        "id={} the bounce could not be stored before the message expired; \
+                         the failures above are not notified",
+                        env.id
+                    );
+                } else {
+                    // Not stored (disk full): these stay unfinished, so the
+                    // next attempt fails them and tries the bounce again,
+                    // rather than nobody ever being told.
+                    for (i, before) in flight.newly_failed {
+                        env.recipients[i].state = before;
+                    }
+                }
+            }
         } else if self.schedule.should_warn(&env, now) {
             let deferred: Vec<usize> = (0..env.recipients.len())
                 .filter(|&i| matches!(env.recipients[i].state, RcptState::Deferred { .. }))
@@ -430,8 +446,8 @@ impl Relay {
     /// Sends a bounce or delay notice about `env` to its sender. A notice
     /// about a notice, or about a message from `<>`, is only logged (or
     /// given to the local postmaster when so configured): bounces never
-    /// bounce.
-    fn notify(&self, env: &Envelope, entries: &[Entry<'_>], kind: Kind) {
+    /// bounce. False when a notice was due and could not be stored.
+    fn notify(&self, env: &Envelope, entries: &[Entry<'_>], kind: Kind) -> bool {
         let (to, client) = if env.sender.is_empty() {
             warn!(
                 "id={} undeliverable message from <{}>: not bounced (a bounce never bounces)",
@@ -441,7 +457,7 @@ impl Relay {
                 || !self.ctx.config().relay.double_bounce_to_postmaster
                 || env.client == DOUBLE_BOUNCE_CLIENT
             {
-                return;
+                return true;
             }
             let config = self.ctx.config();
             let domain = config
@@ -465,11 +481,17 @@ impl Relay {
             unix_now(),
         );
         match self.inject(&to, &text, client) {
-            Ok(nid) => info!("id={} notice={nid} kind={kind:?} to=<{to}>", env.id),
-            Err(e) => error!(
-                "id={} cannot queue the {kind:?} notice to <{to}>: {e}",
-                env.id
-            ),
+            Ok(nid) => {
+                info!("id={} notice={nid} kind={kind:?} to=<{to}>", env.id);
+                true
+            }
+            Err(e) => {
+                error!(
+                    "id={} cannot queue the {kind:?} notice to <{to}>: {e}",
+                    env.id
+                );
+                false
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use postling::relay::dns::test_server::{Record, TestDns};
 use postling::relay::test_smtp::{Script, TestServer};
 use rustls::ServerConfig;
 
-use crate::util::{split_message, wait_for, Server, TempDir};
+use crate::util::{read_new, split_message, wait_for, Server, TempDir};
 
 const SHORT: Duration = Duration::from_secs(20);
 
@@ -379,6 +379,48 @@ fn a_primary_mx_that_greets_with_554_is_skipped_for_the_backup() {
     assert!(wait_for(SHORT, || a.queue().is_empty()));
     assert_eq!(primary.lines(), ["QUIT"], "the primary only heard QUIT");
     assert!(a.mail("cron").is_empty(), "no bounce");
+}
+
+#[test]
+fn a_bounce_that_cannot_be_stored_is_tried_again_not_dropped() {
+    let dns = TestDns::start(vec![Record::mx("nomail.test", 0, ".")]);
+    let dir = TempDir::new();
+    // cron's mailbox sits below a regular file: storing its bounce fails.
+    let blocker = dir.path().join("cron-home");
+    fs::write(&blocker, "x").expect("blocker");
+    let mailbox = blocker.join("Maildir");
+    let config = relay_config("", &dns).replace(
+        "[local]\n",
+        &format!(
+            "[local]\nmailboxes = {{ cron = \"{}\" }}\n",
+            mailbox.display()
+        ),
+    );
+    let a = Server::start(&dir, &config);
+    send(
+        &a,
+        "cron@localhost",
+        &["x@nomail.test"],
+        "Subject: a\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || a.log().contains("cannot queue the Failed notice")),
+        "{}",
+        a.log()
+    );
+    // Not given up: the entry stays, and once the mailbox can be written
+    // the next attempt fails the recipient again and the bounce arrives.
+    assert!(wait_for(SHORT, || a.queue().len() == 1), "{}", a.log());
+    fs::remove_file(&blocker).expect("unblock");
+    fs::create_dir(&blocker).expect("mkdir");
+    assert!(
+        wait_for(SHORT, || read_new(&mailbox).len() == 1),
+        "{}",
+        a.log()
+    );
+    let bounce = String::from_utf8(read_new(&mailbox)[0].clone()).expect("utf8");
+    assert!(bounce.contains("Status: 5.1.10"), "{bounce}");
+    assert!(wait_for(SHORT, || a.queue().is_empty()), "{}", a.log());
 }
 
 #[test]
