@@ -131,8 +131,27 @@ fn trace_header(sender: &str, delivered_to: &str) -> String {
     format!("Return-Path: <{sender}>\r\nDelivered-To: {delivered_to}\r\n")
 }
 
+/// A [`store`] that failed part way: why, and how many copies were
+/// already durable when it did (a Maildir file each, or the queue entry).
+#[derive(Debug)]
+pub struct Unfinished {
+    pub error: io::Error,
+    pub stored: usize,
+}
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} copies stored before)", self.error, self.stored)
+    }
+}
+
 /// Delivers local copies and queues remote recipients; Ok means durable.
-pub fn store(message: &Message, sink: Sink<'_>, size: u64, ctx: &Context) -> io::Result<()> {
+pub fn store(
+    message: &Message,
+    sink: Sink<'_>,
+    size: u64,
+    ctx: &Context,
+) -> Result<(), Unfinished> {
     let Sink {
         id,
         config,
@@ -141,24 +160,33 @@ pub fn store(message: &Message, sink: Sink<'_>, size: u64, ctx: &Context) -> io:
         file,
     } = sink;
     let sender = &message.sender;
+    let mut stored = 0;
+    let unfinished = |stored| move |error| Unfinished { error, stored };
     let mut copies = copies.into_iter();
     let mut spool = match file {
         SinkFile::Maildir(mut draft) => {
             // `open` made the draft in the first mailbox; the others are
             // copied from it.
             if let Some(first) = copies.next() {
-                let path = draft.publish()?;
+                let path = draft.publish().map_err(unfinished(stored))?;
+                stored += 1;
                 log_delivered(&id, sender, &first.delivered_to, size, &path);
             }
             for copy in copies {
                 let header = trace_header(sender, &copy.delivered_to);
-                let path = maildir::deliver_prepared(
-                    copy.dir,
-                    &config.hostname,
-                    header.as_bytes(),
-                    draft.body()?,
-                    config.local.sharing,
-                )?;
+                let path = draft
+                    .body()
+                    .and_then(|body| {
+                        maildir::deliver_prepared(
+                            copy.dir,
+                            &config.hostname,
+                            header.as_bytes(),
+                            body,
+                            config.local.sharing,
+                        )
+                    })
+                    .map_err(unfinished(stored))?;
+                stored += 1;
                 log_delivered(&id, sender, &copy.delivered_to, size, &path);
             }
             return Ok(());
@@ -167,13 +195,19 @@ pub fn store(message: &Message, sink: Sink<'_>, size: u64, ctx: &Context) -> io:
     };
     for copy in copies {
         let header = trace_header(sender, &copy.delivered_to);
-        let path = maildir::deliver_prepared(
-            copy.dir,
-            &config.hostname,
-            header.as_bytes(),
-            spool.rewound()?,
-            config.local.sharing,
-        )?;
+        let path = spool
+            .rewound()
+            .and_then(|body| {
+                maildir::deliver_prepared(
+                    copy.dir,
+                    &config.hostname,
+                    header.as_bytes(),
+                    body,
+                    config.local.sharing,
+                )
+            })
+            .map_err(unfinished(stored))?;
+        stored += 1;
         log_delivered(&id, sender, &copy.delivered_to, size, &path);
     }
     if remote.is_empty() {
@@ -191,8 +225,9 @@ pub fn store(message: &Message, sink: Sink<'_>, size: u64, ctx: &Context) -> io:
         // client is told to retry.
         if ctx.queue.load(&id).is_ok() {
             let _ = ctx.relay.send(crate::relay::Request::Queued(id));
+            stored += 1;
         }
-        return Err(e);
+        return Err(unfinished(stored)(e));
     }
     for to in &remote {
         info!("id={id} from=<{sender}> to=<{to}> size={size} status=queued");

@@ -280,11 +280,6 @@ impl Server {
         // here on, run as the configured user.
         drop_privileges(config.user.as_deref())?;
         check_sharing_group(config.local.sharing.gid)?;
-        if let Some(mask) = config.local.sharing.umask() {
-            // Maildir modes come from mkdir(2) and open(2); every other
-            // file postling creates has an owner-only mode of its own.
-            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
-        }
         let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
         let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
         // After the lock: a control.sock already there is a dead daemon's.
@@ -292,6 +287,13 @@ impl Server {
         // Any local user may submit (the peer's uid decides the sender).
         let submit = crate::control::bind_socket(&config.data_dir, SUBMIT_SOCKET, 0o666);
         listeners.add_submit(submit.map_err(in_data_dir)?)?;
+        if let Some(mask) = config.local.sharing.umask() {
+            // Maildir modes come from mkdir(2) and open(2). Set only now:
+            // data_dir, the lock and the sockets above are made under the
+            // umask postling was started with; the queue's files and
+            // directories have owner-only modes of their own.
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+        }
         sweep_maildirs(&config);
         let (tx, rx) = crossbeam_channel::unbounded();
         if !pending.is_empty() {

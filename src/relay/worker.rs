@@ -524,8 +524,16 @@ impl Relay {
         let mut sink = crate::deliver::open_with_client(&message, &self.ctx, client)?;
         let id = sink.id().to_string();
         sink.file().write_all(text)?;
-        crate::deliver::store(&message, sink, text.len() as u64, &self.ctx)?;
-        Ok(id)
+        match crate::deliver::store(&message, sink, text.len() as u64, &self.ctx) {
+            Ok(()) => Ok(id),
+            // Stored somewhere: the notice is out, and storing it again at
+            // the next attempt would only add copies where it already is.
+            Err(partly) if partly.stored > 0 => {
+                error!("notice={id} to=<{to}> not stored in every mailbox: {partly}");
+                Ok(id)
+            }
+            Err(partly) => Err(partly.error),
+        }
     }
 }
 
