@@ -19,15 +19,14 @@
 //! caller passes the directory), does not build the header it is given, and
 //! never seeks a body it is given: the caller positions it.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::{
-    at, check_real_dir, group, next_counter, now_micros, parent_of, pid, shares_last_link,
-    symlink_refused, sync_dir,
+    at, create_dir_then, group, next_counter, now_micros, pid, shares_last_link, symlink_refused,
 };
 
 /// Who besides postling's own user may read the Maildirs it creates
@@ -306,29 +305,19 @@ fn ensure_dir(path: &Path, sharing: Sharing) -> io::Result<()> {
     }
 }
 
-/// [`super::create_dir_durable`] for a Maildir directory: one level, with
-/// `sharing`'s group and mode when postling creates it (an existing one is
-/// only checked), the parent fsynced either way.
+/// [`super::create_dir_durable`] for a Maildir directory: with `sharing`'s
+/// mode, and its group when postling creates it (an existing one is only
+/// checked).
 fn create_dir(path: &Path, sharing: Sharing) -> io::Result<()> {
-    match DirBuilder::new().mode(sharing.dir_mode()).create(path) {
-        Ok(()) if sharing.gid.is_some() => {
-            let given = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-                .open(path)
-                .and_then(|dir| sharing.apply(&dir, path));
-            if let Err(e) = given {
-                // Taken back, so the next delivery makes it again rather
-                // than take it for one the admin made.
-                let _ = fs::remove_dir(path);
-                return Err(at(path)(e));
-            }
-        }
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_real_dir(path)?,
-        Err(e) => return Err(at(path)(e)),
-    }
-    sync_dir(parent_of(path))
+    create_dir_then(path, sharing.dir_mode(), |path| match sharing.gid {
+        Some(_) => OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(at(path))
+            .and_then(|dir| sharing.apply(&dir, path)),
+        None => Ok(()),
+    })
 }
 
 /// Creates `dir/tmp/<unique>` (create_new, O_NOFOLLOW, `mode`).

@@ -92,8 +92,26 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 /// `PermissionDenied` if `path` is a symlink, and with `AlreadyExists` if it is
 /// something else that is not a directory.
 pub fn create_dir_durable(path: &Path) -> io::Result<()> {
-    match DirBuilder::new().mode(DIR_MODE).create(path) {
-        Ok(()) => {}
+    create_dir_then(path, DIR_MODE, |_| Ok(()))
+}
+
+/// [`create_dir_durable`] with `mode` (under the umask), and `made` run on
+/// the directory when this call created it, before the parent is fsynced.
+/// If `made` fails (its error is returned as it is), the directory is
+/// removed again, so a later call makes it anew rather than take it for
+/// one that was there before.
+pub(crate) fn create_dir_then(
+    path: &Path,
+    mode: u32,
+    made: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
+    match DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => {
+            if let Err(e) = made(path) {
+                let _ = fs::remove_dir(path);
+                return Err(e);
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_real_dir(path)?,
         Err(e) => return Err(at(path)(e)),
     }
