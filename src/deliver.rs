@@ -131,6 +131,24 @@ fn trace_header(sender: &str, delivered_to: &str) -> String {
     format!("Return-Path: <{sender}>\r\nDelivered-To: {delivered_to}\r\n")
 }
 
+/// One more Maildir copy, written from `body` (the message as received,
+/// positioned at its start) after the copy's own trace fields.
+fn copy_into(
+    copy: &MailboxCopy<'_>,
+    sender: &str,
+    config: &Config,
+    body: io::Result<&mut File>,
+) -> io::Result<std::path::PathBuf> {
+    let header = trace_header(sender, &copy.delivered_to);
+    maildir::deliver_prepared(
+        copy.dir,
+        &config.hostname,
+        header.as_bytes(),
+        body?,
+        config.local.sharing,
+    )
+}
+
 /// A [`store`] that failed part way: why, and how many copies were
 /// already durable when it did (a Maildir file each, or the queue entry).
 #[derive(Debug)]
@@ -173,19 +191,8 @@ pub fn store(
                 log_delivered(&id, sender, &first.delivered_to, size, &path);
             }
             for copy in copies {
-                let header = trace_header(sender, &copy.delivered_to);
-                let path = draft
-                    .body()
-                    .and_then(|body| {
-                        maildir::deliver_prepared(
-                            copy.dir,
-                            &config.hostname,
-                            header.as_bytes(),
-                            body,
-                            config.local.sharing,
-                        )
-                    })
-                    .map_err(unfinished(stored))?;
+                let path =
+                    copy_into(&copy, sender, &config, draft.body()).map_err(unfinished(stored))?;
                 stored += 1;
                 log_delivered(&id, sender, &copy.delivered_to, size, &path);
             }
@@ -194,19 +201,8 @@ pub fn store(
         SinkFile::Queue(spool) => spool,
     };
     for copy in copies {
-        let header = trace_header(sender, &copy.delivered_to);
-        let path = spool
-            .rewound()
-            .and_then(|body| {
-                maildir::deliver_prepared(
-                    copy.dir,
-                    &config.hostname,
-                    header.as_bytes(),
-                    body,
-                    config.local.sharing,
-                )
-            })
-            .map_err(unfinished(stored))?;
+        let path =
+            copy_into(&copy, sender, &config, spool.rewound()).map_err(unfinished(stored))?;
         stored += 1;
         log_delivered(&id, sender, &copy.delivered_to, size, &path);
     }
