@@ -1192,33 +1192,12 @@ fn spool_file() -> Result<std::fs::File, Error> {
 }
 
 fn unnamed_file_in(dir: &Path) -> io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    for attempt in 0..8 {
-        let path = dir.join(format!(
-            ".postling-sendmail.{}.{}.{attempt}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-        ));
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(file) => {
-                std::fs::remove_file(&path)?;
-                return Ok(file);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::from(io::ErrorKind::AlreadyExists))
+    // The store's private create (0600, create_new, no symlink followed)
+    // under one of its ids, unique in this process and across processes.
+    let path = dir.join(format!(".postling-sendmail.{}", crate::store::new_id()));
+    let file = crate::store::create_file(&path, true)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
 }
 
 /// DATA, the spooled message, and the daemon's verdict on it.

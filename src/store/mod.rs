@@ -24,7 +24,7 @@ pub mod group;
 pub mod maildir;
 pub mod queue;
 
-use std::fs::{self, DirBuilder, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
@@ -82,6 +82,18 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
         .custom_flags(libc::O_DIRECTORY)
         .open(path)
         .and_then(|dir| dir.sync_all())
+        .map_err(at(path))
+}
+
+/// Creates `path` with create_new, O_NOFOLLOW, mode 0600; readable too if `read`.
+pub(crate) fn create_file(path: &Path, read: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(read)
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
         .map_err(at(path))
 }
 

@@ -35,7 +35,9 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::envelope::Envelope;
-use super::{at, create_dir_durable, group, is_valid_id, new_id, shares_last_link, sync_dir};
+use super::{
+    at, create_dir_durable, create_file, group, is_valid_id, new_id, shares_last_link, sync_dir,
+};
 
 /// Suffix of the file holding an entry's updated envelope.
 const UPDATED: &str = ".env";
@@ -570,18 +572,6 @@ fn read_envelope_file(path: &Path) -> io::Result<Envelope> {
 fn open_nofollow(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(at(path))
-}
-
-/// Creates `path` with create_new, O_NOFOLLOW, mode 0600; readable too if `read`.
-fn create_file(path: &Path, read: bool) -> io::Result<File> {
-    OpenOptions::new()
-        .read(read)
-        .write(true)
-        .create_new(true)
-        .mode(super::FILE_MODE)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(at(path))
