@@ -352,79 +352,70 @@ fn add_recipients(list: &str, domain: &str, out: &mut Vec<String>) -> Vec<String
 /// followed by an LF are each a line ending (old Mac text).
 pub struct Normalize<R> {
     inner: R,
-    /// Input read from `inner`, and how far it has been used.
-    buf: Box<[u8]>,
-    pos: usize,
-    len: usize,
-    eof: bool,
     /// CRs seen in a row: one LF if an LF follows, else one each.
     crs: usize,
     /// Line endings decided on and not yet given out.
     owed: usize,
 }
 
-impl<R: Read> Normalize<R> {
+impl<R: BufRead> Normalize<R> {
     pub fn new(inner: R) -> Normalize<R> {
         Normalize {
             inner,
-            buf: vec![0; CHUNK].into_boxed_slice(),
-            pos: 0,
-            len: 0,
-            eof: false,
             crs: 0,
             owed: 0,
         }
     }
 }
 
-impl<R: Read> Read for Normalize<R> {
+impl<R: BufRead> Read for Normalize<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let mut w = 0;
-        while w < out.len() {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
             if self.owed > 0 {
-                out[w] = b'\n';
-                w += 1;
-                self.owed -= 1;
+                let n = self.owed.min(out.len());
+                out[..n].fill(b'\n');
+                self.owed -= n;
+                return Ok(n);
+            }
+            let input = self.inner.fill_buf()?;
+            if input.is_empty() {
+                // The end: CRs left over are line endings of their own.
+                self.owed = std::mem::take(&mut self.crs);
+                if self.owed == 0 {
+                    return Ok(0);
+                }
                 continue;
             }
-            if self.pos == self.len {
-                if w > 0 {
-                    break;
-                }
-                if self.eof {
-                    // CRs at the very end are line endings of their own.
-                    self.owed = std::mem::take(&mut self.crs);
-                    if self.owed == 0 {
+            let (mut used, mut w) = (0, 0);
+            while used < input.len() && w < out.len() {
+                match input[used] {
+                    b'\r' => self.crs += 1,
+                    b'\n' => {
+                        self.crs = 0;
+                        out[w] = b'\n';
+                        w += 1;
+                    }
+                    _ if self.crs > 0 => {
+                        // Lone CRs: each a line ending, given out before
+                        // this byte, which is read again after them.
+                        self.owed = std::mem::take(&mut self.crs);
                         break;
                     }
-                    continue;
+                    b => {
+                        out[w] = b;
+                        w += 1;
+                    }
                 }
-                self.len = self.inner.read(&mut self.buf)?;
-                self.pos = 0;
-                self.eof = self.len == 0;
-                continue;
+                used += 1;
             }
-            let b = self.buf[self.pos];
-            self.pos += 1;
-            match b {
-                b'\r' => self.crs += 1,
-                b'\n' => {
-                    self.crs = 0;
-                    out[w] = b'\n';
-                    w += 1;
-                }
-                _ if self.crs > 0 => {
-                    // Lone CRs: each a line ending, then this byte again.
-                    self.owed = std::mem::take(&mut self.crs);
-                    self.pos -= 1;
-                }
-                _ => {
-                    out[w] = b;
-                    w += 1;
-                }
+            self.inner.consume(used);
+            if w > 0 {
+                return Ok(w);
             }
         }
-        Ok(w)
     }
 }
 
@@ -1727,6 +1718,54 @@ mod tests {
             encode(&dotted, true),
             [b"..".to_vec(), vec![b'x'; MAX_LINE - 1], b"\r\n".to_vec()].concat()
         );
+    }
+
+    #[test]
+    fn normalize_gives_the_same_bytes_however_it_is_read() {
+        // The rule in one go: a run of CRs and its LF is one line end, a run
+        // of CRs without one is a line end each.
+        fn reference(input: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut crs = 0;
+            for &b in input {
+                match b {
+                    b'\r' => crs += 1,
+                    b'\n' => {
+                        crs = 0;
+                        out.push(b'\n');
+                    }
+                    _ => {
+                        out.extend(std::iter::repeat_n(b'\n', std::mem::take(&mut crs)));
+                        out.push(b);
+                    }
+                }
+            }
+            out.extend(std::iter::repeat_n(b'\n', crs));
+            out
+        }
+        let mut seed = 0x2545_f491_u32;
+        for _ in 0..2000 {
+            let input: Vec<u8> = (0..seed % 40)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    [b'\r', b'\n', b'.', b'a'][(seed % 4) as usize]
+                })
+                .collect();
+            for (capacity, chunk) in [(1, 1), (2, 3), (3, 2), (5, 64)] {
+                let mut n = Normalize::new(io::BufReader::with_capacity(capacity, &input[..]));
+                let (mut got, mut buf) = (Vec::new(), vec![0; chunk]);
+                loop {
+                    let k = n.read(&mut buf).expect("read");
+                    if k == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..k]);
+                }
+                assert_eq!(got, reference(&input), "{input:?} {capacity}/{chunk}");
+            }
+        }
     }
 
     #[test]
