@@ -186,7 +186,13 @@ impl Deliverer {
                 route::direct(&self.resolver, d, relay_cfg.mx_port),
                 TlsMode::Opportunistic,
             ),
-            (Dest::Smarthost, None) => unreachable!("Smarthost groups exist only with a smarthost"),
+            // A reload removed the smarthost after this attempt was planned:
+            // the next attempt goes where the new config says.
+            (Dest::Smarthost, None) => {
+                return all(RcptResult::Deferred {
+                    reason: "relay.smarthost was removed by a reload; trying again".into(),
+                })
+            }
         };
         let candidates = match candidates {
             Ok(c) => c,

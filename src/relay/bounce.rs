@@ -32,16 +32,21 @@ pub struct Entry<'a> {
     pub remote_mta: Option<&'a str>,
 }
 
-/// Renders the complete notice (headers and body, CRLF line ends).
+/// Renders the complete notice (headers and body, CRLF line ends) for
+/// `to`: the message's sender, or the postmaster for a bounce about a
+/// bounce.
 pub fn render(
     kind: Kind,
     hostname: &str,
+    to: &str,
     env: &Envelope,
     entries: &[Entry<'_>],
     original_header: &[u8],
     now: u64,
 ) -> Vec<u8> {
-    let boundary = format!("{}.{}/{}", env.id, now, clean(hostname));
+    // Within RFC 2046's 70 characters whatever the hostname: a queue id
+    // is 32 at most.
+    let boundary = format!("{}.{}/postling", env.id, now);
     let (subject, action, default_status) = match kind {
         Kind::Failed => ("Undelivered Mail Returned to Sender", "failed", "5.0.0"),
         Kind::Delayed => ("Delayed Mail (still being retried)", "delayed", "4.0.0"),
@@ -51,7 +56,7 @@ pub fn render(
     m.push_str(&format!(
         "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\n"
     ));
-    m.push_str(&format!("To: <{}>\r\n", clean(&env.sender)));
+    m.push_str(&format!("To: <{}>\r\n", clean(to)));
     m.push_str(&format!("Subject: {subject}\r\n"));
     m.push_str(&format!("Date: {}\r\n", rfc5322(now)));
     m.push_str(&format!(
@@ -104,15 +109,26 @@ pub fn render(
             clean(e.address)
         ));
         m.push_str(&format!("Action: {action}\r\n"));
-        m.push_str(&format!(
-            "Status: {}\r\n",
-            enhanced_code(e.diagnostic).unwrap_or(default_status)
-        ));
+        // A delayed recipient is still being tried, so its status is
+        // transient (RFC 3463) even when the last reply was a 5xx that
+        // postling retries (a 5xx greeting, say).
+        let status = enhanced_code(e.diagnostic)
+            .filter(|code| kind == Kind::Failed || code.starts_with('4'))
+            .unwrap_or(default_status);
+        m.push_str(&format!("Status: {status}\r\n"));
         if let Some(mta) = e.remote_mta {
-            m.push_str(&format!("Remote-MTA: dns; {}\r\n", clean(mta)));
+            m.push_str(&format!("Remote-MTA: dns; {}\r\n", clean(mta_name(mta))));
         }
+        // "smtp" is for a server's reply (RFC 3464 section 2.3.6); postling's
+        // own reasons (connection refused, expiry, null MX) are its own type,
+        // as Postfix's are "X-Postfix".
+        let diagnostic_type = if is_reply(e.diagnostic) {
+            "smtp"
+        } else {
+            "X-Postling"
+        };
         m.push_str(&format!(
-            "Diagnostic-Code: smtp; {}\r\n",
+            "Diagnostic-Code: {diagnostic_type}; {}\r\n",
             clean(e.diagnostic)
         ));
         m.push_str(&format!("Last-Attempt-Date: {}\r\n", rfc5322(now)));
@@ -133,6 +149,25 @@ fn clean(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// The host's name in the relay's "host[address]:port" (a bracketed
+/// address literal when the host is one).
+fn mta_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        host.find(']').map_or(host, |end| &host[..=end])
+    } else {
+        host.split('[').next().unwrap_or(host)
+    }
+}
+
+/// Whether a diagnostic is a server's reply: "550 5.1.1 ...", "421-...".
+fn is_reply(diagnostic: &str) -> bool {
+    let b = diagnostic.as_bytes();
+    b.len() >= 3
+        && matches!(b[0], b'2'..=b'5')
+        && b[1..3].iter().all(u8::is_ascii_digit)
+        && matches!(b.get(3), None | Some(b' ' | b'-'))
 }
 
 /// The RFC 3463 code in a reply such as "550 5.1.1 unknown", or at the
@@ -188,11 +223,12 @@ mod tests {
         let entries = [Entry {
             address: "x@example.com",
             diagnostic: "550 5.1.1 <x@example.com>: user unknown",
-            remote_mta: Some("mx.example.com"),
+            remote_mta: Some("mx.example.com[192.0.2.1]:25"),
         }];
         let text = String::from_utf8(render(
             Kind::Failed,
             "pi.lan",
+            "cron@pi.lan",
             &env(),
             &entries,
             b"Received: a\r\nSubject: hello\r\n\r\nbody\r\n",
@@ -227,10 +263,76 @@ mod tests {
             diagnostic: "connection refused",
             remote_mta: None,
         }];
-        let text = String::from_utf8(render(Kind::Delayed, "pi.lan", &env(), &entries, b"", 0))
-            .expect("utf8");
+        let text = String::from_utf8(render(
+            Kind::Delayed,
+            "pi.lan",
+            "cron@pi.lan",
+            &env(),
+            &entries,
+            b"",
+            0,
+        ))
+        .expect("utf8");
         assert!(text.contains("Action: delayed\r\nStatus: 4.0.0\r\n"));
+        assert!(text.contains("Diagnostic-Code: X-Postling; connection refused\r\n"));
         assert!(text.contains("Subject: Delayed Mail"));
+    }
+
+    #[test]
+    fn a_delayed_recipient_never_has_a_permanent_status() {
+        let entries = [
+            Entry {
+                address: "x@example.com",
+                diagnostic: "554 5.7.1 go away (in reply to the greeting)",
+                remote_mta: Some("[192.0.2.7][192.0.2.7]:25"),
+            },
+            Entry {
+                address: "y@example.com",
+                diagnostic: "451 4.3.0 try later",
+                remote_mta: None,
+            },
+        ];
+        let text = String::from_utf8(render(
+            Kind::Delayed,
+            "pi.lan",
+            "cron@pi.lan",
+            &env(),
+            &entries,
+            b"",
+            0,
+        ))
+        .expect("utf8");
+        assert!(
+            text.contains("Action: delayed\r\nStatus: 4.0.0\r\nRemote-MTA: dns; [192.0.2.7]\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Action: delayed\r\nStatus: 4.3.0\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Diagnostic-Code: smtp; 554 5.7.1 go away"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_boundary_is_short_whatever_the_hostname() {
+        let host = format!("{}.example.net", "a".repeat(60));
+        let text = String::from_utf8(render(
+            Kind::Failed,
+            &host,
+            "postmaster@pi.lan",
+            &env(),
+            &[],
+            b"",
+            0,
+        ))
+        .expect("utf8");
+        let start = text.find("boundary=\"").expect("boundary") + 10;
+        let len = text[start..].find('"').expect("end");
+        assert!(len <= 70, "{len}");
+        assert!(text.contains("To: <postmaster@pi.lan>\r\n"), "{text}");
     }
 
     #[test]
@@ -245,6 +347,7 @@ mod tests {
         let text = String::from_utf8(render(
             Kind::Failed,
             "pi.lan",
+            &e.sender,
             &e,
             &entries,
             b"Subject: s\r\n--x\r\n\r\n",

@@ -13,6 +13,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -41,6 +42,8 @@ pub struct Script {
     pub drop_mid_data: bool,
     /// The reply after the final dot.
     pub data_reply: String,
+    /// How long to hold that reply back (the message is recorded first).
+    pub data_reply_delay: Duration,
 }
 
 impl Default for Script {
@@ -57,6 +60,7 @@ impl Default for Script {
             rcpt_replies: Vec::new(),
             drop_mid_data: false,
             data_reply: "250 2.0.0 queued".into(),
+            data_reply_delay: Duration::ZERO,
         }
     }
 }
@@ -368,6 +372,7 @@ fn serve(sock: TcpStream, script: &Script, record: &Mutex<Record>) -> io::Result
                 .unwrap_or_else(|p| p.into_inner())
                 .messages
                 .push(message);
+            thread::sleep(script.data_reply_delay);
             c.reply(&script.data_reply)?;
         } else if upper == "RSET" || upper == "NOOP" {
             c.reply("250 2.0.0 ok")?;

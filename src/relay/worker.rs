@@ -178,7 +178,7 @@ impl Relay {
         if self
             .forced
             .iter()
-            .any(|id| !self.in_flight.contains_key(id))
+            .any(|id| self.pending.contains_key(id) && !self.in_flight.contains_key(id))
         {
             return Some(0);
         }
@@ -260,6 +260,7 @@ impl Relay {
         if !self.ctx.queue.contains(id) {
             warn!("id={id} queue entry gone; dropping it from the relay");
             self.pending.remove(id);
+            self.forced.remove(id);
             return;
         }
         let todo: Vec<usize> = (0..env.recipients.len())
@@ -415,13 +416,18 @@ impl Relay {
             let deferred: Vec<usize> = (0..env.recipients.len())
                 .filter(|&i| matches!(env.recipients[i].state, RcptState::Deferred { .. }))
                 .collect();
-            if !deferred.is_empty() {
+            // A notice that could not be stored (disk full) is tried again
+            // at the next attempt, like a bounce.
+            env.warned = deferred.is_empty() || {
                 let entries = entries(&env, &deferred, &flight.remote_mta);
-                self.notify(&env, &entries, Kind::Delayed);
-            }
-            env.warned = true;
+                self.notify(&env, &entries, Kind::Delayed)
+            };
         }
         if env.recipients.iter().all(|r| r.state.is_final()) {
+            // A flush that came while this attempt ran is done with too: a
+            // forced id that is no longer queued would make every pass of
+            // the loop due at once.
+            self.forced.remove(id);
             match self.ctx.queue.remove_unsynced(id) {
                 Ok(()) => {
                     self.unsynced_removals = true;
@@ -475,6 +481,7 @@ impl Relay {
         let text = bounce::render(
             kind,
             &self.ctx.config().hostname,
+            &to,
             env,
             entries,
             &header,

@@ -820,3 +820,103 @@ fn a_failed_bounce_goes_to_postmaster_when_configured() {
     assert!(notice.contains("Status: 5.1.10"), "{notice}");
     assert!(notice.contains("Subject: from nobody"));
 }
+
+/// CPU time (user + system, in clock ticks) the process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("comm").1.split(' ').collect();
+    fields[12].parse::<u64>().expect("utime") + fields[13].parse::<u64>().expect("stime")
+}
+
+/// A flush that arrives while the message it names is on the wire, and an
+/// attempt that then finishes it, leaves the relay idle: it once kept the
+/// id as "forced" after the message was gone and spun at 100% CPU.
+#[test]
+fn a_flush_during_the_last_attempt_leaves_the_relay_idle() {
+    let server = TestServer::start(Script {
+        data_reply_delay: Duration::from_secs(2),
+        ..Script::default()
+    })
+    .expect("test server");
+    let dns = TestDns::start(vec![
+        Record::mx("slow.test", 10, "mx.slow.test"),
+        Record::a("mx.slow.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
+    );
+    let id = send(
+        &a,
+        "cron@localhost",
+        &["x@slow.test"],
+        "Subject: a\r\n\r\nhi\r\n",
+    );
+    assert!(wait_for(SHORT, || server.messages().len() == 1));
+    for args in [vec!["flush", id.as_str()], vec!["flush"]] {
+        let o = std::process::Command::new(crate::util::bin())
+            .arg("queue")
+            .args(&args)
+            .arg("--data-dir")
+            .arg(&a.data)
+            .output()
+            .expect("run postling queue");
+        assert!(o.status.success(), "{o:?}\n{}", a.log());
+    }
+    assert!(wait_for(SHORT, || a
+        .log()
+        .contains(&format!("id={id} status=removed"))));
+    let before = cpu_ticks(a.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(a.pid()) - before;
+    // Idle, the server sleeps in its loops: a spinning thread would use
+    // about 300 ticks of the 3 s (at 100 ticks a second).
+    assert!(used < 60, "{used} ticks of CPU in 3 s of idle\n{}", a.log());
+    assert_eq!(server.messages().len(), 1, "delivered once");
+}
+
+/// A delay notice that cannot be stored is tried again at the next
+/// attempt, as a bounce is, rather than recorded as sent.
+#[test]
+fn a_delay_notice_that_cannot_be_stored_is_tried_again() {
+    let port = free_port(); // nothing listens: every attempt defers
+    let dns = TestDns::start(vec![
+        Record::mx("down.test", 10, "mx.down.test"),
+        Record::a("mx.down.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(
+            &format!("mx_port = {port}\ndelay_warning = \"2s\"\nmax_queue_time = \"1h\"\n"),
+            &dns,
+        ),
+    );
+    // The sender's Maildir has a symlink for new/, which postling refuses.
+    let maildir = a.data.join("mail").join("cron");
+    for sub in ["tmp", "cur"] {
+        fs::create_dir_all(maildir.join(sub)).expect("maildir");
+    }
+    std::os::unix::fs::symlink(dir.path(), maildir.join("new")).expect("symlink");
+    let id = send(
+        &a,
+        "cron@localhost",
+        &["x@down.test"],
+        "Subject: late\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || a
+            .log()
+            .contains(&format!("id={id} cannot queue the Delayed notice"))),
+        "{}",
+        a.log()
+    );
+    fs::remove_file(maildir.join("new")).expect("unlink");
+    fs::create_dir(maildir.join("new")).expect("new/");
+    assert!(wait_for(SHORT, || a.mail("cron").len() == 1), "{}", a.log());
+    let notice = String::from_utf8_lossy(&a.mail("cron")[0]).into_owned();
+    assert!(notice.contains("Action: delayed"), "{notice}");
+    assert_eq!(a.queue().len(), 1, "still queued");
+}
