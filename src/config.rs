@@ -1310,7 +1310,10 @@ fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, C
         trusted_users: raw.trusted_users.unwrap_or_default(),
         sharing,
     };
-    if let Some(path) = raw.aliases {
+    // Only the daemon expands aliases: sendmail and the queue tools never
+    // read the file, so a mistake in it (or a mode that keeps it from the
+    // caller) cannot stop cron's mail while the daemon runs on.
+    if let Some(path) = raw.aliases.filter(|_| ctx.open_files) {
         local.aliases = aliases::load(path.get_ref()).map_err(|e| match e.line {
             // Unreadable: point at the config line that names the file.
             None => ctx.error(

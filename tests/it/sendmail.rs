@@ -271,12 +271,16 @@ fn sendmail_and_mailq_never_open_the_daemons_own_files() {
     // The TLS key, the users file and the smarthost password are the
     // daemon's user's alone (chmod 600); sendmail runs as whoever calls it
     // (a user's crontab, www-data). Here the client's config names files
-    // that do not exist at all: it must not care.
+    // that do not exist at all: it must not care. Nor about an aliases
+    // file being edited into a state the daemon would refuse at reload
+    // (here a duplicate name): only the daemon reads it.
     let dir = TempDir::new();
     let s = Server::start(&dir, &config(&dir));
     let secrets = dir.path().join("secret");
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "www: root\nWWW: root\n").expect("aliases");
     let client = format!(
-        "{}[tls]\ncert = {:?}\nkey = {:?}\n[auth]\nusers_file = {:?}\n",
+        "{}aliases = {aliases:?}\n[tls]\ncert = {:?}\nkey = {:?}\n[auth]\nusers_file = {:?}\n",
         config(&dir),
         secrets.join("cert.pem"),
         secrets.join("key.pem"),
