@@ -1343,9 +1343,15 @@ fn check_aliases(local: &Local, path: &Path) -> Result<(), ConfigError> {
             Err(ResolveError::AliasLoop) => "loops (or expands to over 1000 targets or 20 levels)",
             Err(ResolveError::UnknownUser) => {
                 // Stock alias files name system users (root, daemon) that
-                // have no mailbox here; mail to such an alias gets 550.
+                // have no mailbox here; mail to such an alias gets 550,
+                // except the postmaster's, which gets a mailbox of its own.
+                let outcome = if name == "postmaster" {
+                    "its mail goes to a \"postmaster\" Maildir".to_string()
+                } else {
+                    "mail to it will be refused".to_string()
+                };
                 log::warn!(
-                    "{}:{}: alias \"{name}\" expands to a local user who has no mailbox; mail to it will be refused",
+                    "{}:{}: no target of alias \"{name}\" has a mailbox here; {outcome}",
                     path.display(),
                     local.aliases.line(name).unwrap_or(0)
                 );

@@ -90,6 +90,9 @@ impl Local {
 
     /// Expands a recipient whose domain is local. Result is deduplicated, in a
     /// stable order (first occurrence in alias order), never empty on Ok.
+    /// An alias target that is a local name without a mailbox is skipped
+    /// (and logged); an alias none of whose targets leads anywhere gives
+    /// `UnknownUser`.
     /// A `domain` that is not local gives `UnknownUser`.
     pub fn resolve(&self, local_part: &str, domain: &str) -> Result<Vec<Target>, ResolveError> {
         if !self.is_local_domain(domain) {
@@ -160,11 +163,19 @@ impl Local {
                 }
                 None => lower.as_str(),
             };
-            if local == key {
+            let expanded = if local == key {
                 // `alice: alice, bob@x`: alice's own mailbox too.
-                push(out, budget, self.mailbox(key)?)?;
+                self.mailbox(key).and_then(|t| push(out, budget, t))
             } else {
-                self.expand_name(local, stack, out, budget)?;
+                self.expand_name(local, stack, out, budget)
+            };
+            match expanded {
+                // One stale name in a list does not take the list down, as
+                // in Postfix: the others still get the mail.
+                Err(ResolveError::UnknownUser) => {
+                    log::warn!("alias \"{key}\": target \"{target}\" has no mailbox here; skipped");
+                }
+                other => other?,
             }
         }
         stack.pop();
@@ -345,7 +356,17 @@ plussed+x: bob@example.com
                     "remote:Eve@example.com",
                 ]),
             ),
-            (&closed, "team@pi.lan", Err(UnknownUser)), // dave is not a user
+            // dave is not a user: skipped, the others still get it
+            (
+                &closed,
+                "team@pi.lan",
+                ok(&[
+                    "alice=/var/mail/alice",
+                    "carol=/home/carol/Maildir",
+                    "remote:bob@example.com",
+                    "remote:Eve@example.com",
+                ]),
+            ),
             (
                 &open,
                 "ghost@pi.lan",
@@ -393,6 +414,14 @@ plussed+x: bob@example.com
     #[test]
     fn postmaster_alias_wins() {
         let l = local(Some(&["alice"]), "postmaster: alice\n");
+        assert_eq!(
+            r(&l, "postmaster@pi.lan"),
+            Ok(vec!["alice=/var/mail/alice".to_string()])
+        );
+        // Debian's `postmaster: root` with root going to a user list that
+        // names someone without a mailbox: alice still gets it, rather
+        // than a postmaster Maildir nobody reads.
+        let l = local(Some(&["alice"]), "postmaster: root\nroot: alice, carl\n");
         assert_eq!(
             r(&l, "postmaster@pi.lan"),
             Ok(vec!["alice=/var/mail/alice".to_string()])

@@ -172,6 +172,38 @@ fn aliases_expand_to_mailboxes_and_remote_addresses() {
     assert!(c.cmd("RCPT TO:<dave@localhost>").starts_with("550 5.1.1"));
 }
 
+/// A target without a mailbox is skipped; the rest of the alias still gets
+/// the mail, postmaster's included, as in Postfix.
+#[test]
+fn an_alias_target_without_a_mailbox_is_skipped_not_fatal_to_the_alias() {
+    let dir = TempDir::new();
+    let aliases = dir.path().join("aliases");
+    fs::write(
+        &aliases,
+        "postmaster: root\nroot: alice, carl\nteam: carl, alice\nnobody: carl\n",
+    )
+    .expect("aliases");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\nusers = [\"alice\"]\naliases = \"{}\"\n",
+        aliases.display()
+    );
+    let s = Server::start(&dir, &config);
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    for to in ["team@localhost", "postmaster@localhost"] {
+        let r = c.send_mail("x@localhost", &[to], "Subject: t\r\n\r\nhi\r\n");
+        assert!(r.starts_with("250"), "{to}: {r}");
+    }
+    assert_eq!(s.mail("alice").len(), 2);
+    assert!(!s.data.join("mail").join("postmaster").exists());
+    assert!(!s.data.join("mail").join("carl").exists());
+    assert!(c.cmd("MAIL FROM:<x@localhost>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<nobody@localhost>").starts_with("550 5.1.1"));
+    assert!(s
+        .log()
+        .contains("target \"carl\" has no mailbox here; skipped"));
+}
+
 #[test]
 fn explicit_mailbox_paths_and_plus_detail() {
     let dir = TempDir::new();
