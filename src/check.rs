@@ -1,6 +1,7 @@
 //! `postling check`: is the configuration valid, and can mail get out?
 //!
-//! Validates the config (errors name file, line and key), then, unless
+//! Validates the config (errors name file, line and key) and the files
+//! `serve` checks before it runs (`server::preflight`), then, unless
 //! offline, walks the path outbound mail takes and prints one line per step,
 //! OK or the reason with a hint: DNS, the TCP connection, the greeting and
 //! EHLO capabilities, STARTTLS or implicit TLS with the certificate's
@@ -51,12 +52,39 @@ impl Report<'_> {
     }
 }
 
-/// Runs the checks on an already loaded config; returns true when all passed.
-pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> bool {
+/// How `check` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Passed,
+    /// A file the daemon needs, or its user or group, is wrong: `serve`
+    /// would refuse to start.
+    Config,
+    /// A step on the way out failed.
+    Unavailable,
+}
+
+/// Runs the checks on an already loaded config.
+pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> Outcome {
     let mut r = Report { out, failed: false };
     r.ok("config", "valid");
+    for (step, result) in crate::server::preflight(config) {
+        match result {
+            Ok(detail) => r.ok(&step, &detail),
+            Err(reason) => r.fail(&step, &reason, "postling serve would refuse to start"),
+        }
+    }
+    if r.failed {
+        return Outcome::Config;
+    }
+    let passed = |r: &Report<'_>| {
+        if r.failed {
+            Outcome::Unavailable
+        } else {
+            Outcome::Passed
+        }
+    };
     if opts.offline {
-        return !r.failed;
+        return passed(&r);
     }
     let relay = &config.relay;
     let (candidates, tls) = match &relay.smarthost {
@@ -73,7 +101,7 @@ pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> bool {
                         &route_reason(&e),
                         "check relay.smarthost and /etc/resolv.conf",
                     );
-                    return false;
+                    return Outcome::Unavailable;
                 }
             }
         }
@@ -84,11 +112,19 @@ pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> bool {
                 .and_then(|a| a.rsplit_once('@'))
                 .map(|(_, d)| d)
             else {
+                if let Some(addr) = &opts.send_test {
+                    r.fail(
+                        "send test",
+                        &format!("{addr} has no domain"),
+                        "give a whole address, user@domain, to test direct delivery",
+                    );
+                    return Outcome::Unavailable;
+                }
                 r.ok(
                     "relay",
                     "direct MX delivery; give --send-test ADDR to check a destination",
                 );
-                return !r.failed;
+                return passed(&r);
             };
             let resolver = Resolver::new(&relay.dns_servers);
             let step = format!("resolve MX of {domain}");
@@ -103,13 +139,13 @@ pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> bool {
                         &route_reason(&e),
                         "check relay.dns_servers or /etc/resolv.conf",
                     );
-                    return false;
+                    return Outcome::Unavailable;
                 }
             }
         }
     };
     probe(config, &candidates, tls, opts, &mut r);
-    !r.failed
+    passed(&r)
 }
 
 fn addresses(c: &[Candidate]) -> String {
@@ -135,13 +171,18 @@ fn probe(
 ) {
     let relay = &config.relay;
     let mut stream = None;
-    for c in candidates {
+    for (n, c) in candidates.iter().enumerate() {
         let step = format!("connect to {} [{}]", c.host, c.addr);
         match TcpStream::connect_timeout(&c.addr, relay.connect_timeout) {
             Ok(s) => {
                 r.ok(&step, "connected");
                 stream = Some((s, c));
                 break;
+            }
+            // The relay moves on to the next address too (an MX's IPv6
+            // address on a line with IPv4 only, say): not a failure yet.
+            Err(e) if n + 1 < candidates.len() => {
+                r.info(&format!("{step}: {e}; trying the next address"));
             }
             Err(e) => {
                 let hint = if c.addr.port() == 25 {

@@ -288,6 +288,10 @@ fn init_logging() {
 }
 
 fn check(c: Check) -> ExitCode {
+    static LOG: CheckLog = CheckLog;
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     let flags = postling::config::Flags {
         config: postling::config::installed_or(c.config),
         ..Default::default()
@@ -303,11 +307,27 @@ fn check(c: Check) -> ExitCode {
         offline: c.offline,
         send_test: c.send_test,
     };
-    if postling::check::run(&config, &opts, &mut std::io::stdout()) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(69) // EX_UNAVAILABLE
+    match postling::check::run(&config, &opts, &mut std::io::stdout()) {
+        postling::check::Outcome::Passed => ExitCode::SUCCESS,
+        postling::check::Outcome::Config => ExitCode::from(78), // EX_CONFIG
+        postling::check::Outcome::Unavailable => ExitCode::from(69), // EX_UNAVAILABLE
     }
+}
+
+/// `postling check` shows the warnings `serve` would log (an alias target
+/// without a mailbox, say) as report lines of their own.
+struct CheckLog;
+
+impl log::Log for CheckLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            say(&format!("WARN  {}", record.args()));
+        }
+    }
+    fn flush(&self) {}
 }
 
 fn passwd(user: &str) -> ExitCode {

@@ -159,6 +159,93 @@ fn reload(ctx: &Context) {
     }
 }
 
+type Tls = (Arc<crate::tls::ServerCerts>, Arc<rustls::ServerConfig>);
+
+/// The inbound TLS certificate and key, when `[tls]` is set.
+fn load_tls(config: &Config) -> io::Result<Option<Tls>> {
+    let Some(files) = &config.tls else {
+        return Ok(None);
+    };
+    let in_tls = |e: crate::tls::TlsError| io::Error::other(format!("[tls]: {e}"));
+    let certs = crate::tls::ServerCerts::load(&files.cert, &files.key).map_err(in_tls)?;
+    let server = crate::tls::server_config(Arc::clone(&certs)).map_err(in_tls)?;
+    Ok(Some((certs, server)))
+}
+
+/// The inbound AUTH users, when `auth.users_file` is set.
+fn load_users(config: &Config) -> io::Result<Option<crate::auth::Users>> {
+    let Some(path) = &config.auth.users_file else {
+        return Ok(None);
+    };
+    crate::auth::Users::load(path)
+        .map(Some)
+        .map_err(|e| io::Error::other(format!("[auth]: {e}")))
+}
+
+fn lookup_user(name: &str) -> io::Result<nix::unistd::User> {
+    nix::unistd::User::from_name(name)
+        .map_err(io::Error::from)?
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("user {name}: no such user"),
+            )
+        })
+}
+
+/// What `serve` checks before it runs, beyond the config file itself: the
+/// TLS certificate and key, the users file, the relay's CA file, the
+/// `user` to run as and the `local.group` it must hold. For `postling
+/// check`, one `(step, Ok(detail) | Err(reason))` per configured item.
+pub fn preflight(config: &Config) -> Vec<(String, Result<String, String>)> {
+    let mut steps = Vec::new();
+    if config.tls.is_some() {
+        let r = load_tls(config).map(|_| "certificate and key load and match".to_string());
+        steps.push(("tls".to_string(), r.map_err(|e| e.to_string())));
+    }
+    if config.auth.users_file.is_some() {
+        let r = load_users(config).map(|u| {
+            let n = u.map_or(0, |u| u.len());
+            format!("users file: {n} user(s)")
+        });
+        steps.push(("auth".to_string(), r.map_err(|e| e.to_string())));
+    }
+    if let Some(ca) = &config.relay.ca_file {
+        let r = crate::tls::check_ca_file(ca)
+            .map(|()| format!("{} loads", ca.display()))
+            .map_err(|e| format!("relay.ca_file: {e}"));
+        steps.push(("relay.ca_file".to_string(), r));
+    }
+    let user = config.user.as_deref().map(lookup_user);
+    if let Some(r) = &user {
+        let r = r
+            .as_ref()
+            .map(|u| format!("{} (uid {}, gid {})", u.name, u.uid, u.gid))
+            .map_err(|e| e.to_string());
+        steps.push(("user".to_string(), r));
+    }
+    if let Some(gid) = config.local.sharing.gid {
+        let held = match &user {
+            // The groups `user` will hold after initgroups.
+            Some(Ok(u)) => std::ffi::CString::new(u.name.as_str())
+                .ok()
+                .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
+                .is_some_and(|groups| groups.contains(&nix::unistd::Gid::from_raw(gid))),
+            Some(Err(_)) => false,
+            None => check_sharing_group(Some(gid)).is_ok(),
+        };
+        let r = if held {
+            Ok(format!("group {gid} is held"))
+        } else {
+            Err(format!(
+                "the daemon's user is not in group {gid}; add it to the group (usermod -aG)"
+            ))
+        };
+        steps.push(("local.group".to_string(), r));
+    }
+    steps
+}
+
 /// `local.group` must be one this process holds, or every delivery would
 /// fail at its first `fchown`: refused at start instead, with the fix.
 fn check_sharing_group(gid: Option<u32>) -> io::Result<()> {
@@ -187,7 +274,7 @@ fn check_sharing_group(gid: Option<u32>) -> io::Result<()> {
 /// /etc/group gives it, such as a `local.group` shared with an IMAP
 /// server. Not root: nothing to do.
 fn drop_privileges(user: Option<&str>) -> io::Result<()> {
-    use nix::unistd::{initgroups, setgid, setuid, Uid, User};
+    use nix::unistd::{initgroups, setgid, setuid, Uid};
     if !Uid::effective().is_root() {
         return Ok(());
     }
@@ -195,14 +282,7 @@ fn drop_privileges(user: Option<&str>) -> io::Result<()> {
         warn!("running as root: set `user` in the config to drop privileges after binding");
         return Ok(());
     };
-    let entry = User::from_name(name)
-        .map_err(io::Error::from)?
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("user {name}: no such user"),
-            )
-        })?;
+    let entry = lookup_user(name)?;
     let login = std::ffi::CString::new(name).map_err(io::Error::other)?;
     initgroups(&login, entry.gid).map_err(io::Error::from)?;
     setgid(entry.gid).map_err(io::Error::from)?;
@@ -259,23 +339,8 @@ impl Server {
                 format!("data_dir {}: {e}", config.data_dir.display()),
             )
         };
-        let tls = match &config.tls {
-            Some(files) => {
-                let certs = crate::tls::ServerCerts::load(&files.cert, &files.key)
-                    .map_err(|e| io::Error::other(format!("[tls]: {e}")))?;
-                let server = crate::tls::server_config(Arc::clone(&certs))
-                    .map_err(|e| io::Error::other(format!("[tls]: {e}")))?;
-                Some((certs, server))
-            }
-            None => None,
-        };
-        let users = match &config.auth.users_file {
-            Some(path) => Some(
-                crate::auth::Users::load(path)
-                    .map_err(|e| io::Error::other(format!("[auth]: {e}")))?,
-            ),
-            None => None,
-        };
+        let tls = load_tls(&config)?;
+        let users = load_users(&config)?;
         // Ports are bound and root-only files (TLS key, users) read: from
         // here on, run as the configured user.
         drop_privileges(config.user.as_deref())?;

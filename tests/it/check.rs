@@ -200,3 +200,93 @@ fn direct_mode_resolves_the_mx_of_the_test_address() {
     );
     assert_eq!(code, 0, "{out}");
 }
+
+/// `check` makes the checks `serve` makes before it runs (TLS files, the
+/// users file, the user to run as) and shows config warnings, so "check,
+/// then restart" never restarts into a daemon that will not start.
+#[test]
+fn offline_checks_the_files_serve_needs_and_shows_its_warnings() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir);
+    let junk = dir.path().join("junk.pem");
+    fs::write(&junk, "junk\n").expect("junk");
+    let users = dir.path().join("users");
+    fs::write(&users, "alice:plaintext\n").expect("users");
+    fs::set_permissions(&users, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let tls = |cert: &std::path::Path| {
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            pki.key_path.display()
+        )
+    };
+    let (code, out) = check(&dir, &tls(&pki.cert_path), &["--offline"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK    tls: certificate and key load"), "{out}");
+    let (code, out) = check(&dir, &tls(&junk), &["--offline"]);
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("FAIL  tls: [tls]: "), "{out}");
+    let (code, out) = check(
+        &dir,
+        &format!("[auth]\nusers_file = \"{}\"\n", users.display()),
+        &["--offline"],
+    );
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("FAIL  auth: [auth]: ") && out.contains("not a hash"),
+        "{out}"
+    );
+    let (code, out) = check(&dir, "user = \"no-such-user-here\"\n", &["--offline"]);
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("FAIL  user: user no-such-user-here: no such user"),
+        "{out}"
+    );
+
+    let aliases = dir.path().join("aliases");
+    fs::write(&aliases, "team: alice, carl\n").expect("aliases");
+    let (code, out) = check(
+        &dir,
+        &format!(
+            "[local]\nusers = [\"alice\"]\naliases = \"{}\"\n",
+            aliases.display()
+        ),
+        &["--offline"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("WARN  alias \"team\": target \"carl\" has no mailbox here; skipped"),
+        "{out}"
+    );
+}
+
+/// An MX address that refuses (its IPv6 one, on a line with IPv4 only) is
+/// not a failure when the next address takes the mail, as in the relay.
+#[test]
+fn an_address_that_refuses_is_not_a_failure_when_the_next_one_answers() {
+    let server = TestServer::start(Script::default()).expect("test server");
+    let dns = TestDns::start(vec![
+        Record::mx("peer.test", 10, "mx.peer.test"),
+        Record::aaaa("mx.peer.test", "::1".parse().expect("ip")),
+        Record::a("mx.peer.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let config = format!(
+        "hostname = \"pi.test\"\n[relay]\ndns_servers = [\"{}\"]\nmx_port = {}\n",
+        dns.addr,
+        server.addr.port()
+    );
+    let (code, out) = check(&dir, &config, &["--send-test", "x@peer.test"]);
+    assert!(out.contains("trying the next address"), "{out}");
+    assert!(
+        out.contains("OK    send test: accepted for x@peer.test"),
+        "{out}"
+    );
+    assert!(!out.contains("FAIL"), "{out}");
+    assert_eq!(code, 0, "{out}");
+    // An address without a domain tests nothing: a failure, not a pass.
+    let (code, out) = check(&dir, &config, &["--send-test", "root"]);
+    assert_eq!(code, 69, "{out}");
+    assert!(out.contains("FAIL  send test: root has no domain"), "{out}");
+}
