@@ -10,10 +10,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use rustls::ClientConfig;
 
-use super::client::{Credentials, Job, Outcome, RcptResult, TlsMode};
+use super::client::{Credentials, Failure, Job, Outcome, RcptResult, TlsMode};
 use super::dns::Resolver;
 use super::rewrite;
 use super::route::{self, Candidate, RouteError};
@@ -208,21 +208,36 @@ impl Deliverer {
             .map(|&i| env.recipients[i].address.clone())
             .collect();
         let mut last_reason = String::from("no host could be reached");
+        // Hosts that turned out to be this server, and whether any other
+        // host failed: mail whose every host is us can never leave (RFC
+        // 5321 5.1: returned as undeliverable), while mail whose better
+        // host is only down waits for it.
+        let (mut loops, mut others_failed) = (0, false);
         for (n, cand) in candidates.iter().enumerate() {
             if self.is_dead(cand.addr) {
                 last_reason = format!(
                     "{} [{}] did not answer a connection less than a minute ago",
                     cand.host, cand.addr
                 );
+                others_failed = true;
                 continue;
             }
             let mut outcome = match self.session(env, cand, &recipients, tls, auth.clone()) {
                 Ok(o) => o,
                 Err(reason) => {
                     last_reason = reason;
+                    others_failed = true;
                     continue;
                 }
             };
+            if matches!(outcome.failure, Some(Failure::LoopsBack)) {
+                warn!(
+                    "id={} {} [{}] greeted with our own hostname: it is this server",
+                    env.id, cand.host, cand.addr
+                );
+                loops += 1;
+                continue;
+            }
             if outcome.retry_in_clear() {
                 // Opportunistic TLS failed: this host again in clear, as
                 // Postfix's `may` level does.
@@ -246,6 +261,7 @@ impl Deliverer {
                 if let Some((_, RcptResult::Deferred { reason })) = outcome.recipients.first() {
                     last_reason = reason.clone();
                 }
+                others_failed = true;
                 continue;
             }
             let host = format!("{}[{}]:{}", cand.host, cand.addr.ip(), cand.addr.port());
@@ -255,9 +271,23 @@ impl Deliverer {
                 .map(|(&i, (_, r))| (i, r, Some(host.clone())))
                 .collect();
         }
-        all(RcptResult::Deferred {
-            reason: last_reason,
-        })
+        let target = match dest {
+            Dest::Smarthost => "the smarthost".to_string(),
+            Dest::Domain(d) => d.clone(),
+        };
+        match (loops, others_failed) {
+            (0, _) => all(RcptResult::Deferred {
+                reason: last_reason,
+            }),
+            (_, false) => all(RcptResult::Failed {
+                reason: format!("5.4.6 mail for {target} loops back to myself"),
+            }),
+            (_, true) => all(RcptResult::Deferred {
+                reason: format!(
+                    "4.4.6 mail for {target} loops back to myself; the other hosts failed: {last_reason}"
+                ),
+            }),
+        }
     }
 
     /// Sends the message to one candidate: over an idle session to it

@@ -134,6 +134,9 @@ pub enum Failure {
     /// The connection dropped, timed out, or the server's output could not
     /// be parsed.
     Connection(String),
+    /// The server greeted with our own hostname: this host is us (an MX or
+    /// smarthost pointing back here), and sending would only loop.
+    LoopsBack,
 }
 
 /// What one session achieved.
@@ -549,7 +552,22 @@ impl Client {
 
     fn greeting(&mut self, reply: ServerReply) {
         self.greeting = reply.one_line();
-        if reply.code / 100 == 2 {
+        let name = reply
+            .lines
+            .first()
+            .and_then(|l| l.split_whitespace().next());
+        if reply.code / 100 == 2 && name.is_some_and(|n| n.eq_ignore_ascii_case(&self.job.helo)) {
+            // As Postfix does ("host greeted me with my own hostname"): the
+            // caller tries the next host, and bounces when all were us.
+            self.failure = Some(Failure::LoopsBack);
+            self.finish_all(&RcptResult::Deferred {
+                reason: format!(
+                    "4.4.6 mail loops back to myself: {} (in reply to the greeting)",
+                    self.greeting
+                ),
+            });
+            self.quit();
+        } else if reply.code / 100 == 2 {
             self.ehlo_command();
         } else {
             // Even a 5xx greeting only defers: it says this host will not

@@ -30,6 +30,12 @@ pub enum RouteError {
 
 /// At most this many MX hosts are tried per attempt, as Postfix does (5).
 const MAX_MX_HOSTS: usize = 5;
+/// At most this many addresses in all, and per host and address family,
+/// so one host with hundreds of silent addresses cannot hold a delivery
+/// for hours (Postfix stops at 5 addresses; 10 leaves room for dual-stack
+/// hosts).
+const MAX_ADDRESSES: usize = 10;
+const MAX_ADDRESSES_PER_FAMILY: usize = 2;
 
 /// The smarthost's addresses, looked up the system's way (so /etc/hosts works).
 pub fn smarthost(sh: &Smarthost) -> Result<Vec<Candidate>, RouteError> {
@@ -55,9 +61,12 @@ pub fn smarthost(sh: &Smarthost) -> Result<Vec<Candidate>, RouteError> {
 /// The addresses to try for `domain`, in order.
 pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candidate>, RouteError> {
     if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
-        let ip = literal
-            .strip_prefix("IPv6:")
-            .unwrap_or(literal)
+        // The tag is case-insensitive (RFC 5321 4.1.3, RFC 5234 2.3).
+        let address = match literal.get(..5) {
+            Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => &literal[5..],
+            _ => literal,
+        };
+        let ip = address
             .parse::<IpAddr>()
             .map_err(|_| RouteError::Permanent(format!("5.1.2 bad address literal [{literal}]")))?;
         return Ok(vec![Candidate {
@@ -95,13 +104,30 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
     let mut last_error = None;
     for host in hosts.iter().take(MAX_MX_HOSTS) {
         match resolver.addrs(host) {
-            Ok(ips) => out.extend(ips.into_iter().map(|ip| Candidate {
-                host: host.clone(),
-                addr: SocketAddr::new(ip, port),
-            })),
+            Ok(ips) => {
+                // IPv6 first, then IPv4, a few of each, so that a broken
+                // IPv6 path cannot use up the host's share.
+                let (v6, v4): (Vec<IpAddr>, Vec<IpAddr>) =
+                    ips.into_iter().partition(IpAddr::is_ipv6);
+                let fresh: Vec<SocketAddr> = [v6, v4]
+                    .into_iter()
+                    .flat_map(|family| {
+                        family
+                            .into_iter()
+                            .map(|ip| SocketAddr::new(ip, port))
+                            .filter(|addr| !out.iter().any(|c: &Candidate| c.addr == *addr))
+                            .take(MAX_ADDRESSES_PER_FAMILY)
+                    })
+                    .collect();
+                out.extend(fresh.into_iter().map(|addr| Candidate {
+                    host: host.clone(),
+                    addr,
+                }));
+            }
             Err(e) => last_error = Some(format!("address lookup for {host}: {e}")),
         }
     }
+    out.truncate(MAX_ADDRESSES);
     if out.is_empty() {
         // An implicit MX whose name has no address: nothing will ever work.
         if hosts.len() == 1 && hosts[0].eq_ignore_ascii_case(domain) && last_error.is_none() {
@@ -151,6 +177,46 @@ mod tests {
     }
 
     #[test]
+    fn addresses_are_capped_and_deduplicated() {
+        let mut records = vec![
+            Record::mx("many.test", 10, "a.many.test"),
+            Record::mx("many.test", 20, "b.many.test"),
+            Record::aaaa("a.many.test", "::1".parse().expect("ip")),
+            Record::aaaa("a.many.test", "::2".parse().expect("ip")),
+            Record::aaaa("a.many.test", "::3".parse().expect("ip")),
+        ];
+        for i in 1..=200u8 {
+            let ip = std::net::Ipv4Addr::new(127, 0, 1, i);
+            records.push(Record::a("a.many.test", ip));
+            records.push(Record::a("b.many.test", ip));
+        }
+        records.push(Record::a("b.many.test", "127.0.2.1".parse().expect("ip")));
+        let dns = TestDns::start(records);
+        let got = hosts(&direct(&resolver(&dns), "many.test", 25).expect("route"));
+        // Two of each family for a, then b's addresses that a did not have.
+        assert_eq!(got.len(), 4 + 2, "{got:?}");
+        assert!(
+            got[..2].iter().all(|h| h.starts_with("a.many.test [::")),
+            "{got:?}"
+        );
+        assert!(
+            got[2..4]
+                .iter()
+                .all(|h| h.starts_with("a.many.test 127.0.1.")),
+            "{got:?}"
+        );
+        assert!(
+            got[4..].iter().all(|h| h.starts_with("b.many.test ")),
+            "{got:?}"
+        );
+        let unique: std::collections::HashSet<_> = got
+            .iter()
+            .map(|h| h.split(' ').nth(1).expect("addr"))
+            .collect();
+        assert_eq!(unique.len(), got.len(), "{got:?}");
+    }
+
+    #[test]
     fn implicit_null_missing_and_literal() {
         let dns = TestDns::start(vec![
             Record::a("nomx.test", "127.0.0.7".parse().expect("ip")),
@@ -178,10 +244,12 @@ mod tests {
             hosts(&direct(&r, "[127.0.0.9]", 25).expect("literal")),
             ["127.0.0.9 127.0.0.9:25"]
         );
-        assert_eq!(
-            hosts(&direct(&r, "[IPv6:::1]", 25).expect("literal")),
-            ["::1 [::1]:25"]
-        );
+        for literal in ["[IPv6:::1]", "[ipv6:::1]"] {
+            assert_eq!(
+                hosts(&direct(&r, literal, 25).expect("literal")),
+                ["::1 [::1]:25"]
+            );
+        }
         assert!(matches!(
             direct(&r, "bücher.test", 25),
             Err(RouteError::Permanent(_))

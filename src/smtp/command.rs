@@ -427,8 +427,9 @@ fn valid_literal(lit: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(lit) else {
         return false;
     };
-    if let Some(v6) = text.strip_prefix("IPv6:") {
-        return v6.parse::<Ipv6Addr>().is_ok();
+    // The tag is case-insensitive (RFC 5321 4.1.3, RFC 5234 2.3).
+    if let Some(tag) = text.get(..5).filter(|t| t.eq_ignore_ascii_case("IPv6:")) {
+        return text[tag.len()..].parse::<Ipv6Addr>().is_ok();
     }
     text.parse::<Ipv4Addr>().is_ok()
 }
@@ -617,6 +618,10 @@ mod tests {
             (
                 "MAIL FROM:<a@[IPv6:2001:db8::1]>",
                 Command::Mail(Mailbox(mb("a", "[IPv6:2001:db8::1]")), p),
+            ),
+            (
+                "MAIL FROM:<a@[ipv6:2001:db8::1]>",
+                Command::Mail(Mailbox(mb("a", "[ipv6:2001:db8::1]")), p),
             ),
             (
                 "MAIL FROM:<ü@bücher.de>",

@@ -920,3 +920,91 @@ fn a_delay_notice_that_cannot_be_stored_is_tried_again() {
     assert!(notice.contains("Action: delayed"), "{notice}");
     assert_eq!(a.queue().len(), 1, "still queued");
 }
+
+/// An MX that is this server (its greeting names our own hostname) is not
+/// sent to: mail for a domain whose only MX is us bounces at once with
+/// 5.4.6, instead of going round 50 times; mail whose better MX is only
+/// down waits for it (RFC 5321 5.1).
+#[test]
+fn an_mx_that_is_this_server_is_never_sent_to() {
+    let port = free_port();
+    let dns = TestDns::start(vec![
+        Record::mx("loop.test", 10, "mx.loop.test"),
+        Record::a("mx.loop.test", "127.0.0.1".parse().expect("ip")),
+        Record::mx("backup.test", 10, "down.backup.test"),
+        Record::mx("backup.test", 20, "mx.loop.test"),
+        Record::a("down.backup.test", "127.0.0.2".parse().expect("ip")),
+    ]);
+    let dir = TempDir::new();
+    let a = Server::start_at(
+        dir.path(),
+        &relay_config(&format!("mx_port = {port}\n"), &dns),
+        &format!("127.0.0.1:{port}"),
+    );
+    let looped = send(
+        &a,
+        "cron@localhost",
+        &["x@loop.test"],
+        "Subject: a\r\n\r\nhi\r\n",
+    );
+    assert!(wait_for(SHORT, || a.mail("cron").len() == 1), "{}", a.log());
+    let bounce = String::from_utf8_lossy(&a.mail("cron")[0]).into_owned();
+    assert!(
+        bounce.contains("Status: 5.4.6")
+            && bounce.contains("mail for loop.test loops back to myself"),
+        "{bounce}"
+    );
+    assert!(a.log().contains(&format!("id={looped} to=<x@loop.test>")));
+    // Our own listener saw the one message and the bounce's hop, no copies.
+    assert_eq!(
+        a.log().matches(" accepted from=<cron@localhost>").count(),
+        1,
+        "{}",
+        a.log()
+    );
+
+    let waiting = send(
+        &a,
+        "cron@localhost",
+        &["y@backup.test"],
+        "Subject: b\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || {
+            a
+            .log()
+            .contains(&format!("id={waiting} to=<y@backup.test> relay=none delay=0s status=deferred (4.4.6 mail for backup.test loops back to myself"))
+        }),
+        "{}",
+        a.log()
+    );
+    assert_eq!(a.mail("cron").len(), 1, "deferred, not bounced");
+    assert_eq!(a.queue().len(), 1);
+}
+
+/// Mail to an IPv6 address literal goes to that address, however its tag
+/// is written (it was bounced as a "bad address literal").
+#[test]
+fn mail_to_an_ipv6_literal_goes_to_that_address() {
+    let Ok(server) = TestServer::start_on("[::1]:0".parse().expect("addr"), Script::default())
+    else {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    };
+    let dns = TestDns::start(Vec::new());
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
+    );
+    for to in ["x@[IPv6:::1]", "y@[ipv6:::1]"] {
+        send(&a, "cron@localhost", &[to], "Subject: v6\r\n\r\nhi\r\n");
+    }
+    assert!(
+        wait_for(SHORT, || server.messages().len() == 2),
+        "{}",
+        a.log()
+    );
+    assert!(wait_for(SHORT, || a.queue().is_empty()));
+    assert!(a.mail("cron").is_empty(), "nothing bounced");
+}
