@@ -34,8 +34,11 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::debug;
@@ -62,8 +65,44 @@ const DNS_PORT: u16 = 53;
 #[derive(Debug, Clone)]
 pub struct Resolver {
     servers: Vec<SocketAddr>,
+    /// When the servers come from resolv.conf: that file, re-read when it
+    /// changes (a DHCP lease, a network that came up after postling).
+    system: Option<Arc<Mutex<SystemServers>>>,
     timeout: Duration,
     attempts: u32,
+}
+
+/// The servers of a resolv.conf file and the file's state when read.
+#[derive(Debug)]
+struct SystemServers {
+    path: PathBuf,
+    /// Modification time, inode and size: a change to any re-reads it.
+    stamp: Option<(SystemTime, u64, u64)>,
+    servers: Vec<SocketAddr>,
+}
+
+impl SystemServers {
+    fn current(&mut self) -> Vec<SocketAddr> {
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.ino(), m.len()));
+        if stamp != self.stamp || self.servers.is_empty() {
+            self.stamp = stamp;
+            self.servers = std::fs::read_to_string(&self.path)
+                .map(|text| parse_resolv_conf(&text))
+                .unwrap_or_default();
+            if self.servers.is_empty() {
+                self.servers
+                    .push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DNS_PORT));
+            }
+            debug!(
+                "dns servers from {}: {:?}",
+                self.path.display(),
+                self.servers
+            );
+        }
+        self.servers.clone()
+    }
 }
 
 /// One mail exchanger from an MX record.
@@ -114,20 +153,30 @@ fn temporary(reason: impl Into<String>) -> DnsError {
 impl Resolver {
     /// `servers` from config (each "ip" or "ip:port", default port 53; see
     /// [`parse_server`]); when empty, the `nameserver` lines of
-    /// /etc/resolv.conf (IPv6 too, with %scope stripped); when that has none,
+    /// /etc/resolv.conf (IPv6 too, link-local ones with their %interface),
+    /// read again whenever the file changes; when that has none,
     /// 127.0.0.1:53.
     pub fn new(servers: &[SocketAddr]) -> Resolver {
-        let mut servers = servers.to_vec();
         if servers.is_empty() {
-            servers = std::fs::read_to_string("/etc/resolv.conf")
-                .map(|text| parse_resolv_conf(&text))
-                .unwrap_or_default();
-        }
-        if servers.is_empty() {
-            servers.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DNS_PORT));
+            return Resolver::from_resolv_conf(Path::new("/etc/resolv.conf"));
         }
         Resolver {
-            servers,
+            servers: servers.to_vec(),
+            system: None,
+            timeout: DEFAULT_TIMEOUT,
+            attempts: DEFAULT_ATTEMPTS,
+        }
+    }
+
+    /// The servers of the resolv.conf file at `path`, followed as it changes.
+    fn from_resolv_conf(path: &Path) -> Resolver {
+        Resolver {
+            servers: Vec::new(),
+            system: Some(Arc::new(Mutex::new(SystemServers {
+                path: path.to_path_buf(),
+                stamp: None,
+                servers: Vec::new(),
+            }))),
             timeout: DEFAULT_TIMEOUT,
             attempts: DEFAULT_ATTEMPTS,
         }
@@ -143,9 +192,12 @@ impl Resolver {
         }
     }
 
-    /// The servers this resolver asks, in order.
-    pub fn servers(&self) -> &[SocketAddr] {
-        &self.servers
+    /// The servers this resolver asks now, in order.
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        match &self.system {
+            Some(system) => system.lock().unwrap_or_else(|p| p.into_inner()).current(),
+            None => self.servers.clone(),
+        }
     }
 
     /// The MX records of `domain`, following a CNAME at the name (max 8).
@@ -244,26 +296,48 @@ impl Resolver {
 
     /// One question, answered by the first server that gives NOERROR or
     /// NXDOMAIN; returns the answer section as (owner, record) pairs.
+    ///
+    /// A server that answers without recursion and without an answer (a
+    /// referral: an authoritative-only server, a broken forwarder) has not
+    /// answered, and the next one is asked, as glibc and Go do: taking it
+    /// for "no such record" would bounce every domain's mail. A server that
+    /// refuses the EDNS record (FORMERR, NOTIMP: RFC 6891 7) is asked again
+    /// without it (6.2.2).
     fn query(&self, name: &str, qtype: TYPE) -> Result<Vec<(String, Rr)>, DnsError> {
         let mut last = String::from("no DNS servers configured");
+        let servers = self.servers();
         for _ in 0..self.attempts {
-            for server in &self.servers {
-                let id = (random_u64() & 0xffff) as u16;
-                let msg = build_query(id, name, qtype)?;
-                let q = Expect { id, name, qtype };
-                match self.exchange(*server, &msg, &q) {
-                    Ok(reply) => match reply.rcode {
-                        RCODE::NoError => return Ok(reply.answers),
-                        RCODE::NameError => return Err(DnsError::NxDomain),
-                        rcode => {
-                            last = format!("{server} answered {rcode:?} for {name} {qtype:?}");
+            for server in &servers {
+                for edns in [true, false] {
+                    let id = (random_u64() & 0xffff) as u16;
+                    let msg = build_query(id, name, qtype, edns)?;
+                    let q = Expect { id, name, qtype };
+                    match self.exchange(*server, &msg, &q) {
+                        Ok(reply) => match reply.rcode {
+                            RCODE::NoError if reply.lame => {
+                                last = format!(
+                                    "{server} sent a referral, not an answer, for {name} {qtype:?} \
+                                     (no recursion there?)"
+                                );
+                                debug!("dns {last}");
+                            }
+                            RCODE::NoError => return Ok(reply.answers),
+                            RCODE::NameError => return Err(DnsError::NxDomain),
+                            rcode @ (RCODE::FormatError | RCODE::NotImplemented) if edns => {
+                                debug!("dns {server} answered {rcode:?} with EDNS; asking without");
+                                continue;
+                            }
+                            rcode => {
+                                last = format!("{server} answered {rcode:?} for {name} {qtype:?}");
+                                debug!("dns {last}");
+                            }
+                        },
+                        Err(reason) => {
+                            last = format!("{reason} from {server} for {name} {qtype:?}");
                             debug!("dns {last}");
                         }
-                    },
-                    Err(reason) => {
-                        last = format!("{reason} from {server} for {name} {qtype:?}");
-                        debug!("dns {last}");
                     }
+                    break;
                 }
             }
         }
@@ -339,12 +413,28 @@ impl Resolver {
         out.extend_from_slice(msg);
         stream.set_write_timeout(Some(left())).map_err(io_err)?;
         stream.write_all(&out).map_err(io_err)?;
-        stream.set_read_timeout(Some(left())).map_err(io_err)?;
+        // The socket timeout bounds each read, not the exchange: a server
+        // that sends a byte now and then is cut off at the deadline.
+        let mut read_full = |buf: &mut [u8]| -> Result<(), String> {
+            let mut filled = 0;
+            while filled < buf.len() {
+                if Instant::now() >= deadline {
+                    return Err("TCP timeout".to_string());
+                }
+                stream.set_read_timeout(Some(left())).map_err(io_err)?;
+                match stream.read(&mut buf[filled..]) {
+                    Ok(0) => return Err("TCP: connection closed mid-reply".to_string()),
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err(e)),
+                }
+            }
+            Ok(())
+        };
         let mut len = [0u8; 2];
-        stream.read_exact(&mut len).map_err(io_err)?;
+        read_full(&mut len)?;
         let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        stream.set_read_timeout(Some(left())).map_err(io_err)?;
-        stream.read_exact(&mut buf).map_err(io_err)?;
+        read_full(&mut buf)?;
         match decode_reply(&buf, q)? {
             Some(reply) => Ok(reply),
             None => Err("TCP reply does not match the query".to_string()),
@@ -364,9 +454,10 @@ pub fn parse_server(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// The `nameserver` lines of a resolv.conf text, port 53, in order. IPv6
-/// addresses may carry a `%scope`, which is stripped; anything unparsable
-/// is skipped.
+/// The `nameserver` lines of a resolv.conf text, port 53, in order. An
+/// IPv6 address may carry a `%scope`, an interface name or number, which a
+/// link-local address needs (NetworkManager writes `fe80::1%wlan0` for a
+/// router's RDNSS); anything unparsable is skipped.
 pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for line in text.lines() {
@@ -375,10 +466,25 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
         if words.next() != Some("nameserver") {
             continue;
         }
-        let Some(addr) = words.next() else { continue };
-        let addr = addr.split('%').next().unwrap_or(addr);
-        if let Ok(ip) = addr.parse::<IpAddr>() {
-            out.push(SocketAddr::new(ip, DNS_PORT));
+        let Some(word) = words.next() else { continue };
+        let (addr, scope) = match word.split_once('%') {
+            Some((addr, scope)) => (addr, Some(scope)),
+            None => (word, None),
+        };
+        match (addr.parse::<IpAddr>(), scope) {
+            (Ok(IpAddr::V6(ip)), Some(scope)) => {
+                let id = scope.parse::<u32>().ok().or_else(|| {
+                    nix::net::if_::if_nametoindex(scope)
+                        .ok()
+                        .filter(|&i| i != 0)
+                });
+                match id {
+                    Some(id) => out.push(SocketAddrV6::new(ip, DNS_PORT, 0, id).into()),
+                    None => debug!("resolv.conf: no interface {scope:?} for {word}; skipped"),
+                }
+            }
+            (Ok(ip), None) => out.push(SocketAddr::new(ip, DNS_PORT)),
+            _ => {}
         }
     }
     out
@@ -417,8 +523,9 @@ fn check_name(name: &str) -> Result<String, DnsError> {
     Ok(name.to_ascii_lowercase())
 }
 
-/// A query for `name` (already checked) with RD set and an EDNS0 OPT record.
-fn build_query(id: u16, name: &str, qtype: TYPE) -> Result<Vec<u8>, DnsError> {
+/// A query for `name` (already checked) with RD set and, with `edns`, an
+/// EDNS0 OPT record.
+fn build_query(id: u16, name: &str, qtype: TYPE, edns: bool) -> Result<Vec<u8>, DnsError> {
     let mut packet = Packet::new_query(id);
     packet.set_flags(PacketFlag::RECURSION_DESIRED);
     packet.questions.push(Question::new(
@@ -427,11 +534,13 @@ fn build_query(id: u16, name: &str, qtype: TYPE) -> Result<Vec<u8>, DnsError> {
         QCLASS::CLASS(CLASS::IN),
         false,
     ));
-    *packet.opt_mut() = Some(OPT {
-        opt_codes: Vec::new(),
-        udp_packet_size: EDNS_UDP_PAYLOAD,
-        version: 0,
-    });
+    if edns {
+        *packet.opt_mut() = Some(OPT {
+            opt_codes: Vec::new(),
+            udp_packet_size: EDNS_UDP_PAYLOAD,
+            version: 0,
+        });
+    }
     packet
         .build_bytes_vec()
         .map_err(|e| temporary(format!("cannot encode query: {e}")))
@@ -479,6 +588,9 @@ struct Expect<'a> {
 struct Reply {
     rcode: RCODE,
     truncated: bool,
+    /// NOERROR with no answer, from a server that is not authoritative and
+    /// offers no recursion: a referral, not an answer.
+    lame: bool,
     answers: Vec<(String, Rr)>,
 }
 
@@ -507,7 +619,21 @@ fn decode_reply(bytes: &[u8], q: &Expect) -> Result<Option<Reply>, String> {
     if bytes.len() < 12 || u16::from_be_bytes([bytes[0], bytes[1]]) != q.id {
         return Ok(None);
     }
-    let packet = Packet::parse(bytes).map_err(|e| format!("malformed reply ({e})"))?;
+    let packet = match Packet::parse(bytes) {
+        Ok(packet) => packet,
+        // A reply cut short with TC set (some servers and middleboxes cut
+        // at any byte): the header alone says "ask over TCP" (RFC 7766 5),
+        // where the whole reply is checked against the question.
+        Err(_) if bytes[2] & 0x80 != 0 && bytes[2] & 0x02 != 0 => {
+            return Ok(Some(Reply {
+                rcode: RCODE::NoError,
+                truncated: true,
+                lame: false,
+                answers: Vec::new(),
+            }))
+        }
+        Err(e) => return Err(format!("malformed reply ({e})")),
+    };
     if !packet.has_flags(PacketFlag::RESPONSE) {
         return Ok(None);
     }
@@ -538,6 +664,9 @@ fn decode_reply(bytes: &[u8], q: &Expect) -> Result<Option<Reply>, String> {
     Ok(Some(Reply {
         rcode: packet.rcode(),
         truncated: packet.has_flags(PacketFlag::TRUNCATION),
+        lame: packet.answers.is_empty()
+            && !packet.has_flags(PacketFlag::AUTHORITATIVE_ANSWER)
+            && !packet.has_flags(PacketFlag::RECURSION_AVAILABLE),
         answers,
     }))
 }
@@ -677,6 +806,14 @@ pub mod test_server {
         /// Names for which a spoofed reply (wrong id, bogus A 192.0.2.66)
         /// and a garbage datagram are sent before the real UDP answer.
         pub spoof_first: Vec<String>,
+        /// Answer every query as a non-recursive server that is not
+        /// authoritative: NOERROR, no answer, neither AA nor RA.
+        pub lame: bool,
+        /// Answer FORMERR to any query that carries an EDNS OPT record.
+        pub refuse_edns: bool,
+        /// Names whose UDP answers have TC=1 and are cut in the middle of
+        /// their first record, so they do not parse.
+        pub truncate_cut: Vec<String>,
     }
 
     impl Zone {
@@ -689,6 +826,9 @@ pub mod test_server {
                 truncate: Vec::new(),
                 drop: Vec::new(),
                 spoof_first: Vec::new(),
+                lame: false,
+                refuse_edns: false,
+                truncate_cut: Vec::new(),
             }
         }
     }
@@ -862,12 +1002,18 @@ pub mod test_server {
         };
         let (records, exists) = lookup(zone, &qname, qtype);
         let mut reply = Packet::new_reply(query.id());
-        reply.set_flags(PacketFlag::AUTHORITATIVE_ANSWER | PacketFlag::RECURSION_AVAILABLE);
+        if !zone.lame {
+            reply.set_flags(PacketFlag::AUTHORITATIVE_ANSWER | PacketFlag::RECURSION_AVAILABLE);
+        }
         if query.has_flags(PacketFlag::RECURSION_DESIRED) {
             reply.set_flags(PacketFlag::RECURSION_DESIRED);
         }
         reply.questions.push(question.clone());
-        if zone.servfail.contains(&qname) {
+        if zone.lame {
+            // A referral: nothing in the answer section.
+        } else if zone.refuse_edns && query.opt().is_some() {
+            *reply.rcode_mut() = RCODE::FormatError;
+        } else if zone.servfail.contains(&qname) {
             *reply.rcode_mut() = RCODE::ServerFailure;
         } else if udp && zone.truncate.contains(&qname) {
             reply.set_flags(PacketFlag::TRUNCATION);
@@ -878,6 +1024,14 @@ pub mod test_server {
             if !exists && zone.nxdomain_unknown {
                 *reply.rcode_mut() = RCODE::NameError;
             }
+        }
+        if udp && zone.truncate_cut.contains(&qname) {
+            reply.set_flags(PacketFlag::TRUNCATION);
+            let mut bytes = reply.build_bytes_vec().ok()?;
+            // The header, the question and a few bytes of the first answer.
+            let question_end = 12 + qname.len() + 2 + 4;
+            bytes.truncate((question_end + 5).min(bytes.len()));
+            return Some((bytes, qname));
         }
         Some((reply.build_bytes_vec().ok()?, qname))
     }
@@ -1084,6 +1238,86 @@ mod tests {
         assert!(reason.contains("ServerFailure"), "{reason}");
         assert_eq!(dns.udp_queries(), 2, "one query per attempt");
         assert!(temp(r.addrs("broken.test")).contains("ServerFailure"));
+    }
+
+    #[test]
+    fn a_referral_is_no_answer_and_the_next_server_is_asked() {
+        let records = vec![Record::mx("ok.test", 10, "mx.ok.test")];
+        let mut zone = Zone::new(records.clone());
+        zone.lame = true;
+        let lame = TestDns::serve(zone);
+        let good = TestDns::start(records);
+        let r = Resolver::new(&[lame.addr, good.addr]).with_timeout(T, 1);
+        assert_eq!(
+            r.mx("ok.test"),
+            Ok(MxAnswer::Hosts(vec![mx(10, "mx.ok.test")]))
+        );
+        // Alone, it is a temporary failure, never "no such record".
+        let alone = Resolver::new(&[lame.addr]).with_timeout(T, 1);
+        assert!(temp(alone.mx("ok.test")).contains("referral"));
+        assert!(temp(alone.addrs("ok.test")).contains("referral"));
+    }
+
+    #[test]
+    fn a_server_that_refuses_edns_is_asked_without_it() {
+        let mut zone = Zone::new(vec![Record::mx("old.test", 10, "mx.old.test")]);
+        zone.refuse_edns = true;
+        let dns = TestDns::serve(zone);
+        let r = Resolver::new(&[dns.addr]).with_timeout(T, 1);
+        assert_eq!(
+            r.mx("old.test"),
+            Ok(MxAnswer::Hosts(vec![mx(10, "mx.old.test")]))
+        );
+        assert_eq!(dns.udp_queries(), 2);
+    }
+
+    #[test]
+    fn a_truncated_reply_cut_mid_record_goes_to_tcp() {
+        let mut zone = Zone::new(vec![Record::mx("cut.test", 10, "mx.cut.test")]);
+        zone.truncate_cut.push("cut.test".into());
+        let dns = TestDns::serve(zone);
+        let r = Resolver::new(&[dns.addr]).with_timeout(T, 1);
+        assert_eq!(
+            r.mx("cut.test"),
+            Ok(MxAnswer::Hosts(vec![mx(10, "mx.cut.test")]))
+        );
+        assert_eq!(dns.tcp_queries(), 1);
+    }
+
+    /// A TCP server that sends its reply a byte at a time is cut off at
+    /// the try's deadline, not after each byte's.
+    #[test]
+    fn a_trickling_tcp_reply_is_cut_off_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let Ok((mut sock, _)) = listener.accept() else {
+                return;
+            };
+            let mut query = [0u8; 512];
+            let _ = sock.read(&mut query);
+            // Announces 60,000 bytes, then sends 40 of them 50 ms apart:
+            // 2 s in all, every gap far inside the 300 ms read timeout.
+            let _ = sock.write_all(&60_000u16.to_be_bytes());
+            for _ in 0..40 {
+                if sock.write_all(&[0]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let r = Resolver::new(&[addr]).with_timeout(Duration::from_millis(300), 1);
+        let msg = build_query(7, "x.test", TYPE::MX, true).expect("query");
+        let q = Expect {
+            id: 7,
+            name: "x.test",
+            qtype: TYPE::MX,
+        };
+        assert_eq!(
+            r.tcp(addr, &msg, &q).expect_err("no whole reply"),
+            "TCP timeout"
+        );
+        let _ = server.join();
     }
 
     #[test]
@@ -1297,12 +1531,14 @@ mod tests {
 
     #[test]
     fn query_has_rd_edns_and_the_question() {
-        let bytes = build_query(0x1234, "example.test", TYPE::MX).expect("encodes");
+        let bytes = build_query(0x1234, "example.test", TYPE::MX, true).expect("encodes");
         let p = Packet::parse(&bytes).expect("parses");
         assert_eq!(p.id(), 0x1234);
         assert!(p.has_flags(PacketFlag::RECURSION_DESIRED));
         assert!(!p.has_flags(PacketFlag::RESPONSE));
         assert_eq!(p.opt().map(|o| o.udp_packet_size), Some(EDNS_UDP_PAYLOAD));
+        let plain = build_query(0x1234, "example.test", TYPE::MX, false).expect("encodes");
+        assert!(Packet::parse(&plain).expect("parses").opt().is_none());
         assert_eq!(text_name(&p.questions[0].qname), "example.test");
         assert_eq!(p.questions[0].qtype, QTYPE::TYPE(TYPE::MX));
     }
@@ -1316,7 +1552,8 @@ options ndots:2 timeout:1
 nameserver 192.168.1.1   # the router
 nameserver\t2001:db8::53
 ;nameserver 10.9.9.9
-nameserver fe80::1%eth0
+nameserver fe80::2%1
+nameserver fe80::3%no-such-interface9
 nameserver not-an-address
 nameserver
 domain lan
@@ -1326,10 +1563,51 @@ domain lan
             vec![
                 SocketAddr::new(v4("192.168.1.1"), 53),
                 SocketAddr::new(v4("2001:db8::53"), 53),
-                SocketAddr::new(v4("fe80::1"), 53),
+                SocketAddrV6::new("fe80::2".parse().expect("ip"), 53, 0, 1).into(),
             ]
         );
+        // An interface by name gets its index (here lo, which every Linux
+        // box has).
+        let lo = nix::net::if_::if_nametoindex("lo").expect("lo");
+        assert_eq!(
+            parse_resolv_conf("nameserver fe80::1%lo\n"),
+            vec![SocketAddr::from(SocketAddrV6::new(
+                "fe80::1".parse().expect("ip"),
+                53,
+                0,
+                lo
+            ))]
+        );
         assert!(parse_resolv_conf("").is_empty());
+    }
+
+    /// resolv.conf is followed: a DHCP lease or a network that comes up
+    /// after start changes the servers without a restart.
+    #[test]
+    fn resolv_conf_is_read_again_when_it_changes() {
+        let dir = std::env::temp_dir().join(format!("postling-resolv-{}", random_u64()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("resolv.conf");
+        let servers = |text: &str| {
+            text.lines()
+                .map(|ip| SocketAddr::new(v4(ip), 53))
+                .collect::<Vec<_>>()
+        };
+        std::fs::write(&path, "nameserver 192.0.2.1\n").expect("write");
+        let r = Resolver::from_resolv_conf(&path);
+        assert_eq!(r.servers(), servers("192.0.2.1"));
+        // Rewritten in place, then replaced whole (as resolvconf and
+        // NetworkManager do).
+        std::fs::write(&path, "nameserver 192.0.2.2\nnameserver ::1\n").expect("write");
+        assert_eq!(r.servers(), servers("192.0.2.2\n::1"));
+        let tmp = dir.join("resolv.conf.new");
+        std::fs::write(&tmp, "nameserver 192.0.2.3\n").expect("write");
+        std::fs::rename(&tmp, &path).expect("rename");
+        assert_eq!(r.servers(), servers("192.0.2.3"));
+        // Gone (a network going down): the local fallback.
+        std::fs::remove_file(&path).expect("rm");
+        assert_eq!(r.servers(), servers("127.0.0.1"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
