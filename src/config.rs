@@ -275,6 +275,31 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// Whether this network is too wide to be anyone's own: wider than a
+    /// /8 of IPv4 (also as IPv4-mapped IPv6, `::ffff:0.0.0.0/96`, or an
+    /// IPv6 network that holds all of those, `::/1`), or an IPv6 network
+    /// wider than /16 outside the private ranges (`fc00::/7`, `fe80::/10`).
+    /// Such a network in `relay.allow_from` lets most of the Internet relay.
+    pub fn is_too_wide(&self) -> bool {
+        const MAPPED: u128 = 0xffff_0000_0000; // ::ffff:0.0.0.0
+        match self.addr {
+            IpAddr::V4(_) => self.prefix < 8,
+            IpAddr::V6(net) => {
+                let net = u128::from(net);
+                let inside = |base: u128, len: u8| {
+                    self.prefix >= len && u128::from(masked6(net.into(), len)) == base
+                };
+                if inside(MAPPED, 96) {
+                    return self.prefix - 96 < 8;
+                }
+                let holds_ipv4 =
+                    self.prefix < 96 && u128::from(masked6(MAPPED.into(), self.prefix)) == net;
+                let private = inside(0xfc00 << 112, 7) || inside(0xfe80 << 112, 10);
+                holds_ipv4 || (self.prefix < 16 && !private)
+            }
+        }
+    }
+
     /// Whether `ip` is in this network. An IPv4-mapped IPv6 address
     /// (`::ffff:a.b.c.d`) matches IPv4 networks, and an IPv4 address matches
     /// IPv6 networks through its mapped form.
@@ -1126,17 +1151,17 @@ fn check_listeners(
                 ),
             ));
         }
-        let everyone = relay.allow_from.iter().any(|n| n.prefix == 0);
+        let everyone = relay.allow_from.iter().find(|n| n.is_too_wide());
         let ip = l.addr.ip();
         let private = match ip {
             IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
             IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
         };
-        if everyone && !private {
+        if let Some(wide) = everyone.filter(|_| !private) {
             return Err(err(
                 "relay.allow_from".into(),
                 format!(
-                    "contains a /0 network while {} listens on {}: that is an open relay for the whole Internet; list your own networks instead",
+                    "contains {wide}, a network wider than anyone's own, while {} listens on {}: that is an open relay for much of the Internet; list your own networks instead",
                     mode_name(l.mode),
                     l.addr
                 ),
@@ -2124,6 +2149,34 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
                 *want,
                 "{net} contains {ip}"
             );
+        }
+    }
+
+    #[test]
+    fn networks_too_wide_for_allow_from() {
+        for (net, wide) in [
+            ("0.0.0.0/0", true),
+            ("0.0.0.0/1", true),
+            ("128.0.0.0/1", true),
+            ("8.0.0.0/7", true),
+            ("10.0.0.0/8", false),
+            ("192.168.0.0/16", false),
+            ("::/0", true),
+            ("::/1", true),
+            ("::/80", true),
+            ("::ffff:0.0.0.0/96", true),
+            ("::ffff:16.0.0.0/100", true),
+            ("::ffff:10.0.0.0/104", false),
+            ("::ffff:192.168.1.0/120", false),
+            ("2000::/3", true),
+            ("2001:db8::/32", false),
+            ("fd00::/8", false),
+            ("fc00::/7", false),
+            ("fe80::/10", false),
+            ("::1/128", false),
+        ] {
+            let cidr: Cidr = net.parse().expect("network");
+            assert_eq!(cidr.is_too_wide(), wide, "{net}");
         }
     }
 

@@ -410,21 +410,30 @@ fn message_rate_per_address_is_capped() {
 fn open_relay_configs_are_refused_at_startup() {
     let dir = TempDir::new();
     let path = dir.path().join("open.toml");
-    fs::write(
-        &path,
-        "[[listen]]\naddr = \"0.0.0.0:2599\"\n[relay]\nallow_from = [\"0.0.0.0/0\"]\n",
-    )
-    .expect("config");
-    let out = std::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(&path)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("open relay"), "{err}");
+    // A /0, and the less obvious ways to say "all of IPv4": its mapped
+    // form, an IPv6 network that holds the mapped range, two halves.
+    for allow in [
+        "\"0.0.0.0/0\"",
+        "\"::ffff:0.0.0.0/96\"",
+        "\"::/1\"",
+        "\"0.0.0.0/1\", \"128.0.0.0/1\"",
+    ] {
+        fs::write(
+            &path,
+            format!("[[listen]]\naddr = \"0.0.0.0:2599\"\n[relay]\nallow_from = [{allow}]\n"),
+        )
+        .expect("config");
+        let out = std::process::Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(78), "{allow}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("open relay"), "{allow}: {err}");
+    }
 }
 
 #[test]
