@@ -44,6 +44,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Aliases, ConfigError> {
         key: None,
         message,
     };
+    // A byte-order mark from a Windows editor would become part of the
+    // first alias's name.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut aliases = Aliases::default();
     // The alias being built: its name, first line and targets with their lines.
     let mut current: Option<(String, usize, Vec<String>)> = None;
@@ -72,9 +75,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Aliases, ConfigError> {
                 return Err(err(line, "expected \"name: target, ...\"".into()));
             };
             let name = name.trim().to_ascii_lowercase();
-            if name.is_empty()
-                || name.contains(|c: char| c.is_whitespace() || c == ',' || c == '@' || c == '"')
-            {
+            if !crate::smtp::command::is_dot_string(&name) {
                 return Err(err(line, format!("invalid alias name \"{name}\"")));
             }
             if let Some(first) = aliases.entries.get(&name) {
@@ -121,10 +122,13 @@ fn check_target(target: &str) -> Result<(), String> {
     if target.contains(|c: char| c.is_whitespace() || c.is_control() || c == '<' || c == '>') {
         return Err(format!("invalid target \"{target}\""));
     }
-    if let Some((local, domain)) = target.rsplit_once('@') {
-        if local.is_empty() || domain.is_empty() {
-            return Err(format!("invalid address \"{target}\""));
-        }
+    // A remote address is checked as MAIL and RCPT would check it, so a
+    // typo (`bob@example..com`, `a@b@c`) is found at start, not as a bounce.
+    if target.contains('@') && !crate::smtp::command::is_address(target) {
+        return Err(format!("invalid address \"{target}\""));
+    }
+    if !target.contains('@') && !crate::smtp::command::is_dot_string(target) {
+        return Err(format!("invalid target \"{target}\""));
     }
     Ok(())
 }
@@ -227,10 +231,33 @@ mod tests {
             ("a: c\nb: ,\n", "aliases:2: alias \"b\" has no targets"),
             ("a: @x.org\n", "aliases:1: invalid address \"@x.org\""),
             ("a: b@\n", "aliases:1: invalid address \"b@\""),
+            (
+                "a: bob@example..com\n",
+                "aliases:1: invalid address \"bob@example..com\"",
+            ),
+            (
+                "a: alice@pi.lan@evil.example\n",
+                "aliases:1: invalid address \"alice@pi.lan@evil.example\"",
+            ),
+            (
+                "a: bob@exa_mple.com\n",
+                "aliases:1: invalid address \"bob@exa_mple.com\"",
+            ),
+            ("a: b..c\n", "aliases:1: invalid target \"b..c\""),
+            ("a(b): c\n", "aliases:1: invalid alias name \"a(b)\""),
         ];
         for (text, want) in cases {
             assert_eq!(p(text).unwrap_err(), *want, "input {text:?}");
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_name() {
+        let a = p("\u{feff}root: bob@example.com, bob@[IPv6:2001:db8::1]\n").expect("parses");
+        assert_eq!(
+            a.get("root").unwrap(),
+            ["bob@example.com", "bob@[IPv6:2001:db8::1]"]
+        );
     }
 
     #[test]

@@ -348,6 +348,23 @@ fn parse_path(path: &[u8], verb: Verb) -> Result<Mailbox<'_>, ParseError> {
     Ok(Mailbox { local, domain })
 }
 
+/// Whether `s` is a whole `local-part@domain` with a dot-string local part,
+/// as MAIL and RCPT accept it (aliases check their remote targets with it).
+pub fn is_address(s: &str) -> bool {
+    let b = s.as_bytes();
+    match local_part_end(b) {
+        Some(at) if !s.starts_with('"') && b.get(at) == Some(&b'@') => {
+            at <= MAX_LOCAL_PART && b.len() - at - 1 <= MAX_DOMAIN && valid_domain(&b[at + 1..])
+        }
+        _ => false,
+    }
+}
+
+/// Whether `s` is a dot-string local part (`a.b+c`), nothing else.
+pub fn is_dot_string(s: &str) -> bool {
+    !s.starts_with('"') && local_part_end(s.as_bytes()) == Some(s.len())
+}
+
 /// Skips an RFC 5321 A-d-l (`@one,@two:`), which servers must accept and ignore.
 fn skip_source_route(s: &[u8]) -> Option<&[u8]> {
     if s.first() != Some(&b'@') {
