@@ -541,7 +541,7 @@ struct RawLimits {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLocal {
-    domains: Option<Vec<Spanned<String>>>,
+    domains: Option<Spanned<Vec<Spanned<String>>>>,
     maildir_root: Option<Spanned<PathBuf>>,
     users: Option<Vec<Spanned<String>>>,
     mailboxes: Option<BTreeMap<String, Spanned<PathBuf>>>,
@@ -1249,7 +1249,14 @@ fn clashes_with_queue(path: &Path, data_dir: &Path) -> bool {
 
 fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, ConfigError> {
     let mut domains = Vec::new();
-    for d in raw.domains.iter().flatten() {
+    if let Some(list) = raw.domains.as_ref().filter(|l| l.get_ref().is_empty()) {
+        // Bare names (`sendmail root`) and <Postmaster> use the first.
+        return Err(ctx.error(
+            list,
+            "needs at least one domain (bare names and <Postmaster> use the first)",
+        ));
+    }
+    for d in raw.domains.iter().flat_map(|l| l.get_ref()) {
         let name = d.get_ref().to_ascii_lowercase();
         let name = name.strip_suffix('.').unwrap_or(&name).to_string();
         if !local::is_domain(&name) {
@@ -1955,6 +1962,7 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ("[local]\nmailboxes = { \"../x\" = \"/b\" }\n", "postling.toml:2: local.mailboxes.../x: invalid user name \"../x\""),
             ("[local]\nusers = [\"ok\", \"bad/name\"]\n", "postling.toml:2: local.users[1]: invalid user name \"bad/name\""),
             ("[local]\ndomains = [\"pi.lan\", \"bad_domain\"]\n", "postling.toml:2: local.domains[1]: invalid domain \"bad_domain\""),
+            ("[local]\ndomains = []\n", "postling.toml:2: local.domains: needs at least one domain (bare names and <Postmaster> use the first)"),
             ("[local]\nmaildir_root = \"\"\n", "postling.toml:2: local.maildir_root: must not be empty"),
             ("data_dir = \"/var/lib/postling\"\n[local]\nmaildir_root = \"/var/lib/postling/\"\n", "postling.toml:3: local.maildir_root: must not be data_dir or inside its incoming/"),
             ("data_dir = \"/var/lib/postling\"\n[local]\nmaildir_root = \"/var/lib/./postling/queue/x\"\n", "postling.toml:3: local.maildir_root: must not be data_dir or inside its incoming/"),
