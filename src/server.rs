@@ -97,13 +97,26 @@ pub fn lock_data_dir(data_dir: &Path) -> io::Result<File> {
 /// need a restart; a change to them is logged and otherwise ignored.
 fn reload(ctx: &Context) {
     let old = ctx.config();
-    let mut new = match crate::config::load(&ctx.flags) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!("SIGHUP: new configuration rejected, keeping the running one: {e}");
-            return;
-        }
+    let load = |flags: &Flags| {
+        crate::config::load(flags)
+            .map_err(|e| warn!("SIGHUP: new configuration rejected, keeping the running one: {e}"))
     };
+    let Ok(mut new) = load(&ctx.flags) else {
+        return;
+    };
+    let data_dir_changed = new.data_dir != old.data_dir;
+    if data_dir_changed {
+        // What follows data_dir (the default maildir_root, the checks that
+        // Maildirs stay out of the queue) must follow the running one.
+        let pinned = Flags {
+            data_dir: Some(old.data_dir.clone()),
+            ..ctx.flags.clone()
+        };
+        let Ok(pinned) = load(&pinned) else {
+            return;
+        };
+        new = pinned;
+    }
     let users = match &new.auth.users_file {
         Some(path) => match crate::auth::Users::load(path) {
             Ok(u) => Some(Arc::new(u)),
@@ -118,7 +131,7 @@ fn reload(ctx: &Context) {
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
     let fixed: [(&str, bool); 9] = [
         ("listen", same(&old.listen, &new.listen)),
-        ("data_dir", old.data_dir == new.data_dir),
+        ("data_dir", !data_dir_changed),
         ("user", old.user == new.user),
         ("tls", old.tls == new.tls),
         ("relay.retry", old.relay.retry == new.relay.retry),

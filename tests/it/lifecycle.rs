@@ -302,3 +302,35 @@ fn sighup_picks_up_a_changed_aliases_file_and_rejects_a_broken_config() {
 fn s_config(dir: &TempDir) -> std::path::PathBuf {
     dir.path().join("postling.toml")
 }
+
+/// A reload that changes `data_dir` keeps the running one for everything,
+/// the Maildirs that live under it by default included.
+#[test]
+fn sighup_with_a_new_data_dir_keeps_delivering_under_the_running_one() {
+    let dir = TempDir::new();
+    let config = |data: &str| {
+        format!(
+            "data_dir = \"{}\"\n[local]\ndomains = [\"localhost\"]\n",
+            dir.path().join(data).display()
+        )
+    };
+    let s = Server::start_own_data_dir(&dir, &config("data"));
+    fs::write(s_config(&dir), crate::util::isolated(&config("data2"))).expect("config");
+    sighup(&s);
+    assert!(crate::util::wait_for(Duration::from_secs(5), || s
+        .log()
+        .contains("SIGHUP: configuration reloaded")));
+    assert!(s
+        .log()
+        .contains("SIGHUP: data_dir changed; that takes a restart"));
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    let r = c.send_mail(
+        "cron@localhost",
+        &["alice@localhost"],
+        "Subject: r\r\n\r\nhi\r\n",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    assert_eq!(s.mail("alice").len(), 1, "{}", s.log());
+    assert!(!dir.path().join("data2").exists());
+}

@@ -67,17 +67,23 @@ impl Server {
     }
 
     pub fn start_at(dir: &Path, config: &str, listen: &str) -> Server {
-        Server::launch(dir, config, Some(listen), 1, &[])
+        Server::launch(dir, config, Some(listen), 1, &[], true)
     }
 
     /// `start`, with extra environment variables for the server process.
     pub fn start_env(dir: &TempDir, config: &str, env: &[(&str, &str)]) -> Server {
-        Server::launch(dir.path(), config, Some("127.0.0.1:0"), 1, env)
+        Server::launch(dir.path(), config, Some("127.0.0.1:0"), 1, env, true)
     }
 
     /// Starts with the config's own `[[listen]]` blocks (`count` of them).
     pub fn start_listeners(dir: &TempDir, config: &str, count: usize) -> Server {
-        Server::launch(dir.path(), config, None, count, &[])
+        Server::launch(dir.path(), config, None, count, &[], true)
+    }
+
+    /// `start` without `--data-dir`: `config` sets `data_dir` itself (to
+    /// `<dir>/data`, where `Server::data` points).
+    pub fn start_own_data_dir(dir: &TempDir, config: &str) -> Server {
+        Server::launch(dir.path(), config, Some("127.0.0.1:0"), 1, &[], false)
     }
 
     fn launch(
@@ -86,15 +92,16 @@ impl Server {
         listen: Option<&str>,
         count: usize,
         env: &[(&str, &str)],
+        data_dir_flag: bool,
     ) -> Server {
         let data = dir.join("data");
         let config_path = dir.join("postling.toml");
         fs::write(&config_path, isolated(config)).expect("write config");
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--config"])
-            .arg(&config_path)
-            .arg("--data-dir")
-            .arg(&data);
+        cmd.args(["serve", "--config"]).arg(&config_path);
+        if data_dir_flag {
+            cmd.arg("--data-dir").arg(&data);
+        }
         if let Some(listen) = listen {
             cmd.args(["--listen", listen]);
         }
