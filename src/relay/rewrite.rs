@@ -76,29 +76,73 @@ fn field_value(field: &[u8]) -> &[u8] {
     v.strip_suffix(b"\r").unwrap_or(v)
 }
 
-/// The display name of `Name <addr>` (quotes kept as written), unfolded;
-/// None for a bare address, a group, or anything not plain ASCII text.
+/// The display name of `Name <addr>` (quotes kept as written), unfolded,
+/// or of `addr (Name)` (the comment form cron uses), quoted; None for a
+/// bare address, a group or a list, or anything not whole: the `<` that
+/// starts the address is looked for outside quoted strings and comments,
+/// so `"Smith <ops>" <root@pi.lan>` keeps its whole name.
 fn display_name(value: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(value).ok()?;
     let unfolded: String = text
         .chars()
         .map(|c| {
-            if c == '\r' || c == '\n' || c == '\t' {
+            if matches!(c, '\r' | '\n' | '\t') {
                 ' '
             } else {
                 c
             }
         })
         .collect();
-    let lt = unfolded.find('<')?;
-    let name = unfolded[..lt]
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
-    if name.is_empty() || name.contains([',', ';', ':']) && !name.starts_with('"') {
-        return None;
+    let (mut quoted, mut depth, mut escaped) = (false, 0u32, false);
+    let (mut comment, mut last_comment) = (String::new(), None);
+    let mut angle = None;
+    for (i, c) in unfolded.char_indices() {
+        if escaped {
+            escaped = false;
+            if depth > 0 {
+                comment.push(c);
+            }
+            continue;
+        }
+        match c {
+            '\\' if quoted || depth > 0 => escaped = true,
+            '"' if depth == 0 => quoted = !quoted,
+            '(' if !quoted => {
+                if depth > 0 {
+                    comment.push(c);
+                }
+                depth += 1;
+            }
+            ')' if !quoted && depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    last_comment = Some(std::mem::take(&mut comment));
+                } else {
+                    comment.push(c);
+                }
+            }
+            '<' if !quoted && depth == 0 => {
+                angle = Some(i);
+                break;
+            }
+            ',' | ';' | ':' if !quoted && depth == 0 => return None,
+            _ if depth > 0 => comment.push(c),
+            _ => {}
+        }
     }
-    Some(name)
+    let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let name = match angle {
+        Some(i) => words(&unfolded[..i]),
+        None if quoted || depth > 0 => return None,
+        None => {
+            let name = words(&last_comment?);
+            if name.is_empty() {
+                return None;
+            }
+            format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+        }
+    };
+    (!name.is_empty()).then_some(name)
 }
 
 #[cfg(test)]
@@ -114,6 +158,27 @@ mod tests {
         assert_eq!(
             rw("Subject: x\r\nFrom: Cron Daemon <root@pi.lan>\r\nTo: a@b\r\n"),
             "Subject: x\r\nFrom: Cron Daemon <me@example.net>\r\nReply-To: Cron Daemon <root@pi.lan>\r\nTo: a@b\r\n"
+        );
+    }
+
+    #[test]
+    fn a_less_than_sign_inside_the_name_and_cron_s_comment_form() {
+        assert_eq!(
+            rw("From: \"Smith <ops>\" <root@pi.lan>\r\n"),
+            "From: \"Smith <ops>\" <me@example.net>\r\nReply-To: \"Smith <ops>\" <root@pi.lan>\r\n"
+        );
+        assert_eq!(
+            rw("From: root (Cron Daemon)\r\n"),
+            "From: \"Cron Daemon\" <me@example.net>\r\nReply-To: root (Cron Daemon)\r\n"
+        );
+        assert_eq!(
+            rw("From: root@pi.lan (a \"quoted\" (nested) name)\r\n"),
+            "From: \"a \\\"quoted\\\" (nested) name\" <me@example.net>\r\nReply-To: root@pi.lan (a \"quoted\" (nested) name)\r\n"
+        );
+        // Unbalanced: no name rather than half of one.
+        assert_eq!(
+            rw("From: \"Smith <root@pi.lan>\r\n"),
+            "From: <me@example.net>\r\nReply-To: \"Smith <root@pi.lan>\r\n"
         );
     }
 
