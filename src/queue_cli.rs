@@ -325,7 +325,10 @@ fn json_str(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            // C0 and C1 controls: a terminal acts on a raw C1 CSI (0x9b).
+            c if c.is_control() || reorders_text(c) => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)))
+            }
             c => out.push(c),
         }
     }
@@ -424,11 +427,24 @@ fn printable(s: &str) -> String {
     for c in s.chars() {
         if c.is_control() {
             out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else if reorders_text(c) {
+            out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// Characters that change how the text around them is shown without
+/// showing themselves: bidirectional overrides and isolates (an address
+/// that reads backwards, CVE-2021-42574 style), line and paragraph
+/// separators, zero-width characters.
+fn reorders_text(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x061c | 0x200b..=0x200f | 0x2028..=0x202e | 0x2060..=0x2069 | 0xfeff
+    )
 }
 
 /// [`printable`], but a tab (folded header lines) stays a tab.
@@ -638,6 +654,16 @@ mod tests {
         assert!(l.contains("  MAILER-DAEMON\n"), "{l}");
         assert!(l.contains("(bad\\x1b[2J\\x0athing)"), "{l}");
         assert!(l.ends_with("-- 1 Kbytes in 1 Request.\n"), "{l}");
+        // A right-to-left override would make the address read backwards.
+        let e = entry(
+            "A2",
+            "a@x",
+            10,
+            &[("\u{202e}moc.elpmaxe@x", RcptState::Pending)],
+        );
+        let l = format_list(&[e]);
+        assert!(l.contains("\\u{202e}moc.elpmaxe@x"), "{l}");
+        assert!(!l.contains('\u{202e}'), "{l}");
     }
 
     #[test]
@@ -659,6 +685,7 @@ mod tests {
         );
         assert_eq!(format_json(&[]), "[]\n");
         assert_eq!(json_str("ü\t"), "\"ü\\t\"");
+        assert_eq!(json_str("\u{9b}2J\u{202e}"), "\"\\u009b2J\\u202e\"");
     }
 
     /// Writes a queue entry the way the queue does (envelope, then message).
