@@ -185,8 +185,13 @@ fn delete(id: &str, relay: &Sender<Request>, queue_dir: &Path) -> String {
             format!("ERR {}", one_line(&e))
         }
         Err(_) => {
-            warn!("control: delete id={id}: no answer from the relay thread");
-            "ERR no answer from the relay thread; try again".to_owned()
+            // The request stays in the relay's channel and is carried out
+            // when the thread gets to it: say so, rather than "try again"
+            // (which would then find no such message).
+            warn!("control: delete id={id}: the relay thread is busy; the delete is queued");
+            "ERR the relay thread is busy (slow disk?); the delete is queued and happens when \
+             it gets to it: see `postling queue list`"
+                .to_owned()
         }
     }
 }
