@@ -251,6 +251,15 @@ fn probe(
             };
             s = match handshake(tcp, cand, relay.smarthost.is_some(), config, r) {
                 Some(t) => Wire::Tls(Box::new(t)),
+                None if relay.smarthost.is_none() => {
+                    return probe(
+                        config,
+                        std::slice::from_ref(cand),
+                        SmarthostTls::None,
+                        opts,
+                        r,
+                    );
+                }
                 None => return,
             };
             parser = ReplyParser::new();
@@ -382,7 +391,16 @@ fn handshake(
             } else {
                 ""
             };
-            r.fail("TLS handshake", &crate::tls::io_reason(&e), hint);
+            if verify {
+                r.fail("TLS handshake", &crate::tls::io_reason(&e), hint);
+            } else {
+                // Opportunistic, as the relay's direct delivery is: it
+                // sends in clear then, so this is no failure.
+                r.info(&format!(
+                    "TLS handshake failed: {}; the relay sends to this host in clear then",
+                    crate::tls::io_reason(&e)
+                ));
+            }
             return None;
         }
     }

@@ -290,3 +290,37 @@ fn an_address_that_refuses_is_not_a_failure_when_the_next_one_answers() {
     assert_eq!(code, 69, "{out}");
     assert!(out.contains("FAIL  send test: root has no domain"), "{out}");
 }
+
+/// In direct delivery TLS is opportunistic: a failed handshake is retried
+/// in clear by the relay, so `check` does the same and passes.
+#[test]
+fn direct_mode_falls_back_to_clear_when_tls_fails_as_the_relay_does() {
+    let dir = TempDir::new();
+    let pki = Pki::new(&dir);
+    let server = TestServer::start(Script {
+        tls: Some(pki.server_config()),
+        broken_tls: true,
+        ..Script::default()
+    })
+    .expect("test server");
+    let dns = TestDns::start(vec![
+        Record::mx("peer.test", 10, "mx.peer.test"),
+        Record::a("mx.peer.test", "127.0.0.1".parse().expect("ip")),
+    ]);
+    let config = format!(
+        "hostname = \"pi.test\"\n[relay]\ndns_servers = [\"{}\"]\nmx_port = {}\n",
+        dns.addr,
+        server.addr.port()
+    );
+    let (code, out) = check(&dir, &config, &["--send-test", "x@peer.test"]);
+    assert!(out.contains("TLS handshake failed: "), "{out}");
+    assert!(
+        out.contains("the relay sends to this host in clear then"),
+        "{out}"
+    );
+    assert!(
+        out.contains("OK    send test: accepted for x@peer.test"),
+        "{out}"
+    );
+    assert_eq!(code, 0, "{out}");
+}
