@@ -320,6 +320,7 @@ impl Deliverer {
             smtputf8: !env.sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
             tls,
             auth,
+            peer_is_here: is_here(cand.addr),
         };
         let verified = match tls {
             TlsMode::RequireStartTls | TlsMode::Implicit => self.verified()?,
@@ -511,4 +512,37 @@ fn header_end(bytes: &[u8]) -> Option<usize> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|p| p + 2)
+}
+
+/// Whether `addr` is this machine: a loopback or unspecified address, or
+/// one the kernel would also pick as our own end of a connection to it (a
+/// UDP "connect" only picks the route; nothing is sent).
+fn is_here(addr: SocketAddr) -> bool {
+    let ip = addr.ip();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let any: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| s.connect(addr).and_then(|()| s.local_addr()))
+        .is_ok_and(|local| local.ip() == ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_here;
+
+    #[test]
+    fn which_addresses_are_this_machine() {
+        for here in ["127.0.0.1:25", "127.0.0.2:25", "0.0.0.0:25", "[::1]:25"] {
+            assert!(is_here(here.parse().expect("addr")), "{here}");
+        }
+        // TEST-NET-1 and -3 (RFC 5737): never an address of this machine.
+        for away in ["192.0.2.1:25", "203.0.113.9:25"] {
+            assert!(!is_here(away.parse().expect("addr")), "{away}");
+        }
+    }
 }

@@ -47,7 +47,7 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use log::{debug, trace};
+use log::{debug, trace, warn};
 
 use super::reply::ServerReply;
 
@@ -69,6 +69,9 @@ pub struct Job {
     pub smtputf8: bool,
     pub tls: TlsMode,
     pub auth: Option<Credentials>,
+    /// The server's address is one of this machine's: a greeting with our
+    /// own hostname then means the mail would come straight back.
+    pub peer_is_here: bool,
 }
 
 /// How the connection is protected.
@@ -556,7 +559,18 @@ impl Client {
             .lines
             .first()
             .and_then(|l| l.split_whitespace().next());
-        if reply.code / 100 == 2 && name.is_some_and(|n| n.eq_ignore_ascii_case(&self.job.helo)) {
+        let our_name =
+            reply.code / 100 == 2 && name.is_some_and(|n| n.eq_ignore_ascii_case(&self.job.helo));
+        if our_name && !self.job.peer_is_here {
+            // Another box with the same name (two Pis left at the default
+            // hostname) is no loop; one through NAT back to us is stopped
+            // by the Received count.
+            warn!(
+                "id={} the server greeted with our own hostname {}: give one of the two another `hostname`",
+                self.job.id, self.job.helo
+            );
+        }
+        if our_name && self.job.peer_is_here {
             // As Postfix does ("host greeted me with my own hostname"): the
             // caller tries the next host, and bounces when all were us.
             self.failure = Some(Failure::LoopsBack);
@@ -1026,6 +1040,7 @@ mod tests {
             smtputf8: false,
             tls: TlsMode::None,
             auth: None,
+            peer_is_here: false,
         }
     }
 
@@ -1235,6 +1250,31 @@ mod tests {
             ["b@y.test deferred: 421 4.3.2 busy (in reply to the greeting)"]
         );
         assert_eq!(o.remote_greeting, "421 4.3.2 busy");
+    }
+
+    #[test]
+    fn our_own_name_in_the_greeting_is_a_loop_only_from_this_machine() {
+        let mut here = job(&["b@y.test"]);
+        here.peer_is_here = true;
+        let (_, o) = run(here, &["220 ME.test ESMTP postling", "221 bye"]);
+        assert_eq!(o.failure, Some(Failure::LoopsBack));
+        assert_eq!(
+            results(&o),
+            ["b@y.test deferred: 4.4.6 mail loops back to myself: 220 ME.test ESMTP postling (in reply to the greeting)"]
+        );
+        // Another box that happens to have our name: delivered as usual.
+        let replies = [
+            "220 me.test ESMTP",
+            "250 me.test",
+            "250 ok",
+            "250 ok",
+            "354 go",
+            "250 done",
+            "221 bye",
+        ];
+        let (_, o) = run(job(&["b@y.test"]), &replies);
+        assert_eq!(o.failure, None);
+        assert_eq!(results(&o), ["b@y.test delivered: 250 done"]);
     }
 
     #[test]

@@ -528,6 +528,7 @@ mod tests {
                 user: "me@example.net".into(),
                 password: "hunter2".into(),
             }),
+            peer_is_here: false,
         }
     }
 
