@@ -75,7 +75,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Aliases, ConfigError> {
                 return Err(err(line, "expected \"name: target, ...\"".into()));
             };
             let name = name.trim().to_ascii_lowercase();
-            if !crate::smtp::command::is_dot_string(&name) {
+            if !crate::smtp::command::is_dot_string(&name)
+                || name.contains(crate::smtp::command::hides_text)
+            {
                 return Err(err(line, format!("invalid alias name \"{name}\"")));
             }
             if let Some(first) = aliases.entries.get(&name) {
@@ -119,12 +121,20 @@ fn check_target(target: &str) -> Result<(), String> {
             "\"{target}\": quoted or escaped targets are not supported"
         ));
     }
-    if target.contains(|c: char| c.is_whitespace() || c.is_control() || c == '<' || c == '>') {
+    if target.contains(|c: char| {
+        c.is_whitespace()
+            || c.is_control()
+            || c == '<'
+            || c == '>'
+            || crate::smtp::command::hides_text(c)
+    }) {
         return Err(format!("invalid target \"{target}\""));
     }
     // A remote address is checked as MAIL and RCPT would check it, so a
     // typo (`bob@example..com`, `a@b@c`) is found at start, not as a bounce.
-    if target.contains('@') && !crate::smtp::command::is_address(target) {
+    // One trailing dot on the domain is the root, as in RCPT (`alice@pi.lan.`).
+    let address = target.strip_suffix('.').unwrap_or(target);
+    if target.contains('@') && !crate::smtp::command::is_address(address) {
         return Err(format!("invalid address \"{target}\""));
     }
     if !target.contains('@') && !crate::smtp::command::is_dot_string(target) {
@@ -245,6 +255,14 @@ mod tests {
             ),
             ("a: b..c\n", "aliases:1: invalid target \"b..c\""),
             ("a(b): c\n", "aliases:1: invalid alias name \"a(b)\""),
+            (
+                "a\u{200b}: c\n",
+                "aliases:1: invalid alias name \"a\u{200b}\"",
+            ),
+            (
+                "a: b\u{202e}@x.org\n",
+                "aliases:1: invalid target \"b\u{202e}@x.org\"",
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(p(text).unwrap_err(), *want, "input {text:?}");
@@ -253,10 +271,11 @@ mod tests {
 
     #[test]
     fn a_byte_order_mark_is_not_part_of_the_first_name() {
-        let a = p("\u{feff}root: bob@example.com, bob@[IPv6:2001:db8::1]\n").expect("parses");
+        let a = p("\u{feff}root: bob@example.com, bob@[IPv6:2001:db8::1], alice@pi.lan.\n")
+            .expect("parses");
         assert_eq!(
             a.get("root").unwrap(),
-            ["bob@example.com", "bob@[IPv6:2001:db8::1]"]
+            ["bob@example.com", "bob@[IPv6:2001:db8::1]", "alice@pi.lan."]
         );
     }
 

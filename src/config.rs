@@ -278,7 +278,8 @@ impl Cidr {
     /// Whether this network is too wide to be anyone's own: wider than a
     /// /8 of IPv4 (also as IPv4-mapped IPv6, `::ffff:0.0.0.0/96`, or an
     /// IPv6 network that holds all of those, `::/1`), or an IPv6 network
-    /// wider than /16 outside the private ranges (`fc00::/7`, `fe80::/10`).
+    /// wider than /16 outside the private ranges (`fc00::/7`, `fe80::/10`),
+    /// or a wide slice of 6to4 or Teredo, which carry IPv4 addresses.
     /// Such a network in `relay.allow_from` lets most of the Internet relay.
     pub fn is_too_wide(&self) -> bool {
         const MAPPED: u128 = 0xffff_0000_0000; // ::ffff:0.0.0.0
@@ -295,7 +296,11 @@ impl Cidr {
                 let holds_ipv4 =
                     self.prefix < 96 && u128::from(masked6(MAPPED.into(), self.prefix)) == net;
                 let private = inside(0xfc00 << 112, 7) || inside(0xfe80 << 112, 10);
-                holds_ipv4 || (self.prefix < 16 && !private)
+                // 6to4 (2002::/16) and Teredo (2001::/32) carry an IPv4
+                // address in them: a wide slice of those is IPv4 too.
+                let tunnels = (inside(0x2002 << 112, 16) && self.prefix < 24)
+                    || (inside(0x2001 << 112, 32) && self.prefix < 40);
+                holds_ipv4 || tunnels || (self.prefix < 16 && !private)
             }
         }
     }
@@ -1369,8 +1374,9 @@ const SAFE_NAME: &str =
 /// Expands every alias once so that loops and targets nobody receives are
 /// reported at startup, not as 550s at RCPT time.
 fn check_aliases(local: &Local, path: &Path) -> Result<(), ConfigError> {
+    let mut skipped = Vec::new();
     for name in local.aliases.names() {
-        let why = match local.expand(name) {
+        let why = match local.expand_noting(name, &mut skipped) {
             Ok(_) => continue,
             Err(ResolveError::AliasLoop) => "loops (or expands to over 1000 targets or 20 levels)",
             Err(ResolveError::UnknownUser) => {
@@ -1399,6 +1405,17 @@ fn check_aliases(local: &Local, path: &Path) -> Result<(), ConfigError> {
             key: None,
             message: format!("alias \"{name}\" {why}"),
         });
+    }
+    // Once per target, where it is written: every alias that leads to
+    // `root` would otherwise repeat `root`'s stale entry.
+    skipped.sort();
+    skipped.dedup();
+    for (alias, target) in skipped {
+        log::warn!(
+            "{}:{}: alias \"{alias}\": target \"{target}\" has no mailbox here; it is skipped",
+            path.display(),
+            local.aliases.line(&alias).unwrap_or(0)
+        );
     }
     Ok(())
 }
@@ -2178,6 +2195,9 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ("::ffff:192.168.1.0/120", false),
             ("2000::/3", true),
             ("2001:db8::/32", false),
+            ("2002::/16", true),
+            ("2002:c000:200::/40", false),
+            ("2001::/32", true),
             ("fd00::/8", false),
             ("fc00::/7", false),
             ("fe80::/10", false),

@@ -189,9 +189,7 @@ fn delete(id: &str, relay: &Sender<Request>, queue_dir: &Path) -> String {
             // when the thread gets to it: say so, rather than "try again"
             // (which would then find no such message).
             warn!("control: delete id={id}: the relay thread is busy; the delete is queued");
-            "ERR the relay thread is busy (slow disk?); the delete is queued and happens when \
-             it gets to it: see `postling queue list`"
-                .to_owned()
+            "QUEUED".to_owned()
         }
     }
 }

@@ -109,14 +109,35 @@ impl Local {
         result
     }
 
-    /// `resolve` without the domain check; config uses it to test every alias
-    /// at load time.
-    pub(crate) fn expand(&self, local_part: &str) -> Result<Vec<Target>, ResolveError> {
+    /// `resolve` without the domain check; logs the targets it skipped.
+    fn expand(&self, local_part: &str) -> Result<Vec<Target>, ResolveError> {
+        let mut skipped = Vec::new();
+        let result = self.expand_noting(local_part, &mut skipped);
+        for (alias, target) in skipped {
+            log::warn!("alias \"{alias}\": target \"{target}\" has no mailbox here; skipped");
+        }
+        result
+    }
+
+    /// `expand`, giving the skipped targets as (alias, target) instead of
+    /// logging them; config uses it to test every alias at load time and
+    /// warn once per target.
+    pub(crate) fn expand_noting(
+        &self,
+        local_part: &str,
+        skipped: &mut Vec<(String, String)>,
+    ) -> Result<Vec<Target>, ResolveError> {
         let mut out = Vec::new();
         let mut stack = Vec::new();
         let mut budget = 0;
         let name = local_part.to_ascii_lowercase();
-        self.expand_name(&name, &mut stack, &mut out, &mut budget)?;
+        let mut walk = Walk {
+            stack: &mut stack,
+            out: &mut out,
+            budget: &mut budget,
+            skipped,
+        };
+        self.expand_name(&name, &mut walk)?;
         if out.is_empty() {
             // Aliases::parse refuses aliases without targets, so this is only
             // reachable through a hand-built table; refuse rather than accept
@@ -126,13 +147,7 @@ impl Local {
         Ok(out)
     }
 
-    fn expand_name(
-        &self,
-        name: &str,
-        stack: &mut Vec<String>,
-        out: &mut Vec<Target>,
-        budget: &mut usize,
-    ) -> Result<(), ResolveError> {
+    fn expand_name(&self, name: &str, walk: &mut Walk<'_>) -> Result<(), ResolveError> {
         if has_routing_characters(name) {
             return Err(ResolveError::RoutingCharacters);
         }
@@ -144,12 +159,12 @@ impl Local {
             },
         };
         let Some(targets) = targets else {
-            return push(out, budget, self.mailbox(key)?);
+            return walk.push(self.mailbox(key)?);
         };
-        if stack.iter().any(|s| s == key) || stack.len() >= MAX_DEPTH {
+        if walk.stack.iter().any(|s| s == key) || walk.stack.len() >= MAX_DEPTH {
             return Err(ResolveError::AliasLoop);
         }
-        stack.push(key.to_string());
+        walk.stack.push(key.to_string());
         for target in targets {
             let lower = target.to_ascii_lowercase();
             let local = match lower.rsplit_once('@') {
@@ -158,27 +173,29 @@ impl Local {
                     // Keep the remote local part as written: only the domain
                     // is case-insensitive (RFC 5321 2.4).
                     let local = &target[..target.len() - domain.len() - 1];
-                    push(out, budget, Target::Remote(format!("{local}@{domain}")))?;
+                    walk.push(Target::Remote(format!("{local}@{domain}")))?;
                     continue;
                 }
                 None => lower.as_str(),
             };
             let expanded = if local == key {
                 // `alice: alice, bob@x`: alice's own mailbox too.
-                self.mailbox(key).and_then(|t| push(out, budget, t))
+                self.mailbox(key).and_then(|t| walk.push(t))
             } else {
-                self.expand_name(local, stack, out, budget)
+                self.expand_name(local, walk)
             };
             match expanded {
-                // One stale name in a list does not take the list down, as
-                // in Postfix: the others still get the mail.
+                // One stale name in a list does not take the list down: the
+                // others still get the mail. (Postfix bounces that one copy
+                // to the sender; here it is logged, and warned about at
+                // start and by `postling check`.)
                 Err(ResolveError::UnknownUser) => {
-                    log::warn!("alias \"{key}\": target \"{target}\" has no mailbox here; skipped");
+                    walk.skipped.push((key.to_string(), target.clone()));
                 }
                 other => other?,
             }
         }
-        stack.pop();
+        walk.stack.pop();
         Ok(())
     }
 
@@ -202,6 +219,23 @@ impl Local {
             });
         }
         Err(ResolveError::UnknownUser)
+    }
+}
+
+/// The state of one alias expansion.
+struct Walk<'a> {
+    /// The aliases being expanded, outermost first (loop detection).
+    stack: &'a mut Vec<String>,
+    out: &'a mut Vec<Target>,
+    /// Targets produced so far, duplicates included (the fan-out bound).
+    budget: &'a mut usize,
+    /// (alias, target) pairs skipped for having no mailbox.
+    skipped: &'a mut Vec<(String, String)>,
+}
+
+impl Walk<'_> {
+    fn push(&mut self, target: Target) -> Result<(), ResolveError> {
+        push(self.out, self.budget, target)
     }
 }
 

@@ -316,6 +316,7 @@ fn state_parts(state: &RcptState) -> (&'static str, Option<&str>) {
 /// A JSON string literal (RFC 8259 section 7): quotes, backslashes and
 /// control characters escaped; everything else is UTF-8 as is.
 fn json_str(s: &str) -> String {
+    use crate::smtp::command::hides_text;
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -326,7 +327,7 @@ fn json_str(s: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             // C0 and C1 controls: a terminal acts on a raw C1 CSI (0x9b).
-            c if c.is_control() || reorders_text(c) => {
+            c if c.is_control() || hides_text(c) => {
                 out.push_str(&format!("\\u{:04x}", u32::from(c)))
             }
             c => out.push(c),
@@ -423,28 +424,18 @@ fn read_header(data_dir: &Path, id: &str) -> io::Result<(String, bool)> {
 /// `s` with control characters shown as `\xNN`, so it prints on one line and
 /// cannot send escape sequences to the terminal.
 fn printable(s: &str) -> String {
+    use crate::smtp::command::hides_text;
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if c.is_control() {
             out.push_str(&format!("\\x{:02x}", u32::from(c)));
-        } else if reorders_text(c) {
+        } else if hides_text(c) {
             out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
         } else {
             out.push(c);
         }
     }
     out
-}
-
-/// Characters that change how the text around them is shown without
-/// showing themselves: bidirectional overrides and isolates (an address
-/// that reads backwards, CVE-2021-42574 style), line and paragraph
-/// separators, zero-width characters.
-fn reorders_text(c: char) -> bool {
-    matches!(
-        u32::from(c),
-        0x061c | 0x200b..=0x200f | 0x2028..=0x202e | 0x2060..=0x2069 | 0xfeff
-    )
 }
 
 /// [`printable`], but a tab (folded header lines) stays a tab.
@@ -547,6 +538,15 @@ fn delete(data_dir: &Path, id: &str, out: &mut dyn Write) -> Result<(), Error> {
         return Err(Error::UnknownId(id.to_owned()));
     }
     match ask(data_dir, &format!("DELETE {id}"))? {
+        // The relay thread was too busy (a slow disk) to answer in time;
+        // the request waits in its queue and is carried out.
+        Asked::Reply(reply) if reply == "QUEUED" => {
+            writeln!(
+                out,
+                "{id}: delete requested; the daemon is busy and removes it shortly"
+            )?;
+            return Ok(());
+        }
         Asked::Reply(reply) => check_reply(&reply, Some(id))?,
         Asked::NotRunning => delete_offline(data_dir, id)?,
     }

@@ -139,7 +139,19 @@ fn display_name(value: &[u8]) -> Option<String> {
             if name.is_empty() {
                 return None;
             }
-            format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+            // Encoded-words (`=?UTF-8?Q?J=C3=BCrgen?=`) and plain atoms make
+            // a phrase as they are; inside quotes an encoded-word is not
+            // decoded (RFC 2047 5), so only other text is quoted.
+            let atom = |w: &str| {
+                (w.starts_with("=?") && w.ends_with("?=") && w.len() > 4)
+                    || w.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b))
+            };
+            if name.split(' ').all(atom) {
+                name
+            } else {
+                format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+            }
         }
     };
     (!name.is_empty()).then_some(name)
@@ -169,11 +181,15 @@ mod tests {
         );
         assert_eq!(
             rw("From: root (Cron Daemon)\r\n"),
-            "From: \"Cron Daemon\" <me@example.net>\r\nReply-To: root (Cron Daemon)\r\n"
+            "From: Cron Daemon <me@example.net>\r\nReply-To: root (Cron Daemon)\r\n"
         );
         assert_eq!(
             rw("From: root@pi.lan (a \"quoted\" (nested) name)\r\n"),
             "From: \"a \\\"quoted\\\" (nested) name\" <me@example.net>\r\nReply-To: root@pi.lan (a \"quoted\" (nested) name)\r\n"
+        );
+        assert_eq!(
+            rw("From: root (=?UTF-8?Q?J=C3=BCrgen?= Cron)\r\n"),
+            "From: =?UTF-8?Q?J=C3=BCrgen?= Cron <me@example.net>\r\nReply-To: root (=?UTF-8?Q?J=C3=BCrgen?= Cron)\r\n"
         );
         // Unbalanced: no name rather than half of one.
         assert_eq!(

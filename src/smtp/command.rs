@@ -360,6 +360,17 @@ pub fn is_address(s: &str) -> bool {
     }
 }
 
+/// Characters that change how the text around them is shown without
+/// showing themselves: bidirectional overrides and isolates (an address
+/// that reads backwards, CVE-2021-42574 style), line and paragraph
+/// separators, zero-width characters and the byte-order mark.
+pub fn hides_text(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x061c | 0x200b..=0x200f | 0x2028..=0x202e | 0x2060..=0x2069 | 0xfeff
+    )
+}
+
 /// Whether `s` is a dot-string local part (`a.b+c`), nothing else.
 pub fn is_dot_string(s: &str) -> bool {
     !s.starts_with('"') && local_part_end(s.as_bytes()) == Some(s.len())
