@@ -23,6 +23,7 @@ use crate::config::{Config, SmarthostTls};
 use crate::relay::dns::Resolver;
 use crate::relay::reply::{ReplyParser, ServerReply};
 use crate::relay::route::{self, Candidate, RouteError};
+use crate::server::Preflight;
 
 /// What `check` was asked to do.
 pub struct Options {
@@ -67,21 +68,27 @@ pub enum Outcome {
 pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> Outcome {
     let mut r = Report { out, failed: false };
     r.ok("config", "valid");
+    let mut config_failed = false;
     for (step, result) in crate::server::preflight(config) {
         match result {
-            Ok(detail) => r.ok(&step, &detail),
-            Err(reason) => r.fail(&step, &reason, "postling serve would refuse to start"),
+            Preflight::Ok(detail) => r.ok(&step, &detail),
+            Preflight::Note(text) => r.info(&format!("{step}: {text}")),
+            Preflight::Fail(reason) => {
+                config_failed = true;
+                r.fail(
+                    &step,
+                    &reason,
+                    "postling serve would refuse to start (run check as root or as the daemon's user)",
+                );
+            }
         }
     }
-    if r.failed {
-        return Outcome::Config;
-    }
-    let passed = |r: &Report<'_>| {
-        if r.failed {
-            Outcome::Unavailable
-        } else {
-            Outcome::Passed
-        }
+    // The way out is tested all the same; the exit code says the worse.
+    r.failed = false;
+    let passed = move |r: &Report<'_>| match (config_failed, r.failed) {
+        (true, _) => Outcome::Config,
+        (false, true) => Outcome::Unavailable,
+        (false, false) => Outcome::Passed,
     };
     if opts.offline {
         return passed(&r);
@@ -101,7 +108,7 @@ pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> Outcome {
                         &route_reason(&e),
                         "check relay.smarthost and /etc/resolv.conf",
                     );
-                    return Outcome::Unavailable;
+                    return passed(&r);
                 }
             }
         }
@@ -118,7 +125,7 @@ pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> Outcome {
                         &format!("{addr} has no domain"),
                         "give a whole address, user@domain, to test direct delivery",
                     );
-                    return Outcome::Unavailable;
+                    return passed(&r);
                 }
                 r.ok(
                     "relay",
@@ -139,7 +146,7 @@ pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> Outcome {
                         &route_reason(&e),
                         "check relay.dns_servers or /etc/resolv.conf",
                     );
-                    return Outcome::Unavailable;
+                    return passed(&r);
                 }
             }
         }

@@ -51,6 +51,9 @@ pub struct Context {
     /// `data_dir/lock`, held (flock) for the life of the server so a second
     /// instance cannot sweep this one's spools or relay its queue twice.
     _lock: File,
+    /// The addresses the TCP listeners are bound to (real ports, also for
+    /// a configured port 0): the relay will not send to itself.
+    listening: Vec<SocketAddr>,
 }
 
 impl Context {
@@ -58,6 +61,11 @@ impl Context {
     pub fn config(&self) -> Arc<Config> {
         // Writers only swap an Arc: a poisoned lock still holds a valid one.
         Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The addresses this server listens on.
+    pub fn listening(&self) -> &[SocketAddr] {
+        &self.listening
     }
 
     /// The current AUTH users, if any.
@@ -210,24 +218,24 @@ fn lookup_user(name: &str) -> io::Result<nix::unistd::User> {
 /// TLS certificate and key, the users file, the relay's CA file, the
 /// `user` to run as and the `local.group` it must hold. For `postling
 /// check`, one `(step, Ok(detail) | Err(reason))` per configured item.
-pub fn preflight(config: &Config) -> Vec<(String, Result<String, String>)> {
+pub fn preflight(config: &Config) -> Vec<(String, Preflight)> {
     let mut steps = Vec::new();
     if config.tls.is_some() {
         let r = load_tls(config).map(|_| "certificate and key load and match".to_string());
-        steps.push(("tls".to_string(), r.map_err(|e| e.to_string())));
+        steps.push(("tls".to_string(), r.map_err(|e| e.to_string()).into()));
     }
     if config.auth.users_file.is_some() {
         let r = load_users(config).map(|u| {
             let n = u.map_or(0, |u| u.len());
             format!("users file: {n} user(s)")
         });
-        steps.push(("auth".to_string(), r.map_err(|e| e.to_string())));
+        steps.push(("auth".to_string(), r.map_err(|e| e.to_string()).into()));
     }
     if let Some(ca) = &config.relay.ca_file {
         let r = crate::tls::check_ca_file(ca)
             .map(|()| format!("{} loads", ca.display()))
             .map_err(|e| format!("relay.ca_file: {e}"));
-        steps.push(("relay.ca_file".to_string(), r));
+        steps.push(("relay.ca_file".to_string(), r.into()));
     }
     let user = config.user.as_deref().map(lookup_user);
     if let Some(r) = &user {
@@ -235,28 +243,56 @@ pub fn preflight(config: &Config) -> Vec<(String, Result<String, String>)> {
             .as_ref()
             .map(|u| format!("{} (uid {}, gid {})", u.name, u.uid, u.gid))
             .map_err(|e| e.to_string());
-        steps.push(("user".to_string(), r));
+        steps.push(("user".to_string(), r.into()));
     }
     if let Some(gid) = config.local.sharing.gid {
-        let held = match &user {
-            // The groups `user` will hold after initgroups.
-            Some(Ok(u)) => std::ffi::CString::new(u.name.as_str())
+        // Whose groups count: `user`'s, after initgroups; without it, the
+        // user the packaged unit runs as (User=postling) when check runs
+        // as root, since root itself holds every group.
+        let daemon_user = match user {
+            Some(Ok(u)) => Some(u),
+            Some(Err(_)) => None,
+            None if nix::unistd::geteuid().is_root() => lookup_user("postling").ok(),
+            None => None,
+        };
+        let held = daemon_user.as_ref().map(|u| {
+            std::ffi::CString::new(u.name.as_str())
                 .ok()
                 .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
-                .is_some_and(|groups| groups.contains(&nix::unistd::Gid::from_raw(gid))),
-            Some(Err(_)) => false,
-            None => check_sharing_group(Some(gid)).is_ok(),
+                .is_some_and(|groups| groups.contains(&nix::unistd::Gid::from_raw(gid)))
+        });
+        let step = match (held, &daemon_user) {
+            (Some(true), Some(u)) => Preflight::Ok(format!("user {} is in group {gid}", u.name)),
+            (Some(false), Some(u)) => Preflight::Fail(format!(
+                "user {} is not in group {gid}; add it (usermod -aG) and restart",
+                u.name
+            )),
+            _ => Preflight::Note(format!(
+                "group {gid}: the user the daemon runs as must be in it (see `id <user>`)"
+            )),
         };
-        let r = if held {
-            Ok(format!("group {gid} is held"))
-        } else {
-            Err(format!(
-                "the daemon's user is not in group {gid}; add it to the group (usermod -aG)"
-            ))
-        };
-        steps.push(("local.group".to_string(), r));
+        steps.push(("local.group".to_string(), step));
     }
     steps
+}
+
+/// One item `serve` checks before it runs, as `postling check` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Preflight {
+    Ok(String),
+    /// `serve` would refuse to start.
+    Fail(String),
+    /// Cannot be told from here.
+    Note(String),
+}
+
+impl From<Result<String, String>> for Preflight {
+    fn from(r: Result<String, String>) -> Preflight {
+        match r {
+            Ok(detail) => Preflight::Ok(detail),
+            Err(reason) => Preflight::Fail(reason),
+        }
+    }
 }
 
 /// `local.group` must be one this process holds, or every delivery would
@@ -392,6 +428,7 @@ impl Server {
             auth_failures: PerIp::new(std::time::Duration::from_secs(3600)),
             message_rate: PerIp::new(std::time::Duration::from_secs(60)),
             _lock: lock,
+            listening: listeners.local_addrs(),
         });
         relay::spawn(Arc::clone(&ctx), rx)?;
         Ok(Server { ctx, listeners })

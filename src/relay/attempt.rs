@@ -208,25 +208,27 @@ impl Deliverer {
             .map(|&i| env.recipients[i].address.clone())
             .collect();
         let mut last_reason = String::from("no host could be reached");
-        // Hosts that turned out to be this server, and whether any other
-        // host failed: mail whose every host is us can never leave (RFC
-        // 5321 5.1: returned as undeliverable), while mail whose better
-        // host is only down waits for it.
-        let (mut loops, mut others_failed) = (0, false);
+        // The hosts that failed, by name. When a host turns out to be this
+        // server, it and every later one (the same or a worse MX
+        // preference: candidates come in preference order) are dropped
+        // (RFC 5321 5.1): if a better host failed the mail waits for it,
+        // else it can never leave and is returned.
+        let mut failed: Vec<&str> = Vec::new();
+        let mut looped: Option<&str> = None;
         for (n, cand) in candidates.iter().enumerate() {
             if self.is_dead(cand.addr) {
                 last_reason = format!(
                     "{} [{}] did not answer a connection less than a minute ago",
                     cand.host, cand.addr
                 );
-                others_failed = true;
+                failed.push(&cand.host);
                 continue;
             }
             let mut outcome = match self.session(env, cand, &recipients, tls, auth.clone()) {
                 Ok(o) => o,
                 Err(reason) => {
                     last_reason = reason;
-                    others_failed = true;
+                    failed.push(&cand.host);
                     continue;
                 }
             };
@@ -235,8 +237,8 @@ impl Deliverer {
                     "id={} {} [{}] greeted with our own hostname: it is this server",
                     env.id, cand.host, cand.addr
                 );
-                loops += 1;
-                continue;
+                looped = Some(&cand.host);
+                break;
             }
             if outcome.retry_in_clear() {
                 // Opportunistic TLS failed: this host again in clear, as
@@ -249,6 +251,7 @@ impl Deliverer {
                     Ok(o) => outcome = o,
                     Err(reason) => {
                         last_reason = reason;
+                        failed.push(&cand.host);
                         continue;
                     }
                 }
@@ -261,7 +264,7 @@ impl Deliverer {
                 if let Some((_, RcptResult::Deferred { reason })) = outcome.recipients.first() {
                     last_reason = reason.clone();
                 }
-                others_failed = true;
+                failed.push(&cand.host);
                 continue;
             }
             let host = format!("{}[{}]:{}", cand.host, cand.addr.ip(), cand.addr.port());
@@ -275,16 +278,19 @@ impl Deliverer {
             Dest::Smarthost => "the smarthost".to_string(),
             Dest::Domain(d) => d.clone(),
         };
-        match (loops, others_failed) {
-            (0, _) => all(RcptResult::Deferred {
+        // Our own other addresses (an IPv6 one we do not listen on) are
+        // not a better host.
+        let better_failed = looped.is_some_and(|us| failed.iter().any(|h| *h != us));
+        match (looped, better_failed) {
+            (None, _) => all(RcptResult::Deferred {
                 reason: last_reason,
             }),
-            (_, false) => all(RcptResult::Failed {
+            (Some(_), false) => all(RcptResult::Failed {
                 reason: format!("5.4.6 mail for {target} loops back to myself"),
             }),
-            (_, true) => all(RcptResult::Deferred {
+            (Some(_), true) => all(RcptResult::Deferred {
                 reason: format!(
-                    "4.4.6 mail for {target} loops back to myself; the other hosts failed: {last_reason}"
+                    "4.4.6 mail for {target} loops back to myself, and a better host failed: {last_reason}"
                 ),
             }),
         }
@@ -320,7 +326,7 @@ impl Deliverer {
             smtputf8: !env.sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
             tls,
             auth,
-            peer_is_here: is_here(cand.addr),
+            peer_is_here: self.is_us(cand.addr),
         };
         let verified = match tls {
             TlsMode::RequireStartTls | TlsMode::Implicit => self.verified()?,
@@ -512,6 +518,20 @@ fn header_end(bytes: &[u8]) -> Option<usize> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|p| p + 2)
+}
+
+impl Deliverer {
+    /// Whether `addr` is one of this server's own listeners: its port is
+    /// one we listen on, at that address or a wildcard of its family, and
+    /// the address is this machine's. Another MTA on this box, on another
+    /// port, is not us, whatever its name.
+    fn is_us(&self, addr: SocketAddr) -> bool {
+        self.ctx.listening().iter().any(|l| {
+            l.port() == addr.port()
+                && l.is_ipv4() == addr.is_ipv4()
+                && (l.ip().is_unspecified() || l.ip() == addr.ip())
+        }) && is_here(addr)
+    }
 }
 
 /// Whether `addr` is this machine: a loopback or unspecified address, or

@@ -151,14 +151,9 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-/// The host's name in the relay's "host[address]:port" (a bracketed
-/// address literal when the host is one).
+/// The host's name in the relay's "host[address]:port".
 fn mta_name(host: &str) -> &str {
-    if host.starts_with('[') {
-        host.find(']').map_or(host, |end| &host[..=end])
-    } else {
-        host.split('[').next().unwrap_or(host)
-    }
+    host.split('[').next().unwrap_or(host)
 }
 
 /// Whether a diagnostic is a server's reply: "550 5.1.1 ...", "421-...".
@@ -284,7 +279,7 @@ mod tests {
             Entry {
                 address: "x@example.com",
                 diagnostic: "554 5.7.1 go away (in reply to the greeting)",
-                remote_mta: Some("[192.0.2.7][192.0.2.7]:25"),
+                remote_mta: Some("192.0.2.7[192.0.2.7]:25"),
             },
             Entry {
                 address: "y@example.com",
@@ -303,7 +298,7 @@ mod tests {
         ))
         .expect("utf8");
         assert!(
-            text.contains("Action: delayed\r\nStatus: 4.0.0\r\nRemote-MTA: dns; [192.0.2.7]\r\n"),
+            text.contains("Action: delayed\r\nStatus: 4.0.0\r\nRemote-MTA: dns; 192.0.2.7\r\n"),
             "{text}"
         );
         assert!(

@@ -386,6 +386,18 @@ impl Resolver {
             match decode_reply(&buf[..n], q) {
                 Ok(Some(reply)) => return Ok(reply),
                 Ok(None) => continue, // not ours: keep waiting
+                // Cut short with TC set (some servers and middleboxes cut
+                // at any byte): the header alone says "ask over TCP" (RFC
+                // 7766 5), where the whole reply is checked. Never for a
+                // TCP reply, which has no TC to fall back on.
+                Err(_) if buf[2] & 0x80 != 0 && buf[2] & 0x02 != 0 => {
+                    return Ok(Reply {
+                        rcode: RCODE::NoError,
+                        truncated: true,
+                        lame: false,
+                        answers: Vec::new(),
+                    })
+                }
                 Err(e) => malformed = Some(e),
             }
         }
@@ -472,7 +484,9 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
             None => (word, None),
         };
         match (addr.parse::<IpAddr>(), scope) {
-            (Ok(IpAddr::V6(ip)), Some(scope)) => {
+            // Only a link-local address needs its interface; on any other
+            // the scope would make replies (which come without one) miss.
+            (Ok(IpAddr::V6(ip)), Some(scope)) if (ip.segments()[0] & 0xffc0) == 0xfe80 => {
                 let id = scope.parse::<u32>().ok().or_else(|| {
                     nix::net::if_::if_nametoindex(scope)
                         .ok()
@@ -483,7 +497,7 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
                     None => debug!("resolv.conf: no interface {scope:?} for {word}; skipped"),
                 }
             }
-            (Ok(ip), None) => out.push(SocketAddr::new(ip, DNS_PORT)),
+            (Ok(ip), _) => out.push(SocketAddr::new(ip, DNS_PORT)),
             _ => {}
         }
     }
@@ -619,21 +633,7 @@ fn decode_reply(bytes: &[u8], q: &Expect) -> Result<Option<Reply>, String> {
     if bytes.len() < 12 || u16::from_be_bytes([bytes[0], bytes[1]]) != q.id {
         return Ok(None);
     }
-    let packet = match Packet::parse(bytes) {
-        Ok(packet) => packet,
-        // A reply cut short with TC set (some servers and middleboxes cut
-        // at any byte): the header alone says "ask over TCP" (RFC 7766 5),
-        // where the whole reply is checked against the question.
-        Err(_) if bytes[2] & 0x80 != 0 && bytes[2] & 0x02 != 0 => {
-            return Ok(Some(Reply {
-                rcode: RCODE::NoError,
-                truncated: true,
-                lame: false,
-                answers: Vec::new(),
-            }))
-        }
-        Err(e) => return Err(format!("malformed reply ({e})")),
-    };
+    let packet = Packet::parse(bytes).map_err(|e| format!("malformed reply ({e})"))?;
     if !packet.has_flags(PacketFlag::RESPONSE) {
         return Ok(None);
     }
@@ -664,9 +664,20 @@ fn decode_reply(bytes: &[u8], q: &Expect) -> Result<Option<Reply>, String> {
     Ok(Some(Reply {
         rcode: packet.rcode(),
         truncated: packet.has_flags(PacketFlag::TRUNCATION),
+        // A referral names the servers to ask next (NS in the authority
+        // section) and no SOA: a forwarder that does not set RA still
+        // gives its NODATA answers an SOA.
         lame: packet.answers.is_empty()
             && !packet.has_flags(PacketFlag::AUTHORITATIVE_ANSWER)
-            && !packet.has_flags(PacketFlag::RECURSION_AVAILABLE),
+            && !packet.has_flags(PacketFlag::RECURSION_AVAILABLE)
+            && packet
+                .name_servers
+                .iter()
+                .any(|rr| matches!(rr.rdata, RData::NS(_)))
+            && !packet
+                .name_servers
+                .iter()
+                .any(|rr| matches!(rr.rdata, RData::SOA(_))),
         answers,
     }))
 }
@@ -811,6 +822,8 @@ pub mod test_server {
         pub lame: bool,
         /// Answer FORMERR to any query that carries an EDNS OPT record.
         pub refuse_edns: bool,
+        /// Answer as a forwarder that sets neither AA nor RA, but answers.
+        pub no_flags: bool,
         /// Names whose UDP answers have TC=1 and are cut in the middle of
         /// their first record, so they do not parse.
         pub truncate_cut: Vec<String>,
@@ -828,6 +841,7 @@ pub mod test_server {
                 spoof_first: Vec::new(),
                 lame: false,
                 refuse_edns: false,
+                no_flags: false,
                 truncate_cut: Vec::new(),
             }
         }
@@ -1002,7 +1016,7 @@ pub mod test_server {
         };
         let (records, exists) = lookup(zone, &qname, qtype);
         let mut reply = Packet::new_reply(query.id());
-        if !zone.lame {
+        if !zone.lame && !zone.no_flags {
             reply.set_flags(PacketFlag::AUTHORITATIVE_ANSWER | PacketFlag::RECURSION_AVAILABLE);
         }
         if query.has_flags(PacketFlag::RECURSION_DESIRED) {
@@ -1010,7 +1024,15 @@ pub mod test_server {
         }
         reply.questions.push(question.clone());
         if zone.lame {
-            // A referral: nothing in the answer section.
+            // A referral: no answer, the servers to ask next instead.
+            reply.name_servers.push(ResourceRecord::new(
+                question.qname.clone(),
+                CLASS::IN,
+                3600,
+                RData::NS(simple_dns::rdata::NS(Name::new_unchecked(
+                    "a.gtld-servers.test",
+                ))),
+            ));
         } else if zone.refuse_edns && query.opt().is_some() {
             *reply.rcode_mut() = RCODE::FormatError;
         } else if zone.servfail.contains(&qname) {
@@ -1256,6 +1278,46 @@ mod tests {
         let alone = Resolver::new(&[lame.addr]).with_timeout(T, 1);
         assert!(temp(alone.mx("ok.test")).contains("referral"));
         assert!(temp(alone.addrs("ok.test")).contains("referral"));
+    }
+
+    /// NODATA from a forwarder that sets neither AA nor RA (some container
+    /// DNS proxies) is an answer: no NS records say "ask elsewhere".
+    #[test]
+    fn an_answer_without_flags_is_no_referral() {
+        let mut zone = Zone::new(vec![Record::a("plain.test", Ipv4Addr::new(192, 0, 2, 1))]);
+        zone.no_flags = true;
+        let dns = TestDns::serve(zone);
+        let r = Resolver::new(&[dns.addr]).with_timeout(T, 1);
+        assert_eq!(r.mx("plain.test"), Ok(MxAnswer::NoMx));
+    }
+
+    /// The "truncated, so go to TCP" reading of a reply that does not
+    /// parse is for UDP only: a broken TCP reply is an error, never an
+    /// empty answer (which would bounce the mail as "no MX, no address").
+    #[test]
+    fn a_broken_tcp_reply_with_tc_set_is_an_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let Ok((mut sock, _)) = listener.accept() else {
+                return;
+            };
+            let mut query = [0u8; 512];
+            let _ = sock.read(&mut query);
+            // Id 7, QR and TC set, one question promised, none sent.
+            let reply = [0, 12, 0, 7, 0x82, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
+            let _ = sock.write_all(&reply);
+        });
+        let r = Resolver::new(&[addr]).with_timeout(Duration::from_millis(500), 1);
+        let msg = build_query(7, "x.test", TYPE::MX, true).expect("query");
+        let q = Expect {
+            id: 7,
+            name: "x.test",
+            qtype: TYPE::MX,
+        };
+        let err = r.tcp(addr, &msg, &q).expect_err("not an answer");
+        assert!(err.contains("malformed"), "{err}");
+        let _ = server.join();
     }
 
     #[test]
@@ -1553,6 +1615,7 @@ nameserver 192.168.1.1   # the router
 nameserver\t2001:db8::53
 ;nameserver 10.9.9.9
 nameserver fe80::2%1
+nameserver 2001:db8::54%eth0
 nameserver fe80::3%no-such-interface9
 nameserver not-an-address
 nameserver
@@ -1564,6 +1627,7 @@ domain lan
                 SocketAddr::new(v4("192.168.1.1"), 53),
                 SocketAddr::new(v4("2001:db8::53"), 53),
                 SocketAddrV6::new("fe80::2".parse().expect("ip"), 53, 0, 1).into(),
+                SocketAddr::new(v4("2001:db8::54"), 53),
             ]
         );
         // An interface by name gets its index (here lo, which every Linux

@@ -30,11 +30,10 @@ pub enum RouteError {
 
 /// At most this many MX hosts are tried per attempt, as Postfix does (5).
 const MAX_MX_HOSTS: usize = 5;
-/// At most this many addresses in all, and per host and address family,
-/// so one host with hundreds of silent addresses cannot hold a delivery
-/// for hours (Postfix stops at 5 addresses; 10 leaves room for dual-stack
-/// hosts).
-const MAX_ADDRESSES: usize = 10;
+/// At most this many addresses per host and address family, so one host
+/// with hundreds of silent addresses cannot hold a delivery for hours
+/// (Postfix stops at 5 addresses in all; this keeps two of each family for
+/// each of the 5 hosts, so an IPv4-only box still reaches every host).
 const MAX_ADDRESSES_PER_FAMILY: usize = 2;
 
 /// The smarthost's addresses, looked up the system's way (so /etc/hosts works).
@@ -127,7 +126,6 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
             Err(e) => last_error = Some(format!("address lookup for {host}: {e}")),
         }
     }
-    out.truncate(MAX_ADDRESSES);
     if out.is_empty() {
         // An implicit MX whose name has no address: nothing will ever work.
         if hosts.len() == 1 && hosts[0].eq_ignore_ascii_case(domain) && last_error.is_none() {

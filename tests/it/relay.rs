@@ -928,9 +928,21 @@ fn a_delay_notice_that_cannot_be_stored_is_tried_again() {
 #[test]
 fn an_mx_that_is_this_server_is_never_sent_to() {
     let port = free_port();
+    // A host that is us, and a backup MX after it that would take the mail
+    // (and could hand it straight back).
+    let backup = TestServer::start_on(
+        format!("127.0.0.3:{port}").parse().expect("addr"),
+        Script::default(),
+    )
+    .expect("backup MX");
     let dns = TestDns::start(vec![
         Record::mx("loop.test", 10, "mx.loop.test"),
+        Record::mx("loop.test", 20, "backup.loop.test"),
+        // Also an IPv6 address that nothing listens on: still us, not a
+        // better host that failed.
+        Record::aaaa("mx.loop.test", "::1".parse().expect("ip")),
         Record::a("mx.loop.test", "127.0.0.1".parse().expect("ip")),
+        Record::a("backup.loop.test", "127.0.0.3".parse().expect("ip")),
         Record::mx("backup.test", 10, "down.backup.test"),
         Record::mx("backup.test", 20, "mx.loop.test"),
         Record::a("down.backup.test", "127.0.0.2".parse().expect("ip")),
@@ -955,7 +967,8 @@ fn an_mx_that_is_this_server_is_never_sent_to() {
         "{bounce}"
     );
     assert!(a.log().contains(&format!("id={looped} to=<x@loop.test>")));
-    // Our own listener saw the one message and the bounce's hop, no copies.
+    // Our own listener saw the one message, no copies; the worse MX none.
+    assert!(backup.messages().is_empty());
     assert_eq!(
         a.log().matches(" accepted from=<cron@localhost>").count(),
         1,
@@ -1006,5 +1019,45 @@ fn mail_to_an_ipv6_literal_goes_to_that_address() {
         a.log()
     );
     assert!(wait_for(SHORT, || a.queue().is_empty()));
+    assert!(a.mail("cron").is_empty(), "nothing bounced");
+}
+
+/// Another MTA on this machine, on another port, that greets with the same
+/// (default) hostname is not this server: it gets the mail.
+#[test]
+fn another_mta_here_with_our_hostname_is_not_a_loop() {
+    let server = TestServer::start(Script {
+        greeting: "220 relay.test ESMTP other".into(),
+        ..Script::default()
+    })
+    .expect("test server");
+    let dns = TestDns::start(Vec::new());
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(
+            &format!(
+                "smarthost = \"127.0.0.1:{}\"\nsmarthost_tls = \"none\"\n",
+                server.addr.port()
+            ),
+            &dns,
+        ),
+    );
+    send(
+        &a,
+        "cron@localhost",
+        &["x@far.test"],
+        "Subject: a\r\n\r\nhi\r\n",
+    );
+    assert!(
+        wait_for(SHORT, || server.messages().len() == 1),
+        "{}",
+        a.log()
+    );
+    assert!(
+        a.log().contains("greeted with our own hostname relay.test"),
+        "{}",
+        a.log()
+    );
     assert!(a.mail("cron").is_empty(), "nothing bounced");
 }
