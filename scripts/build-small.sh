@@ -4,7 +4,9 @@
 #
 #   - the standard library is rebuilt with that profile (`-Z build-std`),
 #     so LTO reaches into it and drops what postling never calls;
-#   - panic = "immediate-abort": no panic messages and no backtrace code.
+#   - panic = "immediate-abort": no panic messages and no backtrace code;
+#   - identical functions folded into one by the linker (lld --icf=all;
+#     Rust promises nothing about function addresses being distinct).
 #
 # The price: the release build prints a panic's message and location before
 # it aborts; this one aborts at once (SIGILL or SIGTRAP, no message). Either
@@ -37,8 +39,8 @@ rustup component add rust-src >/dev/null
 rustup target add "$target" >/dev/null
 
 export RUSTC_BOOTSTRAP=1 CARGO_PROFILE_RELEASE_PANIC=immediate-abort
-CARGO_TARGET_DIR=target/small cargo build --release --target "$target" \
-  -Z build-std=std,panic_abort -Z panic-immediate-abort
+RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=--icf=all" CARGO_TARGET_DIR=target/small \
+  cargo build --release --target "$target" -Z build-std=std,panic_abort -Z panic-immediate-abort
 unset RUSTC_BOOTSTRAP CARGO_PROFILE_RELEASE_PANIC
 
 bin=$PWD/target/small/$target/release/postling

@@ -546,7 +546,7 @@ struct RawLimits {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLocal {
-    domains: Option<Spanned<Vec<Spanned<String>>>>,
+    domains: Option<Vec<Spanned<String>>>,
     maildir_root: Option<Spanned<PathBuf>>,
     users: Option<Vec<Spanned<String>>>,
     mailboxes: Option<BTreeMap<String, Spanned<PathBuf>>>,
@@ -1254,14 +1254,16 @@ fn clashes_with_queue(path: &Path, data_dir: &Path) -> bool {
 
 fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, ConfigError> {
     let mut domains = Vec::new();
-    if let Some(list) = raw.domains.as_ref().filter(|l| l.get_ref().is_empty()) {
+    if raw.domains.as_ref().is_some_and(Vec::is_empty) {
         // Bare names (`sendmail root`) and <Postmaster> use the first.
-        return Err(ctx.error(
-            list,
-            "needs at least one domain (bare names and <Postmaster> use the first)",
-        ));
+        return Err(ConfigError {
+            file: ctx.file.map(Path::to_path_buf),
+            line: None,
+            key: Some("local.domains".into()),
+            message: "needs at least one domain (bare names and <Postmaster> use the first)".into(),
+        });
     }
-    for d in raw.domains.iter().flat_map(|l| l.get_ref()) {
+    for d in raw.domains.iter().flatten() {
         let name = d.get_ref().to_ascii_lowercase();
         let name = name.strip_suffix('.').unwrap_or(&name).to_string();
         if !local::is_domain(&name) {
@@ -1408,13 +1410,14 @@ fn check_aliases(local: &Local, path: &Path) -> Result<(), ConfigError> {
     }
     // Once per target, where it is written: every alias that leads to
     // `root` would otherwise repeat `root`'s stale entry.
-    skipped.sort();
-    skipped.dedup();
-    for (alias, target) in skipped {
+    for (n, (alias, target)) in skipped.iter().enumerate() {
+        if skipped[..n].iter().any(|(a, t)| a == alias && t == target) {
+            continue;
+        }
         log::warn!(
             "{}:{}: alias \"{alias}\": target \"{target}\" has no mailbox here; it is skipped",
             path.display(),
-            local.aliases.line(&alias).unwrap_or(0)
+            local.aliases.line(alias).unwrap_or(0)
         );
     }
     Ok(())
@@ -1979,7 +1982,7 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ("[local]\nmailboxes = { \"../x\" = \"/b\" }\n", "postling.toml:2: local.mailboxes.../x: invalid user name \"../x\""),
             ("[local]\nusers = [\"ok\", \"bad/name\"]\n", "postling.toml:2: local.users[1]: invalid user name \"bad/name\""),
             ("[local]\ndomains = [\"pi.lan\", \"bad_domain\"]\n", "postling.toml:2: local.domains[1]: invalid domain \"bad_domain\""),
-            ("[local]\ndomains = []\n", "postling.toml:2: local.domains: needs at least one domain (bare names and <Postmaster> use the first)"),
+            ("[local]\ndomains = []\n", "postling.toml: local.domains: needs at least one domain (bare names and <Postmaster> use the first)"),
             ("[local]\nmaildir_root = \"\"\n", "postling.toml:2: local.maildir_root: must not be empty"),
             ("data_dir = \"/var/lib/postling\"\n[local]\nmaildir_root = \"/var/lib/postling/\"\n", "postling.toml:3: local.maildir_root: must not be data_dir or inside its incoming/"),
             ("data_dir = \"/var/lib/postling\"\n[local]\nmaildir_root = \"/var/lib/./postling/queue/x\"\n", "postling.toml:3: local.maildir_root: must not be data_dir or inside its incoming/"),

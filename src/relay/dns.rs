@@ -96,9 +96,9 @@ impl SystemServers {
                     .push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DNS_PORT));
             }
             debug!(
-                "dns servers from {}: {:?}",
-                self.path.display(),
-                self.servers
+                "dns: {} server(s) from {}",
+                self.servers.len(),
+                self.path.display()
             );
         }
         self.servers.clone()

@@ -104,24 +104,23 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
     for host in hosts.iter().take(MAX_MX_HOSTS) {
         match resolver.addrs(host) {
             Ok(ips) => {
-                // IPv6 first, then IPv4, a few of each, so that a broken
-                // IPv6 path cannot use up the host's share.
-                let (v6, v4): (Vec<IpAddr>, Vec<IpAddr>) =
-                    ips.into_iter().partition(IpAddr::is_ipv6);
-                let fresh: Vec<SocketAddr> = [v6, v4]
-                    .into_iter()
-                    .flat_map(|family| {
-                        family
-                            .into_iter()
-                            .map(|ip| SocketAddr::new(ip, port))
-                            .filter(|addr| !out.iter().any(|c: &Candidate| c.addr == *addr))
-                            .take(MAX_ADDRESSES_PER_FAMILY)
-                    })
-                    .collect();
-                out.extend(fresh.into_iter().map(|addr| Candidate {
-                    host: host.clone(),
-                    addr,
-                }));
+                // IPv6 first, then IPv4 (the resolver's order), a few of
+                // each, so that a broken IPv6 path cannot use up the
+                // host's share.
+                let mut taken = [0; 2];
+                for ip in ips {
+                    let addr = SocketAddr::new(ip, port);
+                    let family = usize::from(ip.is_ipv4());
+                    if taken[family] < MAX_ADDRESSES_PER_FAMILY
+                        && !out.iter().any(|c: &Candidate| c.addr == addr)
+                    {
+                        taken[family] += 1;
+                        out.push(Candidate {
+                            host: host.clone(),
+                            addr,
+                        });
+                    }
+                }
             }
             Err(e) => last_error = Some(format!("address lookup for {host}: {e}")),
         }
