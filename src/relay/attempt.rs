@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use rustls::ClientConfig;
 
-use super::client::{Credentials, Failure, Job, Outcome, RcptResult, TlsMode};
+use super::client::{Credentials, Job, Outcome, RcptResult, TlsMode};
 use super::dns::Resolver;
 use super::rewrite;
 use super::route::{self, Candidate, RouteError};
@@ -199,6 +199,36 @@ impl Deliverer {
             Err(RouteError::Permanent(reason)) => return all(RcptResult::Failed { reason }),
             Err(RouteError::Temporary(reason)) => return all(RcptResult::Deferred { reason }),
         };
+        // RFC 5321 5.1, as Postfix does: when one of the hosts is this
+        // server (an MX record or the smarthost pointing back at one of
+        // our own listeners), it and every host of the same or a worse
+        // preference are dropped; with nothing better left the mail can
+        // never leave and is returned, instead of going round until the
+        // Received count stops it.
+        let candidates = match candidates.iter().find(|c| self.is_us(c.addr)) {
+            Some(us) => {
+                let ours = us.preference;
+                warn!(
+                    "id={} {} [{}] is this server: hosts of preference {ours} and worse are not tried",
+                    env.id, us.host, us.addr
+                );
+                let better: Vec<Candidate> = candidates
+                    .into_iter()
+                    .filter(|c| c.preference < ours)
+                    .collect();
+                if better.is_empty() {
+                    let target = match dest {
+                        Dest::Smarthost => "the smarthost",
+                        Dest::Domain(d) => d.as_str(),
+                    };
+                    return all(RcptResult::Failed {
+                        reason: format!("5.4.6 mail for {target} loops back to myself"),
+                    });
+                }
+                better
+            }
+            None => candidates,
+        };
         let auth = match self.credentials() {
             Ok(a) => a,
             Err(reason) => return all(RcptResult::Deferred { reason }),
@@ -208,38 +238,21 @@ impl Deliverer {
             .map(|&i| env.recipients[i].address.clone())
             .collect();
         let mut last_reason = String::from("no host could be reached");
-        // The hosts that failed, by name. When a host turns out to be this
-        // server, it and every later one (the same or a worse MX
-        // preference: candidates come in preference order) are dropped
-        // (RFC 5321 5.1): if a better host failed the mail waits for it,
-        // else it can never leave and is returned.
-        let mut failed: Vec<&str> = Vec::new();
-        let mut looped: Option<&str> = None;
         for (n, cand) in candidates.iter().enumerate() {
             if self.is_dead(cand.addr) {
                 last_reason = format!(
                     "{} [{}] did not answer a connection less than a minute ago",
                     cand.host, cand.addr
                 );
-                failed.push(&cand.host);
                 continue;
             }
             let mut outcome = match self.session(env, cand, &recipients, tls, auth.clone()) {
                 Ok(o) => o,
                 Err(reason) => {
                     last_reason = reason;
-                    failed.push(&cand.host);
                     continue;
                 }
             };
-            if matches!(outcome.failure, Some(Failure::LoopsBack)) {
-                warn!(
-                    "id={} {} [{}] greeted with our own hostname: it is this server",
-                    env.id, cand.host, cand.addr
-                );
-                looped = Some(&cand.host);
-                break;
-            }
             if outcome.retry_in_clear() {
                 // Opportunistic TLS failed: this host again in clear, as
                 // Postfix's `may` level does.
@@ -251,7 +264,6 @@ impl Deliverer {
                     Ok(o) => outcome = o,
                     Err(reason) => {
                         last_reason = reason;
-                        failed.push(&cand.host);
                         continue;
                     }
                 }
@@ -264,7 +276,6 @@ impl Deliverer {
                 if let Some((_, RcptResult::Deferred { reason })) = outcome.recipients.first() {
                     last_reason = reason.clone();
                 }
-                failed.push(&cand.host);
                 continue;
             }
             let host = format!("{}[{}]:{}", cand.host, cand.addr.ip(), cand.addr.port());
@@ -274,26 +285,9 @@ impl Deliverer {
                 .map(|(&i, (_, r))| (i, r, Some(host.clone())))
                 .collect();
         }
-        let target = match dest {
-            Dest::Smarthost => "the smarthost".to_string(),
-            Dest::Domain(d) => d.clone(),
-        };
-        // Our own other addresses (an IPv6 one we do not listen on) are
-        // not a better host.
-        let better_failed = looped.is_some_and(|us| failed.iter().any(|h| *h != us));
-        match (looped, better_failed) {
-            (None, _) => all(RcptResult::Deferred {
-                reason: last_reason,
-            }),
-            (Some(_), false) => all(RcptResult::Failed {
-                reason: format!("5.4.6 mail for {target} loops back to myself"),
-            }),
-            (Some(_), true) => all(RcptResult::Deferred {
-                reason: format!(
-                    "4.4.6 mail for {target} loops back to myself, and a better host failed: {last_reason}"
-                ),
-            }),
-        }
+        all(RcptResult::Deferred {
+            reason: last_reason,
+        })
     }
 
     /// Sends the message to one candidate: over an idle session to it
@@ -326,7 +320,6 @@ impl Deliverer {
             smtputf8: !env.sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
             tls,
             auth,
-            peer_is_here: self.is_us(cand.addr),
         };
         let verified = match tls {
             TlsMode::RequireStartTls | TlsMode::Implicit => self.verified()?,
@@ -524,8 +517,9 @@ impl Deliverer {
     /// Whether `addr` is one of this server's own listeners: its port is
     /// one we listen on, at that address or a wildcard of its family, and
     /// the address is this machine's. Another MTA on this box, on another
-    /// port, is not us, whatever its name.
+    /// port, is not us. An IPv4-mapped address counts as the IPv4 one.
     fn is_us(&self, addr: SocketAddr) -> bool {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         self.ctx.listening().iter().any(|l| {
             l.port() == addr.port()
                 && l.is_ipv4() == addr.is_ipv4()

@@ -69,9 +69,6 @@ pub struct Job {
     pub smtputf8: bool,
     pub tls: TlsMode,
     pub auth: Option<Credentials>,
-    /// The server's address is one of this machine's: a greeting with our
-    /// own hostname then means the mail would come straight back.
-    pub peer_is_here: bool,
 }
 
 /// How the connection is protected.
@@ -137,9 +134,6 @@ pub enum Failure {
     /// The connection dropped, timed out, or the server's output could not
     /// be parsed.
     Connection(String),
-    /// The server greeted with our own hostname: this host is us (an MX or
-    /// smarthost pointing back here), and sending would only loop.
-    LoopsBack,
 }
 
 /// What one session achieved.
@@ -559,29 +553,17 @@ impl Client {
             .lines
             .first()
             .and_then(|l| l.split_whitespace().next());
-        let our_name =
-            reply.code / 100 == 2 && name.is_some_and(|n| n.eq_ignore_ascii_case(&self.job.helo));
-        if our_name && !self.job.peer_is_here {
-            // Another box with the same name (two Pis left at the default
-            // hostname) is no loop; one through NAT back to us is stopped
+        if reply.code / 100 == 2 && name.is_some_and(|n| n.eq_ignore_ascii_case(&self.job.helo)) {
+            // Not one of our listeners (those are never connected to), so
+            // another box or MTA with the same name: two Pis left at the
+            // default hostname. A loop back to us through NAT is stopped
             // by the Received count.
             warn!(
                 "id={} the server greeted with our own hostname {}: give one of the two another `hostname`",
                 self.job.id, self.job.helo
             );
         }
-        if our_name && self.job.peer_is_here {
-            // As Postfix does ("host greeted me with my own hostname"): the
-            // caller tries the next host, and bounces when all were us.
-            self.failure = Some(Failure::LoopsBack);
-            self.finish_all(&RcptResult::Deferred {
-                reason: format!(
-                    "4.4.6 mail loops back to myself: {} (in reply to the greeting)",
-                    self.greeting
-                ),
-            });
-            self.quit();
-        } else if reply.code / 100 == 2 {
+        if reply.code / 100 == 2 {
             self.ehlo_command();
         } else {
             // Even a 5xx greeting only defers: it says this host will not
@@ -1040,7 +1022,6 @@ mod tests {
             smtputf8: false,
             tls: TlsMode::None,
             auth: None,
-            peer_is_here: false,
         }
     }
 
@@ -1250,31 +1231,6 @@ mod tests {
             ["b@y.test deferred: 421 4.3.2 busy (in reply to the greeting)"]
         );
         assert_eq!(o.remote_greeting, "421 4.3.2 busy");
-    }
-
-    #[test]
-    fn our_own_name_in_the_greeting_is_a_loop_only_from_this_machine() {
-        let mut here = job(&["b@y.test"]);
-        here.peer_is_here = true;
-        let (_, o) = run(here, &["220 ME.test ESMTP postling", "221 bye"]);
-        assert_eq!(o.failure, Some(Failure::LoopsBack));
-        assert_eq!(
-            results(&o),
-            ["b@y.test deferred: 4.4.6 mail loops back to myself: 220 ME.test ESMTP postling (in reply to the greeting)"]
-        );
-        // Another box that happens to have our name: delivered as usual.
-        let replies = [
-            "220 me.test ESMTP",
-            "250 me.test",
-            "250 ok",
-            "250 ok",
-            "354 go",
-            "250 done",
-            "221 bye",
-        ];
-        let (_, o) = run(job(&["b@y.test"]), &replies);
-        assert_eq!(o.failure, None);
-        assert_eq!(results(&o), ["b@y.test delivered: 250 done"]);
     }
 
     #[test]

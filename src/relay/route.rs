@@ -13,11 +13,13 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use super::dns::{DnsError, MxAnswer, Resolver};
 use crate::config::Smarthost;
 
-/// One address to try, with the host name it belongs to (for TLS and logs).
+/// One address to try, with the host name it belongs to (for TLS and logs)
+/// and its MX preference (0 for a smarthost, a literal or an implicit MX).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     pub host: String,
     pub addr: SocketAddr,
+    pub preference: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +55,7 @@ pub fn smarthost(sh: &Smarthost) -> Result<Vec<Candidate>, RouteError> {
         .map(|addr| Candidate {
             host: sh.host.clone(),
             addr,
+            preference: 0,
         })
         .collect())
 }
@@ -71,6 +74,7 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
         return Ok(vec![Candidate {
             host: ip.to_string(),
             addr: SocketAddr::new(ip, port),
+            preference: 0,
         }]);
     }
     if !domain.is_ascii() {
@@ -81,8 +85,8 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
         )));
     }
     let hosts = match resolver.mx(domain) {
-        Ok(MxAnswer::Hosts(mx)) => mx.into_iter().map(|m| m.exchange).collect(),
-        Ok(MxAnswer::NoMx) => vec![domain.to_ascii_lowercase()],
+        Ok(MxAnswer::Hosts(mx)) => mx.into_iter().map(|m| (m.preference, m.exchange)).collect(),
+        Ok(MxAnswer::NoMx) => vec![(0, domain.to_ascii_lowercase())],
         Ok(MxAnswer::NullMx) => {
             return Err(RouteError::Permanent(format!(
                 "5.1.10 domain {domain} does not accept mail (null MX, RFC 7505)"
@@ -101,7 +105,7 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
     };
     let mut out = Vec::new();
     let mut last_error = None;
-    for host in hosts.iter().take(MAX_MX_HOSTS) {
+    for (preference, host) in hosts.iter().take(MAX_MX_HOSTS) {
         match resolver.addrs(host) {
             Ok(ips) => {
                 // IPv6 first, then IPv4 (the resolver's order), a few of
@@ -118,6 +122,7 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
                         out.push(Candidate {
                             host: host.clone(),
                             addr,
+                            preference: *preference,
                         });
                     }
                 }
@@ -127,7 +132,7 @@ pub fn direct(resolver: &Resolver, domain: &str, port: u16) -> Result<Vec<Candid
     }
     if out.is_empty() {
         // An implicit MX whose name has no address: nothing will ever work.
-        if hosts.len() == 1 && hosts[0].eq_ignore_ascii_case(domain) && last_error.is_none() {
+        if hosts.len() == 1 && hosts[0].1.eq_ignore_ascii_case(domain) && last_error.is_none() {
             return Err(RouteError::Permanent(format!(
                 "5.1.2 domain {domain} has no MX and no address"
             )));

@@ -528,7 +528,6 @@ mod tests {
                 user: "me@example.net".into(),
                 password: "hunter2".into(),
             }),
-            peer_is_here: false,
         }
     }
 
