@@ -233,10 +233,36 @@ impl Read for Stream {
         match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
+            Stream::Tls(s) => read_tls_step(s, buf),
             Stream::Taken => Err(io::ErrorKind::NotConnected.into()),
         }
     }
+}
+
+/// Reads plaintext with at most one socket read. rustls' own `read` keeps
+/// reading until a whole record has arrived (up to 16 KiB), so a client
+/// sending a byte a second would never let the caller look at its clock;
+/// here a read that brings no plaintext yet is a `WouldBlock`, and the
+/// caller checks its deadline before the next.
+fn read_tls_step(
+    s: &mut StreamOwned<ServerConnection, TcpStream>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    match s.conn.reader().read(buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        done => return done,
+    }
+    while s.conn.wants_write() {
+        s.conn.write_tls(&mut s.sock)?;
+    }
+    if s.conn.read_tls(&mut s.sock)? == 0 {
+        return Ok(0);
+    }
+    if let Err(e) = s.conn.process_new_packets() {
+        let _ = s.conn.write_tls(&mut s.sock); // the alert
+        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+    }
+    s.conn.reader().read(buf)
 }
 
 impl Write for Stream {
@@ -449,21 +475,39 @@ impl Conn<'_> {
             .map_err(|e| End::Refused(format!("TLS setup: {e}")))?;
         let deadline = Instant::now() + self.config.limits.command_timeout;
         let mut tcp = tcp;
+        let failed = |e: io::Error| {
+            End::Refused(format!(
+                "TLS handshake failed: {}",
+                crate::tls::io_reason(&e)
+            ))
+        };
+        // One socket read at a time, not rustls' `complete_io`, which goes
+        // on reading while bytes trickle in: the deadline is checked after
+        // every read.
         while tls.is_handshaking() {
-            match tls.complete_io(&mut tcp) {
-                Ok(_) => {}
-                Err(e) if crate::wait::is_retry(&e) => {
-                    if Instant::now() >= deadline {
-                        return Err(End::Timeout);
+            if Instant::now() >= deadline {
+                return Err(End::Timeout);
+            }
+            while tls.wants_write() {
+                tls.write_tls(&mut tcp).map_err(failed)?;
+            }
+            if !tls.is_handshaking() {
+                break;
+            }
+            match tls.read_tls(&mut tcp) {
+                Ok(0) => return Err(failed(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {
+                    if let Err(e) = tls.process_new_packets() {
+                        let _ = tls.write_tls(&mut tcp); // the alert
+                        return Err(failed(io::Error::new(io::ErrorKind::InvalidData, e)));
                     }
                 }
-                Err(e) => {
-                    return Err(End::Refused(format!(
-                        "TLS handshake failed: {}",
-                        crate::tls::io_reason(&e)
-                    )))
-                }
+                Err(e) if crate::wait::is_retry(&e) => {}
+                Err(e) => return Err(failed(e)),
             }
+        }
+        while tls.wants_write() {
+            tls.write_tls(&mut tcp).map_err(failed)?;
         }
         session.tls_started(crate::tls::describe(&tls));
         self.stream = Stream::Tls(Box::new(StreamOwned::new(tls, tcp)));

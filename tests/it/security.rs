@@ -636,3 +636,64 @@ fn a_failed_handshake_closes_only_that_connection() {
         .greeting
         .starts_with("220"));
 }
+
+/// Sends `bytes` one at a time, 100 ms apart, until the server reacts (a
+/// close, a reply or an alert); returns how many were sent by then.
+fn trickle_until_closed(tcp: &TcpStream, bytes: &[u8]) -> usize {
+    let mut tcp = tcp;
+    for (n, b) in bytes.iter().enumerate() {
+        tcp.set_nonblocking(true).expect("nonblocking");
+        let reacted = !matches!(tcp.peek(&mut [0u8; 1]),
+            Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        tcp.set_nonblocking(false).expect("blocking");
+        if reacted || tcp.write_all(&[*b]).is_err() {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bytes.len()
+}
+
+/// A client that sends its TLS bytes one at a time (a slowloris over TLS)
+/// is cut off at the command timeout, in the handshake and after it:
+/// rustls waits for a whole record, and the deadline is checked between
+/// socket reads, not between records.
+#[test]
+fn tls_bytes_sent_one_at_a_time_do_not_stretch_the_command_timeout() {
+    let f = fixture("[limits]\ncommand_timeout = \"2s\"\n");
+    // The handshake, on the smtps port: the ClientHello a byte at a time.
+    let tcp = TcpStream::connect(f.server.listener("smtps")).expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut conn = ClientConnection::new(f.pki.client_config(), name).expect("client");
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).expect("hello");
+    let sent = trickle_until_closed(&tcp, &hello);
+    assert!(
+        sent < hello.len(),
+        "the whole {}-byte hello went in",
+        hello.len()
+    );
+
+    // After the handshake: one long command in one record, a byte at a time.
+    let mut c = starttls(&f, "smtp");
+    // A round trip first, so what the server sent after the handshake
+    // (session tickets) is read, and only a reaction to the trickle is seen.
+    assert!(c.cmd("NOOP").starts_with("250"));
+    let stream = c.io.get_mut();
+    let command = format!("NOOP {}\r\n", "x".repeat(200));
+    stream
+        .conn
+        .writer()
+        .write_all(command.as_bytes())
+        .expect("plaintext");
+    let mut record = Vec::new();
+    while stream.conn.wants_write() {
+        stream.conn.write_tls(&mut record).expect("record");
+    }
+    let sent = trickle_until_closed(&stream.sock, &record);
+    assert!(
+        sent < record.len(),
+        "the whole {}-byte record went in",
+        record.len()
+    );
+}
