@@ -654,7 +654,10 @@ impl Conn<'_> {
             if step.done {
                 break;
             }
-            let allowed = started + timeout + Duration::from_secs(received / MIN_DATA_RATE);
+            // Bytes past max_message_size are only read to be thrown away:
+            // they earn no more time, or a steady 1 KiB/s would never end.
+            let counted = received.min(self.config.limits.max_message_size);
+            let allowed = started + timeout + Duration::from_secs(counted / MIN_DATA_RATE);
             let deadline = (Instant::now() + timeout).min(allowed);
             // The sink is dropped (and its file removed) if this fails.
             self.wait_input(deadline, false)?;

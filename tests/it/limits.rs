@@ -103,3 +103,37 @@ fn stalled_data_hits_the_data_deadline_and_nothing_is_delivered() {
     assert!(s.mail("alice").is_empty());
     assert!(s.nothing_unfinished(), "abandoned message left behind");
 }
+
+/// A message past max_message_size earns no more DATA time: a client that
+/// keeps sending 2 KiB a second, each second within data_timeout, is cut
+/// off once the allowance for the largest message (4 KiB: 4 s) and the
+/// timeout are used up, instead of never.
+#[test]
+fn an_oversized_trickle_does_not_stretch_the_data_deadline() {
+    let dir = TempDir::new();
+    let s = Server::start(
+        &dir,
+        "[limits]\ndata_timeout = \"3s\"\nmax_message_size = \"4K\"\n",
+    );
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<alice@localhost>");
+    assert!(c.cmd("DATA").starts_with("354"));
+    let mut w: TcpStream = c.stream.try_clone().expect("clone");
+    // At most 60 s of it: the cut-off comes at about 7 s.
+    let trickle = thread::spawn(move || {
+        let line = format!("{}\r\n", "x".repeat(1022));
+        for _ in 0..120 {
+            if w.write_all(line.as_bytes()).is_err() {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        true
+    });
+    assert_eq!(c.reply(), "421 4.4.2 Timeout exceeded, closing connection");
+    drop(c);
+    assert!(!trickle.join().expect("trickle thread"), "never cut off");
+    assert!(s.mail("alice").is_empty());
+}
