@@ -33,6 +33,10 @@ use super::sasl::{Exchange, Mechanism, Step};
 use crate::config::{Config, ListenMode, SenderPolicy};
 use crate::local::{ResolveError, Target};
 
+/// Commands that move no mail (NOOP, RSET, VRFY, HELP) a session may send
+/// before each further one counts as an error (Postfix's default, 100).
+const JUNK_LIMIT: u32 = 100;
+
 /// What the driver must do next.
 #[derive(Debug)]
 pub enum Action {
@@ -132,6 +136,8 @@ pub struct Session<'c> {
     helo: Option<Helo>,
     state: State,
     errors: u32,
+    /// NOOP, RSET, VRFY and HELP so far.
+    junk: u32,
 }
 
 impl<'c> Session<'c> {
@@ -156,6 +162,7 @@ impl<'c> Session<'c> {
             helo: None,
             state: State::Greeted,
             errors: 0,
+            junk: 0,
         }
     }
 
@@ -305,6 +312,26 @@ impl<'c> Session<'c> {
         Action::Reply(r)
     }
 
+    /// NOOP, RSET, VRFY and HELP move no mail: past JUNK_LIMIT of them each
+    /// counts as an error, as Postfix's smtpd_junk_command_limit does, so a
+    /// NOOP before every command_timeout cannot hold a session forever.
+    fn junk(&mut self, r: Reply) -> Action {
+        self.junk += 1;
+        if self.junk <= JUNK_LIMIT || self.local_user.is_some() {
+            return Action::Reply(r);
+        }
+        self.errors += 1;
+        if self.errors > self.config.limits.max_errors {
+            info!(
+                "session={} closing: too many commands that move no mail ({})",
+                self.id, self.junk
+            );
+            self.set_state(State::Closed);
+            return Action::CloseAfter(r);
+        }
+        Action::Reply(r)
+    }
+
     fn dispatch(&mut self, cmd: Command<'_>) -> Action {
         match cmd {
             Command::Ehlo(name) => Action::Reply(self.helo(name, true)),
@@ -315,11 +342,11 @@ impl<'c> Session<'c> {
             Command::Rset => {
                 // RSET before EHLO keeps the session in Greeted.
                 self.take_tx();
-                Action::Reply(reply::reset_ok())
+                self.junk(reply::reset_ok())
             }
-            Command::Noop => Action::Reply(reply::ok()),
-            Command::Vrfy => Action::Reply(reply::vrfy()),
-            Command::Help => Action::Reply(reply::help()),
+            Command::Noop => self.junk(reply::ok()),
+            Command::Vrfy => self.junk(reply::vrfy()),
+            Command::Help => self.junk(reply::help()),
             Command::Quit => {
                 self.set_state(State::Closed);
                 Action::Close(reply::bye())
@@ -848,6 +875,27 @@ mod tests {
             Action::CloseAfter(r) => assert_eq!(r.code, 500),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn commands_that_move_no_mail_count_as_errors_past_the_junk_limit() {
+        let mut c = config();
+        c.limits.max_errors = 2;
+        let mut s = session(&c);
+        for cmd in [b"NOOP".as_slice(), b"RSET", b"VRFY x", b"HELP"]
+            .iter()
+            .cycle()
+            .take(100)
+        {
+            assert!(
+                matches!(s.command(cmd), Action::Reply(r) if r.code / 100 == 2 || r.code == 214 || r.code == 252)
+            );
+        }
+        // Still answered, but each is an error now: the third one over
+        // max_errors closes the session, its reply sent first.
+        assert!(matches!(s.command(b"NOOP"), Action::Reply(r) if r.code == 250));
+        assert!(matches!(s.command(b"NOOP"), Action::Reply(r) if r.code == 250));
+        assert!(matches!(s.command(b"NOOP"), Action::CloseAfter(r) if r.code == 250));
     }
 
     #[test]
