@@ -44,6 +44,8 @@ pub enum Request {
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// Messages being delivered at the same time.
 const MAX_PARALLEL: usize = 8;
+/// Delivery threads one message may use (its destinations share them).
+const THREADS_PER_MESSAGE: usize = 4;
 /// A delivery thread blocks on one socket and keeps its buffers on the heap.
 const DELIVERY_STACK: usize = 256 * 1024;
 /// Marks envelopes of notices we generated (their sender is `<>`, so a
@@ -279,19 +281,29 @@ impl Relay {
             self.finish(id);
             return;
         }
-        for (dest, idxs) in groups {
+        // A message to many domains shares a few threads, each taking its
+        // destinations in turn: eight 100-domain messages would otherwise
+        // start 800 threads and as many sockets.
+        let per_thread = groups.len().div_ceil(THREADS_PER_MESSAGE);
+        let mut groups = groups.into_iter().peekable();
+        while groups.peek().is_some() {
+            let chunk: Vec<(Dest, Vec<usize>)> = groups.by_ref().take(per_thread).collect();
             let (env, tx) = (env.clone(), self.results_tx.clone());
             let deliverer = Arc::clone(&self.deliverer);
-            let (job_id, job_idxs) = (id.to_string(), idxs.clone());
+            let (job_id, job) = (id.to_string(), chunk.clone());
             let spawned = self.threads.run(move || {
-                let results = deliverer.deliver_to(&env, &dest, &job_idxs);
-                let _ = tx.send((job_id, results));
+                for (dest, idxs) in job {
+                    let results = deliverer.deliver_to(&env, &dest, &idxs);
+                    let _ = tx.send((job_id.clone(), results));
+                }
             });
             if let Err(e) = spawned {
                 // Reported as deferred, so the attempt still completes.
                 error!("id={id} cannot start a delivery thread: {e}");
-                let results = idxs_deferred(&idxs, &format!("local error: {e}"));
-                let _ = self.results_tx.send((id.to_string(), results));
+                for (_, idxs) in chunk {
+                    let results = idxs_deferred(&idxs, &format!("local error: {e}"));
+                    let _ = self.results_tx.send((id.to_string(), results));
+                }
             }
         }
     }

@@ -1077,3 +1077,28 @@ fn another_mta_here_with_our_hostname_is_not_a_loop() {
     );
     assert!(a.mail("cron").is_empty(), "nothing bounced");
 }
+
+/// A message to many domains is delivered to every one of them, its
+/// destinations taking turns on a few delivery threads.
+#[test]
+fn a_message_to_many_domains_reaches_every_one() {
+    let server = TestServer::start(Script::default()).expect("test server");
+    let domains: Vec<String> = (0..9).map(|i| format!("d{i}.test")).collect();
+    let mut records = Vec::new();
+    for d in &domains {
+        records.push(Record::mx(d, 10, "mx.many.test"));
+    }
+    records.push(Record::a("mx.many.test", "127.0.0.1".parse().expect("ip")));
+    let dns = TestDns::start(records);
+    let dir = TempDir::new();
+    let a = Server::start(
+        &dir,
+        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
+    );
+    let to: Vec<String> = domains.iter().map(|d| format!("x@{d}")).collect();
+    let to: Vec<&str> = to.iter().map(String::as_str).collect();
+    send(&a, "cron@localhost", &to, "Subject: many\r\n\r\nhi\r\n");
+    assert!(wait_for(SHORT, || a.queue().is_empty()), "{}", a.log());
+    assert_eq!(server.messages().len(), 9);
+    assert_eq!(a.log().matches("status=sent").count(), 9, "{}", a.log());
+}
