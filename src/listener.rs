@@ -302,7 +302,7 @@ fn hand_off(
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
     let limits = &ctx.config().limits;
     let guard = match tracker.acquire(
-        peer.ip(),
+        crate::limiter::client_key(peer.ip()),
         limits.max_connections,
         limits.max_connections_per_ip,
     ) {
