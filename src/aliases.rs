@@ -96,6 +96,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Aliases, ConfigError> {
         let (_, _, targets) = current.as_mut().expect("current alias is set");
         for target in rest.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             check_target(target).map_err(|m| err(line, m))?;
+            // One trailing dot on a domain is the root: kept, it would go
+            // out in RCPT TO, where it is refused.
+            let target = match target.strip_suffix('.') {
+                Some(t) if t.contains('@') => t,
+                _ => target,
+            };
             targets.push(target.to_string());
         }
     }
@@ -132,7 +138,7 @@ fn check_target(target: &str) -> Result<(), String> {
     }
     // A remote address is checked as MAIL and RCPT would check it, so a
     // typo (`bob@example..com`, `a@b@c`) is found at start, not as a bounce.
-    // One trailing dot on the domain is the root, as in RCPT (`alice@pi.lan.`).
+    // One trailing dot on the domain is the root (`alice@pi.lan.`).
     let address = target.strip_suffix('.').unwrap_or(target);
     if target.contains('@') && !crate::smtp::command::is_address(address) {
         return Err(format!("invalid address \"{target}\""));
@@ -275,7 +281,7 @@ mod tests {
             .expect("parses");
         assert_eq!(
             a.get("root").unwrap(),
-            ["bob@example.com", "bob@[IPv6:2001:db8::1]", "alice@pi.lan."]
+            ["bob@example.com", "bob@[IPv6:2001:db8::1]", "alice@pi.lan"]
         );
     }
 

@@ -298,7 +298,12 @@ impl Cidr {
                 let private = inside(0xfc00 << 112, 7) || inside(0xfe80 << 112, 10);
                 // 6to4 (2002::/16) and Teredo (2001::/32) carry an IPv4
                 // address in them: a wide slice of those is IPv4 too.
-                let tunnels = (inside(0x2002 << 112, 16) && self.prefix < 24)
+                let holds = |base: u128, len: u8| {
+                    self.prefix <= len && u128::from(masked6(base.into(), self.prefix)) == net
+                };
+                let tunnels = holds(0x2002 << 112, 16)
+                    || (inside(0x2002 << 112, 16) && self.prefix < 24)
+                    || holds(0x2001 << 112, 32)
                     || (inside(0x2001 << 112, 32) && self.prefix < 40);
                 holds_ipv4 || tunnels || (self.prefix < 16 && !private)
             }
@@ -2201,6 +2206,8 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ("2002::/16", true),
             ("2002:c000:200::/40", false),
             ("2001::/32", true),
+            ("2001::/16", true),
+            ("2001::/31", true),
             ("fd00::/8", false),
             ("fc00::/7", false),
             ("fe80::/10", false),

@@ -261,10 +261,18 @@ pub fn preflight(config: &Config) -> Vec<(String, Preflight)> {
                 .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
                 .is_some_and(|groups| groups.contains(&nix::unistd::Gid::from_raw(gid)))
         });
+        // Only `user` says for sure who the daemon is; the unit's user
+        // may get the group from SupplementaryGroups= instead.
+        let sure = config.user.is_some();
         let step = match (held, &daemon_user) {
             (Some(true), Some(u)) => Preflight::Ok(format!("user {} is in group {gid}", u.name)),
-            (Some(false), Some(u)) => Preflight::Fail(format!(
+            (Some(false), Some(u)) if sure => Preflight::Fail(format!(
                 "user {} is not in group {gid}; add it (usermod -aG) and restart",
+                u.name
+            )),
+            (Some(false), Some(u)) => Preflight::Note(format!(
+                "user {} is not in group {gid}: if the daemon runs as {0}, add it (usermod -aG), \
+                 or give the group in the unit (SupplementaryGroups=)",
                 u.name
             )),
             _ => Preflight::Note(format!(

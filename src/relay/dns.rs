@@ -638,6 +638,17 @@ fn decode_reply(bytes: &[u8], q: &Expect) -> Result<Option<Reply>, String> {
         return Ok(None);
     }
     let [question] = packet.questions.as_slice() else {
+        // An error from a server that does not echo the question (FORMERR
+        // from one that refuses EDNS, say) is still its answer: asking
+        // again without EDNS, or the next server, beats waiting it out.
+        if packet.questions.is_empty() && packet.rcode() != RCODE::NoError {
+            return Ok(Some(Reply {
+                rcode: packet.rcode(),
+                truncated: false,
+                lame: false,
+                answers: Vec::new(),
+            }));
+        }
         return Ok(None);
     };
     if text_name(&question.qname) != q.name
@@ -820,7 +831,8 @@ pub mod test_server {
         /// Answer every query as a non-recursive server that is not
         /// authoritative: NOERROR, no answer, neither AA nor RA.
         pub lame: bool,
-        /// Answer FORMERR to any query that carries an EDNS OPT record.
+        /// Answer FORMERR, without echoing the question, to any query that
+        /// carries an EDNS OPT record.
         pub refuse_edns: bool,
         /// Answer as a forwarder that sets neither AA nor RA, but answers.
         pub no_flags: bool,
@@ -1034,7 +1046,9 @@ pub mod test_server {
                 ))),
             ));
         } else if zone.refuse_edns && query.opt().is_some() {
+            // As some old servers do: FORMERR, without the question.
             *reply.rcode_mut() = RCODE::FormatError;
+            reply.questions.clear();
         } else if zone.servfail.contains(&qname) {
             *reply.rcode_mut() = RCODE::ServerFailure;
         } else if udp && zone.truncate.contains(&qname) {

@@ -143,9 +143,9 @@ fn display_name(value: &[u8]) -> Option<String> {
             // a phrase as they are; inside quotes an encoded-word is not
             // decoded (RFC 2047 5), so only other text is quoted.
             let atom = |w: &str| {
-                (w.starts_with("=?") && w.ends_with("?=") && w.len() > 4)
+                is_encoded_word(w)
                     || w.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b))
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=^_`{|}~".contains(&b))
             };
             if name.split(' ').all(atom) {
                 name
@@ -155,6 +155,30 @@ fn display_name(value: &[u8]) -> Option<String> {
         }
     };
     (!name.is_empty()).then_some(name)
+}
+
+/// An RFC 2047 encoded-word as a phrase may hold one (section 5.3):
+/// `=?charset?Q?text?=` or `?B?`, the text only of the characters allowed
+/// there, so nothing in it can end the phrase or start an address.
+fn is_encoded_word(w: &str) -> bool {
+    let Some(inner) = w.strip_prefix("=?").and_then(|w| w.strip_suffix("?=")) else {
+        return false;
+    };
+    let mut parts = inner.split('?');
+    let (Some(charset), Some(encoding), Some(text), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !charset.is_empty()
+        && charset
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_*".contains(&b))
+        && matches!(encoding, "Q" | "q" | "B" | "b")
+        && !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!*+-/=_".contains(&b))
 }
 
 #[cfg(test)]
@@ -190,6 +214,11 @@ mod tests {
         assert_eq!(
             rw("From: root (=?UTF-8?Q?J=C3=BCrgen?= Cron)\r\n"),
             "From: =?UTF-8?Q?J=C3=BCrgen?= Cron <me@example.net>\r\nReply-To: root (=?UTF-8?Q?J=C3=BCrgen?= Cron)\r\n"
+        );
+        // Look-alikes are quoted, so nothing in them becomes an address.
+        assert_eq!(
+            rw("From: root (=?a?<evil@x.test>?=)\r\n"),
+            "From: \"=?a?<evil@x.test>?=\" <me@example.net>\r\nReply-To: root (=?a?<evil@x.test>?=)\r\n"
         );
         // Unbalanced: no name rather than half of one.
         assert_eq!(
