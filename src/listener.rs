@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Socket, Type};
@@ -145,38 +145,39 @@ impl Listeners {
                 }
                 return Err(e);
             }
-            if stalled {
-                stalled = false;
+            // Every listener is looked at again after a stall, the local
+            // sockets too: a sendmail waiting in their backlog would
+            // otherwise wait for the next local client.
+            let retry = std::mem::take(&mut stalled);
+            if retry {
                 for (listener, l) in &self.sockets {
-                    stalled |= accept_all(listener, l.mode, &ctx, &tracker);
+                    stalled |= accept_all(listener, l.mode, &ctx, &tracker, true);
                 }
             }
+            let submit_ready = retry || events.iter().any(|e| e.token() == SUBMIT);
+            let control_ready = retry || events.iter().any(|e| e.token() == CONTROL);
+            if let (Some(submit), true) = (&self.submit, submit_ready) {
+                stalled |= accept_submit(submit, &ctx, &tracker, retry);
+            }
+            if let (Some(control), true) = (&self.control, control_ready) {
+                stalled |= accept_control(control, &ctx, retry);
+            }
             for event in events.iter() {
-                if event.token() == WAKER {
-                    continue;
-                }
-                if event.token() == SUBMIT {
-                    if let Some(submit) = &self.submit {
-                        accept_submit(submit, &ctx, &tracker);
-                    }
-                    continue;
-                }
-                if event.token() == CONTROL {
-                    if let Some(control) = &self.control {
-                        accept_control(control, &ctx);
-                    }
-                    continue;
-                }
                 let Some((listener, l)) = self.sockets.get(event.token().0) else {
-                    continue;
+                    continue; // the waker, or a local socket (above)
                 };
-                stalled |= accept_all(listener, l.mode, &ctx, &tracker);
+                stalled |= accept_all(listener, l.mode, &ctx, &tracker, retry);
             }
             if ctx.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
         }
         drop(self.sockets);
+        // The local sockets too: a sendmail or queue tool now hears at once
+        // that the daemon is going, instead of waiting on a socket nobody
+        // answers during the grace period.
+        drop(self.submit.take());
+        drop(self.control.take());
         crate::notify::notify_or_log("STOPPING=1");
         info!(
             "shutdown: stopped listening; waiting up to {}s for sessions",
@@ -198,22 +199,32 @@ fn accept_all(
     mode: ListenMode,
     ctx: &Arc<Context>,
     tracker: &Arc<Tracker>,
+    retrying: bool,
 ) -> bool {
     loop {
         match listener.accept() {
             Ok((stream, peer)) => hand_off(stream, peer, mode, ctx, tracker),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("accept failed: {e}; retrying shortly");
-                return true;
-            }
+            Err(e) => return accept_failed("accept", &e, retrying),
         }
     }
 }
 
+/// Logs an accept error once when it starts, not at every retry (ten a
+/// second while file descriptors run short); true: retry shortly.
+fn accept_failed(what: &str, e: &io::Error, retrying: bool) -> bool {
+    if retrying {
+        debug!("{what} failed again: {e}");
+    } else {
+        error!("{what} failed: {e}; retrying shortly");
+    }
+    true
+}
+
 /// Accepts queue-tool connections; each runs `control::serve` on a thread.
-fn accept_control(listener: &mio::net::UnixListener, ctx: &Arc<Context>) {
+/// True when stopped by an error, to be retried.
+fn accept_control(listener: &mio::net::UnixListener, ctx: &Arc<Context>, retrying: bool) -> bool {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -232,19 +243,22 @@ fn accept_control(listener: &mio::net::UnixListener, ctx: &Arc<Context>) {
                     warn!("control: cannot start a thread: {e}");
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("control: accept failed: {e}");
-                return;
-            }
+            Err(e) => return accept_failed("control: accept", &e, retrying),
         }
     }
 }
 
 /// Accepts local submissions; each runs a session thread, counted like a
-/// TCP client from 127.0.0.1 (so local programs are capped too).
-fn accept_submit(listener: &mio::net::UnixListener, ctx: &Arc<Context>, tracker: &Arc<Tracker>) {
+/// TCP client from 127.0.0.1 (so local programs are capped too). True when
+/// stopped by an error, to be retried.
+fn accept_submit(
+    listener: &mio::net::UnixListener,
+    ctx: &Arc<Context>,
+    tracker: &Arc<Tracker>,
+    retrying: bool,
+) -> bool {
     let local = IpAddr::from([127, 0, 0, 1]);
     loop {
         match listener.accept() {
@@ -274,12 +288,9 @@ fn accept_submit(listener: &mio::net::UnixListener, ctx: &Arc<Context>, tracker:
                     error!("submit: cannot start a session thread: {e}");
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("submit: accept failed: {e}");
-                return;
-            }
+            Err(e) => return accept_failed("submit: accept", &e, retrying),
         }
     }
 }

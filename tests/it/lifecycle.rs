@@ -79,7 +79,9 @@ fn version_and_usage() {
 #[test]
 fn sigterm_lets_the_open_transaction_finish_then_exits_0() {
     let dir = TempDir::new();
-    let mut s = Server::start(&dir, "");
+    // data_dir in the file too, for sendmail -C.
+    let config = format!("data_dir = {:?}\n", dir.path().join("data"));
+    let mut s = Server::start(&dir, &config);
     let mut idle = s.client();
     let mut c = s.client();
     c.cmd("EHLO client.test");
@@ -101,6 +103,36 @@ fn sigterm_lets_the_open_transaction_finish_then_exits_0() {
     assert!(crate::util::wait_for(Duration::from_secs(5), || {
         std::net::TcpStream::connect(s.addr).is_err()
     }));
+    // The local submission socket too: sendmail hears at once that the
+    // daemon is going, rather than waiting on a socket nobody answers.
+    let mut sendmail = Command::new(crate::util::bin())
+        .arg("sendmail")
+        .arg("-C")
+        .arg(dir.path().join("postling.toml"))
+        .arg("root")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("sendmail");
+    {
+        use std::io::Write as _;
+        let mut stdin = sendmail.stdin.take().expect("stdin");
+        let _ = stdin.write_all(b"Subject: during shutdown\n\nhi\n");
+    }
+    let answered = crate::util::wait_for(Duration::from_secs(10), || {
+        sendmail.try_wait().is_ok_and(|st| st.is_some())
+    });
+    if !answered {
+        let _ = sendmail.kill();
+    }
+    let out = sendmail.wait_with_output().expect("sendmail output");
+    assert!(answered, "sendmail hung during the shutdown grace");
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not running"),
+        "{out:?}"
+    );
     c.send(b"second half\r\n");
     assert!(c.cmd(".").starts_with("250"));
     assert_eq!(
