@@ -2,10 +2,11 @@
 //! without libsystemd): datagrams to the socket named by `$NOTIFY_SOCKET`.
 //!
 //! Owns only the wire protocol. `READY=1` is sent once every listener is
-//! bound and the relay thread runs; with `WatchdogSec=` set, a thread sends
-//! `WATCHDOG=1` at half the interval for as long as the acceptor's poll
-//! loop is alive (it checks a heartbeat the acceptor updates). Without
-//! `$NOTIFY_SOCKET` (not under systemd, or `Type=simple`) it does nothing.
+//! bound and the relay thread runs; with `WatchdogSec=` set, the acceptor's
+//! poll loop itself sends `WATCHDOG=1` at half the interval, so a stuck
+//! acceptor gets the service restarted (a stuck relay thread does not).
+//! Without `$NOTIFY_SOCKET` (not under systemd, or `Type=simple`) it does
+//! nothing.
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
