@@ -312,9 +312,10 @@ impl<'c> Session<'c> {
         Action::Reply(r)
     }
 
-    /// NOOP, RSET, VRFY and HELP move no mail: past JUNK_LIMIT of them each
-    /// counts as an error, as Postfix's smtpd_junk_command_limit does, so a
-    /// NOOP before every command_timeout cannot hold a session forever.
+    /// NOOP, RSET, VRFY and HELP move no mail: past JUNK_LIMIT of them since
+    /// the last message accepted, each counts as an error, as Postfix's
+    /// smtpd_junk_command_limit does, so a NOOP before every
+    /// command_timeout cannot hold a session forever.
     fn junk(&mut self, r: Reply) -> Action {
         self.junk += 1;
         if self.junk <= JUNK_LIMIT || self.local_user.is_some() {
@@ -639,7 +640,13 @@ impl<'c> Session<'c> {
     pub fn data_done(&mut self, result: DataResult) -> Action {
         self.set_state(State::Ready);
         let r = match result {
-            DataResult::Stored { id } => reply::queued(&id),
+            DataResult::Stored { id } => {
+                // A connection that carries mail is no idler: an MTA that
+                // sends RSET (Postfix, to check a cached connection) before
+                // each of hundreds of messages is never cut off.
+                self.junk = 0;
+                reply::queued(&id)
+            }
             DataResult::Loop => reply::too_many_hops(),
             DataResult::Refused(e) => data_error_reply(e),
         };
@@ -896,6 +903,27 @@ mod tests {
         assert!(matches!(s.command(b"NOOP"), Action::Reply(r) if r.code == 250));
         assert!(matches!(s.command(b"NOOP"), Action::Reply(r) if r.code == 250));
         assert!(matches!(s.command(b"NOOP"), Action::CloseAfter(r) if r.code == 250));
+
+        // A message accepted starts the count again: an MTA that sends RSET
+        // before each of hundreds of messages on one connection goes on.
+        let mut c = config();
+        c.limits.max_errors = 2;
+        let mut s = session(&c);
+        s.command(b"EHLO client.test");
+        for _ in 0..150 {
+            for _ in 0..2 {
+                assert!(matches!(s.command(b"RSET"), Action::Reply(r) if r.code == 250));
+            }
+            assert!(
+                matches!(s.command(b"MAIL FROM:<a@b.test>"), Action::Reply(r) if r.code == 250)
+            );
+            assert!(
+                matches!(s.command(b"RCPT TO:<alice@localhost>"), Action::Reply(r) if r.code == 250)
+            );
+            assert!(matches!(s.command(b"DATA"), Action::Data(_)));
+            let done = s.data_done(DataResult::Stored { id: "X".into() });
+            assert!(matches!(done, Action::Reply(r) if r.code == 250));
+        }
     }
 
     #[test]
