@@ -6,18 +6,7 @@
 //! and, per address, no more timestamps than the limit asked about.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
-
-/// The client a limit counts `ip` as: an IPv4 address (also when it comes
-/// IPv4-mapped), or an IPv6 address's /64, since one host gets a whole /64
-/// (SLAAC, privacy addresses) and could otherwise take a fresh address for
-/// every connection.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        v4 => v4,
-    }
-}
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -55,10 +44,8 @@ impl PerIp {
         }
     }
 
-    /// Events from `ip` (its /64, for IPv6: see [`client_key`]) within the
-    /// window.
+    /// Events from `ip` within the window.
     pub fn count(&self, ip: IpAddr) -> usize {
-        let ip = client_key(ip);
         let now = Instant::now();
         self.with(|map| match map.get_mut(&ip) {
             Some(times) => {
@@ -80,7 +67,6 @@ impl PerIp {
     }
 
     fn record_bounded(&self, ip: IpAddr, keep: usize) {
-        let ip = client_key(ip);
         let now = Instant::now();
         self.with(|map| {
             if map.len() >= MAX_ADDRESSES && !map.contains_key(&ip) {
@@ -119,18 +105,6 @@ impl PerIp {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_ipv6_host_is_its_64() {
-        let l = PerIp::new(Duration::from_secs(60));
-        for i in 1..=3u16 {
-            l.record(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i)));
-        }
-        assert_eq!(l.count("2001:db8:0:1::99".parse().expect("ip")), 3);
-        assert_eq!(l.count("2001:db8:0:2::1".parse().expect("ip")), 0);
-        l.record("::ffff:10.0.0.1".parse().expect("ip"));
-        assert_eq!(l.count("10.0.0.1".parse().expect("ip")), 1);
-    }
 
     #[test]
     fn counts_per_address_within_the_window() {

@@ -313,7 +313,7 @@ fn hand_off(
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
     let limits = &ctx.config().limits;
     let guard = match tracker.acquire(
-        crate::limiter::client_key(peer.ip()),
+        peer.ip(),
         limits.max_connections,
         limits.max_connections_per_ip,
     ) {
