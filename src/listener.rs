@@ -129,16 +129,19 @@ impl Listeners {
         let watchdog = crate::notify::watchdog_interval().map(|d| d / 2);
         let mut last_ping = Instant::now();
         loop {
-            let timeout = match (stalled.then_some(ACCEPT_RETRY), watchdog) {
-                (Some(a), Some(w)) => Some(a.min(w)),
-                (a, w) => a.or(w),
-            };
             if let Some(w) = watchdog {
                 if last_ping.elapsed() >= w {
                     crate::notify::notify_or_log("WATCHDOG=1");
                     last_ping = Instant::now();
                 }
             }
+            // Until the next ping is due, not a whole half-interval from
+            // now: after a busy spell the gap could near WatchdogSec.
+            let ping_in = watchdog.map(|w| w.saturating_sub(last_ping.elapsed()));
+            let timeout = match (stalled.then_some(ACCEPT_RETRY), ping_in) {
+                (Some(a), Some(w)) => Some(a.min(w)),
+                (a, w) => a.or(w),
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;

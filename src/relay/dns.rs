@@ -641,7 +641,13 @@ fn decode_reply(bytes: &[u8], q: &Expect) -> Result<Option<Reply>, String> {
         // An error from a server that does not echo the question (FORMERR
         // from one that refuses EDNS, say) is still its answer: asking
         // again without EDNS, or the next server, beats waiting it out.
-        if packet.questions.is_empty() && packet.rcode() != RCODE::NoError {
+        let rcode = packet.rcode();
+        if packet.questions.is_empty()
+            && matches!(
+                rcode,
+                RCODE::FormatError | RCODE::NotImplemented | RCODE::ServerFailure | RCODE::Refused
+            )
+        {
             return Ok(Some(Reply {
                 rcode: packet.rcode(),
                 truncated: false,

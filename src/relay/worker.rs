@@ -1,10 +1,11 @@
 //! The relay thread: the schedule, the envelopes, and the notices.
 //!
 //! It alone writes queue envelopes. Each due message is split into one
-//! delivery per destination, run on delivery threads (at most
-//! `MAX_PARALLEL` messages at once) so a slow host never holds up the
-//! others; each result comes back over a channel and is recorded in the
-//! envelope durably before the next one is taken.
+//! delivery per destination, run on up to `THREADS_PER_MESSAGE` delivery
+//! threads that take the destinations in turn (at most `MAX_PARALLEL`
+//! messages at once), so a slow host holds up one thread, not the others;
+//! each result comes back over a channel and is recorded in the envelope
+//! durably before the next one is taken.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
@@ -281,29 +282,34 @@ impl Relay {
             self.finish(id);
             return;
         }
-        // A message to many domains shares a few threads, each taking its
-        // destinations in turn: eight 100-domain messages would otherwise
-        // start 800 threads and as many sockets.
-        let per_thread = groups.len().div_ceil(THREADS_PER_MESSAGE);
-        let mut groups = groups.into_iter().peekable();
-        while groups.peek().is_some() {
-            let chunk: Vec<(Dest, Vec<usize>)> = groups.by_ref().take(per_thread).collect();
+        // A message to many domains shares a few threads, each taking the
+        // next destination when it is done with one, so a silent host holds
+        // up one thread, not the domains behind it: eight 100-domain
+        // messages would otherwise start 800 threads and as many sockets.
+        let threads = groups.len().min(THREADS_PER_MESSAGE);
+        let work = Arc::new(std::sync::Mutex::new(groups));
+        for _ in 0..threads {
             let (env, tx) = (env.clone(), self.results_tx.clone());
-            let deliverer = Arc::clone(&self.deliverer);
-            let (job_id, job) = (id.to_string(), chunk.clone());
-            let spawned = self.threads.run(move || {
-                for (dest, idxs) in job {
-                    let results = deliverer.deliver_to(&env, &dest, &idxs);
-                    let _ = tx.send((job_id.clone(), results));
-                }
+            let (deliverer, work) = (Arc::clone(&self.deliverer), Arc::clone(&work));
+            let job_id = id.to_string();
+            let spawned = self.threads.run(move || loop {
+                let next = work.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let Some((dest, idxs)) = next else { break };
+                let results = deliverer.deliver_to(&env, &dest, &idxs);
+                let _ = tx.send((job_id.clone(), results));
             });
             if let Err(e) = spawned {
-                // Reported as deferred, so the attempt still completes.
+                // Another thread takes the work; with none started, it is
+                // reported as deferred, so the attempt still completes.
                 error!("id={id} cannot start a delivery thread: {e}");
-                for (_, idxs) in chunk {
-                    let results = idxs_deferred(&idxs, &format!("local error: {e}"));
-                    let _ = self.results_tx.send((id.to_string(), results));
-                }
+            }
+        }
+        if Arc::strong_count(&work) == 1 {
+            let left = std::mem::take(&mut *work.lock().unwrap_or_else(|p| p.into_inner()));
+            for (_, idxs) in left {
+                let results =
+                    idxs_deferred(&idxs, "local error: no delivery thread could be started");
+                let _ = self.results_tx.send((id.to_string(), results));
             }
         }
     }

@@ -408,6 +408,11 @@ impl Conn<'_> {
     /// (RFC 2920: never block with replies unsent). Closes idle sessions on
     /// shutdown.
     fn wait_input(&mut self, deadline: Instant, idle: bool) -> Result<(), End> {
+        self.wait_input_or(deadline, idle, &reply::command_timeout())
+    }
+
+    /// `wait_input`, with the reply to give when the deadline passes.
+    fn wait_input_or(&mut self, deadline: Instant, idle: bool, late: &Reply) -> Result<(), End> {
         self.flush()?;
         loop {
             if idle && self.ctx.shutdown.load(Ordering::Relaxed) {
@@ -417,7 +422,7 @@ impl Conn<'_> {
             // Checked on every wake-up, not only when the client is silent:
             // one byte a second must not stretch the deadline (slowloris).
             if Instant::now() >= deadline {
-                self.close_with(&reply::command_timeout());
+                self.close_with(late);
                 return Err(End::Timeout);
             }
             if self.input.fill(&mut self.stream)? {
@@ -659,8 +664,16 @@ impl Conn<'_> {
             let counted = received.min(self.config.limits.max_message_size);
             let allowed = started + timeout + Duration::from_secs(counted / MIN_DATA_RATE);
             let deadline = (Instant::now() + timeout).min(allowed);
+            // Cut off while sending more than max_message_size: the
+            // message would be refused anyway, for good (552), and a 421
+            // would only have it sent again, for days.
+            let late = if received > self.config.limits.max_message_size {
+                reply::message_too_big()
+            } else {
+                reply::command_timeout()
+            };
             // The sink is dropped (and its file removed) if this fails.
-            self.wait_input(deadline, false)?;
+            self.wait_input_or(deadline, false, &late)?;
         }
         let stats = match decoder.finish() {
             Ok(stats) => stats,
