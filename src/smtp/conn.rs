@@ -667,7 +667,7 @@ impl Conn<'_> {
             // Cut off while sending more than max_message_size: the
             // message would be refused anyway, for good (552), and a 421
             // would only have it sent again, for days.
-            let late = if received > self.config.limits.max_message_size {
+            let late = if decoder.too_big() {
                 reply::message_too_big()
             } else {
                 reply::command_timeout()

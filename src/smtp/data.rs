@@ -104,6 +104,11 @@ impl DataDecoder {
 
     /// Decodes `buf` in place. Afterwards `buf[..produced]` holds the decoded
     /// bytes; the caller must write them out before the next call.
+    /// The message has already grown past the size limit.
+    pub fn too_big(&self) -> bool {
+        self.error == Some(DataError::TooBig)
+    }
+
     pub fn decode(&mut self, buf: &mut [u8]) -> Decoded {
         let mut out = 0;
         let mut i = 0;

@@ -105,7 +105,7 @@ fn stalled_data_hits_the_data_deadline_and_nothing_is_delivered() {
 }
 
 /// A message past max_message_size earns no more DATA time: a client that
-/// keeps sending 2 KiB a second, each second within data_timeout, is cut
+/// keeps sending 2 KB a second, each second within data_timeout, is cut
 /// off once the allowance for the largest message (4 KiB: 4 s) and the
 /// timeout are used up, instead of never.
 #[test]
@@ -123,7 +123,7 @@ fn an_oversized_trickle_does_not_stretch_the_data_deadline() {
     let mut w: TcpStream = c.stream.try_clone().expect("clone");
     // At most 60 s of it: the cut-off comes at about 7 s.
     let trickle = thread::spawn(move || {
-        let line = format!("{}\r\n", "x".repeat(1022));
+        let line = format!("{}\r\n", "x".repeat(998));
         for _ in 0..120 {
             if w.write_all(line.as_bytes()).is_err() {
                 return false;
