@@ -299,17 +299,7 @@ impl<'c> Session<'c> {
         if !r.is_error() || r.code == 452 || self.local_user.is_some() {
             return Action::Reply(r);
         }
-        self.errors += 1;
-        debug!("session={} error={} reply=\"{}\"", self.id, self.errors, r);
-        if self.errors > self.config.limits.max_errors {
-            info!(
-                "session={} closing: too many errors ({})",
-                self.id, self.errors
-            );
-            self.set_state(State::Closed);
-            return Action::CloseAfter(r);
-        }
-        Action::Reply(r)
+        self.add_error(r, "too many errors")
     }
 
     /// NOOP, RSET, VRFY and HELP move no mail: past JUNK_LIMIT of them since
@@ -321,12 +311,16 @@ impl<'c> Session<'c> {
         if self.junk <= JUNK_LIMIT || self.local_user.is_some() {
             return Action::Reply(r);
         }
+        self.add_error(r, "too many commands that move no mail")
+    }
+
+    /// Counts one error against `max_errors`: past it, `r` is still sent,
+    /// then the session closes.
+    fn add_error(&mut self, r: Reply, why: &str) -> Action {
         self.errors += 1;
+        debug!("session={} error={} reply=\"{}\"", self.id, self.errors, r);
         if self.errors > self.config.limits.max_errors {
-            info!(
-                "session={} closing: too many commands that move no mail ({})",
-                self.id, self.junk
-            );
+            info!("session={} closing: {why} ({})", self.id, self.errors);
             self.set_state(State::Closed);
             return Action::CloseAfter(r);
         }
