@@ -408,11 +408,17 @@ impl Conn<'_> {
     /// (RFC 2920: never block with replies unsent). Closes idle sessions on
     /// shutdown.
     fn wait_input(&mut self, deadline: Instant, idle: bool) -> Result<(), End> {
-        self.wait_input_or(deadline, idle, &reply::command_timeout())
+        self.wait_input_or(deadline, idle, reply::command_timeout)
     }
 
-    /// `wait_input`, with the reply to give when the deadline passes.
-    fn wait_input_or(&mut self, deadline: Instant, idle: bool, late: &Reply) -> Result<(), End> {
+    /// `wait_input`, with the reply to give when the deadline passes (made
+    /// only then: the DATA loop calls this for every read).
+    fn wait_input_or(
+        &mut self,
+        deadline: Instant,
+        idle: bool,
+        late: fn() -> Reply,
+    ) -> Result<(), End> {
         self.flush()?;
         loop {
             if idle && self.ctx.shutdown.load(Ordering::Relaxed) {
@@ -422,7 +428,7 @@ impl Conn<'_> {
             // Checked on every wake-up, not only when the client is silent:
             // one byte a second must not stretch the deadline (slowloris).
             if Instant::now() >= deadline {
-                self.close_with(late);
+                self.close_with(&late());
                 return Err(End::Timeout);
             }
             if self.input.fill(&mut self.stream)? {
@@ -668,12 +674,12 @@ impl Conn<'_> {
             // message would be refused anyway, for good (552), and a 421
             // would only have it sent again, for days.
             let late = if decoder.too_big() {
-                reply::message_too_big()
+                reply::message_too_big
             } else {
-                reply::command_timeout()
+                reply::command_timeout
             };
             // The sink is dropped (and its file removed) if this fails.
-            self.wait_input_or(deadline, false, &late)?;
+            self.wait_input_or(deadline, false, late)?;
         }
         let stats = match decoder.finish() {
             Ok(stats) => stats,
