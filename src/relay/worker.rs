@@ -288,6 +288,7 @@ impl Relay {
         // messages would otherwise start 800 threads and as many sockets.
         let threads = groups.len().min(THREADS_PER_MESSAGE);
         let work = Arc::new(std::sync::Mutex::new(groups));
+        let mut started = 0;
         for _ in 0..threads {
             let (env, tx) = (env.clone(), self.results_tx.clone());
             let (deliverer, work) = (Arc::clone(&self.deliverer), Arc::clone(&work));
@@ -298,13 +299,15 @@ impl Relay {
                 let results = deliverer.deliver_to(&env, &dest, &idxs);
                 let _ = tx.send((job_id.clone(), results));
             });
-            if let Err(e) = spawned {
-                // Another thread takes the work; with none started, it is
-                // reported as deferred, so the attempt still completes.
-                error!("id={id} cannot start a delivery thread: {e}");
+            match spawned {
+                Ok(()) => started += 1,
+                // Another thread takes the work.
+                Err(e) => error!("id={id} cannot start a delivery thread: {e}"),
             }
         }
-        if Arc::strong_count(&work) == 1 {
+        if started == 0 {
+            // Nobody will take the list: reported as deferred, so the
+            // attempt still completes.
             let left = std::mem::take(&mut *work.lock().unwrap_or_else(|p| p.into_inner()));
             for (_, idxs) in left {
                 let results =
