@@ -536,12 +536,8 @@ fn is_here(addr: SocketAddr) -> bool {
     if ip.is_loopback() || ip.is_unspecified() {
         return true;
     }
-    let any: SocketAddr = match addr {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    std::net::UdpSocket::bind(any)
-        .and_then(|s| s.connect(addr).and_then(|()| s.local_addr()))
+    super::dns::udp_connected(addr)
+        .and_then(|s| s.local_addr())
         .is_ok_and(|local| local.ip() == ip)
 }
 

@@ -356,15 +356,9 @@ impl Resolver {
 
     fn udp(&self, server: SocketAddr, msg: &[u8], q: &Expect) -> Result<Reply, String> {
         let deadline = Instant::now() + self.timeout;
-        let local: SocketAddr = match server {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let sock = UdpSocket::bind(local).map_err(|e| format!("UDP bind: {e}"))?;
         // Connected: the kernel drops datagrams from other addresses and
         // reports ICMP port unreachable as an error at once.
-        sock.connect(server)
-            .map_err(|e| format!("UDP connect: {e}"))?;
+        let sock = udp_connected(server).map_err(|e| format!("UDP socket: {e}"))?;
         sock.send(msg).map_err(|e| format!("UDP send: {e}"))?;
         let mut buf = vec![0u8; 65535];
         let mut malformed = None;
@@ -452,6 +446,18 @@ impl Resolver {
             None => Err("TCP reply does not match the query".to_string()),
         }
     }
+}
+
+/// A UDP socket of `to`'s family on any local port, connected to `to`
+/// (which only picks the route: nothing is sent).
+pub(crate) fn udp_connected(to: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = match to {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(any)?;
+    sock.connect(to)?;
+    Ok(sock)
 }
 
 /// Parses a config entry: "ip", "ip:port" or "[ipv6]:port"; default port 53.
