@@ -213,6 +213,20 @@ mod tests {
         Envelope::new("Q1", 0, "cron@pi.lan", String::new(), &["x@example.com"])
     }
 
+    /// The delay notice about `entries` to cron@pi.lan, with no header.
+    fn delayed(entries: &[Entry<'_>]) -> String {
+        String::from_utf8(render(
+            Kind::Delayed,
+            "pi.lan",
+            "cron@pi.lan",
+            &env(),
+            entries,
+            b"",
+            0,
+        ))
+        .expect("utf8")
+    }
+
     #[test]
     fn failed_notice_has_the_rfc3464_fields() {
         let entries = [Entry {
@@ -258,16 +272,7 @@ mod tests {
             diagnostic: "connection refused",
             remote_mta: None,
         }];
-        let text = String::from_utf8(render(
-            Kind::Delayed,
-            "pi.lan",
-            "cron@pi.lan",
-            &env(),
-            &entries,
-            b"",
-            0,
-        ))
-        .expect("utf8");
+        let text = delayed(&entries);
         assert!(text.contains("Action: delayed\r\nStatus: 4.0.0\r\n"));
         assert!(text.contains("Diagnostic-Code: X-Postling; connection refused\r\n"));
         assert!(text.contains("Subject: Delayed Mail"));
@@ -287,16 +292,7 @@ mod tests {
                 remote_mta: None,
             },
         ];
-        let text = String::from_utf8(render(
-            Kind::Delayed,
-            "pi.lan",
-            "cron@pi.lan",
-            &env(),
-            &entries,
-            b"",
-            0,
-        ))
-        .expect("utf8");
+        let text = delayed(&entries);
         assert!(
             text.contains("Action: delayed\r\nStatus: 4.0.0\r\nRemote-MTA: dns; 192.0.2.7\r\n"),
             "{text}"

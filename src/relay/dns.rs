@@ -1322,6 +1322,20 @@ mod tests {
     /// empty answer (which would bounce the mail as "no MX, no address").
     #[test]
     fn a_broken_tcp_reply_with_tc_set_is_an_error() {
+        let err = tcp_exchange_with(Duration::from_millis(500), |sock| {
+            // Id 7, QR and TC set, one question promised, none sent.
+            let _ = sock.write_all(&[0, 12, 0, 7, 0x82, 0x80, 0, 1, 0, 0, 0, 0, 0, 0]);
+        })
+        .expect_err("not an answer");
+        assert!(err.contains("malformed"), "{err}");
+    }
+
+    /// One TCP try (query id 7, x.test MX) against a server that reads the
+    /// query and then does `reply` on its socket.
+    fn tcp_exchange_with(
+        timeout: Duration,
+        reply: impl FnOnce(&mut std::net::TcpStream) + Send + 'static,
+    ) -> Result<Reply, String> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let server = std::thread::spawn(move || {
@@ -1330,20 +1344,18 @@ mod tests {
             };
             let mut query = [0u8; 512];
             let _ = sock.read(&mut query);
-            // Id 7, QR and TC set, one question promised, none sent.
-            let reply = [0, 12, 0, 7, 0x82, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
-            let _ = sock.write_all(&reply);
+            reply(&mut sock);
         });
-        let r = Resolver::new(&[addr]).with_timeout(Duration::from_millis(500), 1);
+        let r = Resolver::new(&[addr]).with_timeout(timeout, 1);
         let msg = build_query(7, "x.test", TYPE::MX, true).expect("query");
         let q = Expect {
             id: 7,
             name: "x.test",
             qtype: TYPE::MX,
         };
-        let err = r.tcp(addr, &msg, &q).expect_err("not an answer");
-        assert!(err.contains("malformed"), "{err}");
+        let result = r.tcp(addr, &msg, &q);
         let _ = server.join();
+        result
     }
 
     #[test]
@@ -1376,14 +1388,7 @@ mod tests {
     /// the try's deadline, not after each byte's.
     #[test]
     fn a_trickling_tcp_reply_is_cut_off_at_the_deadline() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = std::thread::spawn(move || {
-            let Ok((mut sock, _)) = listener.accept() else {
-                return;
-            };
-            let mut query = [0u8; 512];
-            let _ = sock.read(&mut query);
+        let result = tcp_exchange_with(Duration::from_millis(300), |sock| {
             // Announces 60,000 bytes, then sends 40 of them 50 ms apart:
             // 2 s in all, every gap far inside the 300 ms read timeout.
             let _ = sock.write_all(&60_000u16.to_be_bytes());
@@ -1394,18 +1399,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        let r = Resolver::new(&[addr]).with_timeout(Duration::from_millis(300), 1);
-        let msg = build_query(7, "x.test", TYPE::MX, true).expect("query");
-        let q = Expect {
-            id: 7,
-            name: "x.test",
-            qtype: TYPE::MX,
-        };
-        assert_eq!(
-            r.tcp(addr, &msg, &q).expect_err("no whole reply"),
-            "TCP timeout"
-        );
-        let _ = server.join();
+        assert_eq!(result.expect_err("no whole reply"), "TCP timeout");
     }
 
     #[test]

@@ -39,6 +39,16 @@ fn smarthost_config(dir: &TempDir, port: u16, password: &str, ca: Option<&Pki>) 
     )
 }
 
+/// Direct MX delivery, with `dns` as the resolver and `server`'s port as
+/// the MX port.
+fn direct_config(dns: &TestDns, server: &TestServer) -> String {
+    format!(
+        "hostname = \"pi.test\"\n[relay]\ndns_servers = [\"{}\"]\nmx_port = {}\n",
+        dns.addr,
+        server.addr.port()
+    )
+}
+
 fn tls_server(pki: &Pki) -> TestServer {
     TestServer::start(Script {
         tls: Some(pki.server_config()),
@@ -179,11 +189,7 @@ fn direct_mode_resolves_the_mx_of_the_test_address() {
         Record::a("mx.peer.test", "127.0.0.1".parse().expect("ip")),
     ]);
     let dir = TempDir::new();
-    let config = format!(
-        "hostname = \"pi.test\"\n[relay]\ndns_servers = [\"{}\"]\nmx_port = {}\n",
-        dns.addr,
-        server.addr.port()
-    );
+    let config = direct_config(&dns, &server);
     let (code, out) = check(&dir, &config, &["--send-test", "x@peer.test"]);
     // The test server offers no STARTTLS: direct delivery does not need it.
     assert!(
@@ -276,11 +282,7 @@ fn an_address_that_refuses_is_not_a_failure_when_the_next_one_answers() {
         Record::a("mx.peer.test", "127.0.0.1".parse().expect("ip")),
     ]);
     let dir = TempDir::new();
-    let config = format!(
-        "hostname = \"pi.test\"\n[relay]\ndns_servers = [\"{}\"]\nmx_port = {}\n",
-        dns.addr,
-        server.addr.port()
-    );
+    let config = direct_config(&dns, &server);
     let (code, out) = check(&dir, &config, &["--send-test", "x@peer.test"]);
     assert!(out.contains("trying the next address"), "{out}");
     assert!(
@@ -311,11 +313,7 @@ fn direct_mode_falls_back_to_clear_when_tls_fails_as_the_relay_does() {
         Record::mx("peer.test", 10, "mx.peer.test"),
         Record::a("mx.peer.test", "127.0.0.1".parse().expect("ip")),
     ]);
-    let config = format!(
-        "hostname = \"pi.test\"\n[relay]\ndns_servers = [\"{}\"]\nmx_port = {}\n",
-        dns.addr,
-        server.addr.port()
-    );
+    let config = direct_config(&dns, &server);
     let (code, out) = check(&dir, &config, &["--send-test", "x@peer.test"]);
     assert!(out.contains("TLS handshake failed: "), "{out}");
     assert!(

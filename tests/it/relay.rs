@@ -31,6 +31,23 @@ fn send(s: &Server, from: &str, to: &[&str], body: &str) -> String {
     r.rsplit(' ').next().expect("queue id").to_string()
 }
 
+/// A postling relaying through `dns` to MX hosts on `server`'s port.
+fn relaying_to(server: &TestServer, dns: &TestDns, dir: &TempDir) -> Server {
+    Server::start(
+        dir,
+        &relay_config(&format!("mx_port = {}\n", server.addr.port()), dns),
+    )
+}
+
+/// `domain`'s one MX, mx.`domain`, at 127.0.0.1.
+fn mx_here(domain: &str) -> Vec<Record> {
+    let host = format!("mx.{domain}");
+    vec![
+        Record::mx(domain, 10, &host),
+        Record::a(&host, "127.0.0.1".parse().expect("ip")),
+    ]
+}
+
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
@@ -43,10 +60,7 @@ fn relays_via_mx_to_a_second_postling_and_empties_the_queue() {
         &dir_b,
         "hostname = \"mx.example.test\"\n[local]\ndomains = [\"example.test\"]\n",
     );
-    let dns = TestDns::start(vec![
-        Record::mx("example.test", 10, "mx.example.test"),
-        Record::a("mx.example.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("example.test"));
     let dir_a = TempDir::new();
     let a = Server::start(
         &dir_a,
@@ -97,10 +111,7 @@ fn a_queue_in_the_earlier_layout_is_relayed_after_an_upgrade() {
         &dir_b,
         "hostname = \"mx.example.test\"\n[local]\ndomains = [\"example.test\"]\n",
     );
-    let dns = TestDns::start(vec![
-        Record::mx("example.test", 10, "mx.example.test"),
-        Record::a("mx.example.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("example.test"));
     let dir_a = TempDir::new();
     let id = "0OLDLAYOUT0000000001";
     let entry = dir_a.path().join("data/queue").join(id);
@@ -143,10 +154,7 @@ fn a_queue_in_the_earlier_layout_is_relayed_after_an_upgrade() {
 fn a_host_that_is_down_defers_then_delivers_when_it_comes_up() {
     let port = free_port();
     let dir_a = TempDir::new();
-    let dns = TestDns::start(vec![
-        Record::mx("later.test", 10, "mx.later.test"),
-        Record::a("mx.later.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("later.test"));
     let a = Server::start(&dir_a, &relay_config(&format!("mx_port = {port}\n"), &dns));
     let id = send(
         &a,
@@ -187,15 +195,9 @@ fn per_recipient_results_accept_defer_reject_and_bounce() {
         ..Script::default()
     })
     .expect("test server");
-    let dns = TestDns::start(vec![
-        Record::mx("peer.test", 10, "mx.peer.test"),
-        Record::a("mx.peer.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("peer.test"));
     let dir = TempDir::new();
-    let a = Server::start(
-        &dir,
-        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
-    );
+    let a = relaying_to(&server, &dns, &dir);
     let id = send(
         &a,
         "cron@localhost",
@@ -430,15 +432,9 @@ fn connection_dropped_mid_data_defers() {
         ..Script::default()
     })
     .expect("test server");
-    let dns = TestDns::start(vec![
-        Record::mx("drop.test", 10, "mx.drop.test"),
-        Record::a("mx.drop.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("drop.test"));
     let dir = TempDir::new();
-    let a = Server::start(
-        &dir,
-        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
-    );
+    let a = relaying_to(&server, &dns, &dir);
     let id = send(
         &a,
         "cron@localhost",
@@ -459,10 +455,7 @@ fn connection_dropped_mid_data_defers() {
 #[test]
 fn delay_notice_once_then_expiry_bounces() {
     let port = free_port(); // nothing listens: every attempt fails
-    let dns = TestDns::start(vec![
-        Record::mx("down.test", 10, "mx.down.test"),
-        Record::a("mx.down.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("down.test"));
     let dir = TempDir::new();
     let a = Server::start(
         &dir,
@@ -667,10 +660,7 @@ fn sigkill_while_relaying_loses_nothing_and_resends_only_what_was_in_flight() {
     // The next hop is down while 40 messages pile up, comes up, and the
     // relaying daemon is killed partway through draining its queue.
     let port = free_port();
-    let dns = TestDns::start(vec![
-        Record::mx("far.test", 10, "mx.far.test"),
-        Record::a("mx.far.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("far.test"));
     let dir_a = TempDir::new();
     let config_a = relay_config(&format!("mx_port = {port}\n"), &dns);
     let mut a = Server::start(&dir_a, &config_a);
@@ -734,15 +724,9 @@ fn opportunistic_tls_that_fails_is_retried_in_clear() {
         ..Script::default()
     })
     .expect("test server");
-    let dns = TestDns::start(vec![
-        Record::mx("oddtls.test", 10, "mx.oddtls.test"),
-        Record::a("mx.oddtls.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("oddtls.test"));
     let dir = TempDir::new();
-    let a = Server::start(
-        &dir,
-        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
-    );
+    let a = relaying_to(&server, &dns, &dir);
     send(
         &a,
         "cron@localhost",
@@ -839,15 +823,9 @@ fn a_flush_during_the_last_attempt_leaves_the_relay_idle() {
         ..Script::default()
     })
     .expect("test server");
-    let dns = TestDns::start(vec![
-        Record::mx("slow.test", 10, "mx.slow.test"),
-        Record::a("mx.slow.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("slow.test"));
     let dir = TempDir::new();
-    let a = Server::start(
-        &dir,
-        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
-    );
+    let a = relaying_to(&server, &dns, &dir);
     let id = send(
         &a,
         "cron@localhost",
@@ -882,10 +860,7 @@ fn a_flush_during_the_last_attempt_leaves_the_relay_idle() {
 #[test]
 fn a_delay_notice_that_cannot_be_stored_is_tried_again() {
     let port = free_port(); // nothing listens: every attempt defers
-    let dns = TestDns::start(vec![
-        Record::mx("down.test", 10, "mx.down.test"),
-        Record::a("mx.down.test", "127.0.0.1".parse().expect("ip")),
-    ]);
+    let dns = TestDns::start(mx_here("down.test"));
     let dir = TempDir::new();
     let a = Server::start(
         &dir,
@@ -1022,10 +997,7 @@ fn mail_to_an_ipv6_literal_goes_to_that_address() {
     };
     let dns = TestDns::start(Vec::new());
     let dir = TempDir::new();
-    let a = Server::start(
-        &dir,
-        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
-    );
+    let a = relaying_to(&server, &dns, &dir);
     for to in ["x@[IPv6:::1]", "y@[ipv6:::1]"] {
         send(&a, "cron@localhost", &[to], "Subject: v6\r\n\r\nhi\r\n");
     }
@@ -1091,10 +1063,7 @@ fn a_message_to_many_domains_reaches_every_one() {
     records.push(Record::a("mx.many.test", "127.0.0.1".parse().expect("ip")));
     let dns = TestDns::start(records);
     let dir = TempDir::new();
-    let a = Server::start(
-        &dir,
-        &relay_config(&format!("mx_port = {}\n", server.addr.port()), &dns),
-    );
+    let a = relaying_to(&server, &dns, &dir);
     let to: Vec<String> = domains.iter().map(|d| format!("x@{d}")).collect();
     let to: Vec<&str> = to.iter().map(String::as_str).collect();
     send(&a, "cron@localhost", &to, "Subject: many\r\n\r\nhi\r\n");
