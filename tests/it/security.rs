@@ -696,4 +696,6 @@ fn tls_bytes_sent_one_at_a_time_do_not_stretch_the_command_timeout() {
         "the whole {}-byte record went in",
         record.len()
     );
+    // What the server said, over TLS: the timeout's reply.
+    assert_eq!(c.reply(), "421 4.4.2 Timeout exceeded, closing connection");
 }
