@@ -68,23 +68,19 @@ pub enum Outcome {
 pub fn run(config: &Config, opts: &Options, out: &mut dyn Write) -> Outcome {
     let mut r = Report { out, failed: false };
     r.ok("config", "valid");
-    let mut config_failed = false;
     for (step, result) in crate::server::preflight(config) {
         match result {
             Preflight::Ok(detail) => r.ok(&step, &detail),
             Preflight::Note(text) => r.info(&format!("{step}: {text}")),
-            Preflight::Fail(reason) => {
-                config_failed = true;
-                r.fail(
-                    &step,
-                    &reason,
-                    "postling serve would refuse to start (run check as root or as the daemon's user)",
-                );
-            }
+            Preflight::Fail(reason) => r.fail(
+                &step,
+                &reason,
+                "postling serve would refuse to start (run check as root or as the daemon's user)",
+            ),
         }
     }
     // The way out is tested all the same; the exit code says the worse.
-    r.failed = false;
+    let config_failed = std::mem::take(&mut r.failed);
     let passed = move |r: &Report<'_>| match (config_failed, r.failed) {
         (true, _) => Outcome::Config,
         (false, true) => Outcome::Unavailable,
