@@ -9,9 +9,13 @@
 //! `Delivered-To:`, RFC 5321 4.4, RFC 9228), then, if any recipient is
 //! remote, the spool is committed to the queue with its envelope and the
 //! relay thread is told its id. Only when all of that succeeded does the
-//! caller reply 250; on any error the unfinished file is removed (Maildir
-//! copies already made stay: a retry by the client may duplicate them, but
-//! nothing acknowledged is ever lost).
+//! caller reply 250; on any error the unfinished files are removed. Every
+//! copy is written and fsynced in its `tmp/` before any is renamed into
+//! `new/`, so a mailbox that cannot take the message (a full disk, a quota)
+//! leaves no copy anywhere; only a failure after that point (a rename, a
+//! directory fsync, the queue's commit) leaves the copies already renamed,
+//! which a retry by the client may duplicate. Nothing acknowledged is ever
+//! lost.
 //!
 //! It does not parse SMTP or decide who is local: the session did that.
 
@@ -27,7 +31,7 @@ use crate::server::Context;
 use crate::smtp::conn::unix_now;
 use crate::smtp::message::{MailboxCopy, Message};
 use crate::store::envelope::Envelope;
-use crate::store::maildir::{self, Draft};
+use crate::store::maildir::{self, Draft, Synced};
 use crate::store::new_id;
 use crate::store::queue::Spool;
 
@@ -132,15 +136,16 @@ fn trace_header(sender: &str, delivered_to: &str) -> String {
 }
 
 /// One more Maildir copy, written from `body` (the message as received,
-/// positioned at its start) after the copy's own trace fields.
+/// positioned at its start) after the copy's own trace fields, and
+/// fsynced in the mailbox's `tmp/`.
 fn copy_into(
     copy: &MailboxCopy<'_>,
     sender: &str,
     config: &Config,
     body: io::Result<&mut File>,
-) -> io::Result<std::path::PathBuf> {
+) -> io::Result<Synced> {
     let header = trace_header(sender, &copy.delivered_to);
-    maildir::deliver_prepared(
+    maildir::copy_prepared(
         copy.dir,
         &config.hostname,
         header.as_bytes(),
@@ -181,31 +186,52 @@ pub fn store(
     let mut stored = 0;
     let unfinished = |stored| move |error| Unfinished { error, stored };
     let mut copies = copies.into_iter();
-    let mut spool = match file {
+    // Every copy is written and fsynced before any is renamed into `new/`:
+    // a mailbox that cannot take its copy (a full disk, a quota) then
+    // leaves none visible, and the client's retry duplicates nothing.
+    let (spool, ready) = match file {
         SinkFile::Maildir(mut draft) => {
             // `open` made the draft in the first mailbox; the others are
             // copied from it.
-            if let Some(first) = copies.next() {
-                let path = draft.publish().map_err(unfinished(stored))?;
-                stored += 1;
-                log_delivered(&id, sender, &first.delivered_to, size, &path);
-            }
+            let Some(first) = copies.next() else {
+                return Ok(());
+            };
+            let mut ready = Vec::new();
             for copy in copies {
-                let path =
-                    copy_into(&copy, sender, &config, draft.body()).map_err(unfinished(stored))?;
-                stored += 1;
-                log_delivered(&id, sender, &copy.delivered_to, size, &path);
+                let synced =
+                    copy_into(&copy, sender, &config, draft.body()).map_err(unfinished(0))?;
+                ready.push((copy, synced));
             }
-            return Ok(());
+            if ready.is_empty() {
+                let path = draft.publish().map_err(unfinished(0))?;
+                log_delivered(&id, sender, &first.delivered_to, size, &path);
+                return Ok(());
+            }
+            ready.insert(0, (first, draft.sync().map_err(unfinished(0))?));
+            (None, ready)
         }
-        SinkFile::Queue(spool) => spool,
+        SinkFile::Queue(mut spool) => {
+            let ready = copies
+                .map(|copy| {
+                    let synced = copy_into(&copy, sender, &config, spool.rewound())?;
+                    Ok((copy, synced))
+                })
+                .collect::<io::Result<Vec<_>>>()
+                .map_err(unfinished(0))?;
+            if !ready.is_empty() && !remote.is_empty() {
+                spool.sync().map_err(unfinished(0))?;
+            }
+            (Some(spool), ready)
+        }
     };
-    for copy in copies {
-        let path =
-            copy_into(&copy, sender, &config, spool.rewound()).map_err(unfinished(stored))?;
+    for (copy, synced) in ready {
+        let path = synced.publish().map_err(unfinished(stored))?;
         stored += 1;
         log_delivered(&id, sender, &copy.delivered_to, size, &path);
     }
+    let Some(spool) = spool else {
+        return Ok(());
+    };
     if remote.is_empty() {
         // Only for a message without recipients (`open` writes local-only
         // mail straight into a Maildir). A spool we cannot remove is swept

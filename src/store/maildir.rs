@@ -113,6 +113,7 @@ pub fn deliver(
 
 /// `deliver` into a Maildir that `prepare` has just checked: for a caller
 /// that prepares every mailbox first, so the checks are not done twice.
+#[cfg(test)]
 pub fn deliver_prepared(
     dir: &Path,
     hostname: &str,
@@ -120,9 +121,25 @@ pub fn deliver_prepared(
     body: &mut File,
     sharing: Sharing,
 ) -> io::Result<PathBuf> {
+    copy_prepared(dir, hostname, header, body, sharing)?.publish()
+}
+
+/// A copy of `body` (after `header`) written into `dir/tmp/` and fsynced,
+/// not yet in `new/`: for a message with several copies, which are all
+/// made durable before any is published, so a mailbox that cannot take its
+/// copy (a full disk, a quota) leaves no copy visible anywhere, and the
+/// client's retry duplicates nothing. `dir` must have been checked by
+/// [`prepare`].
+pub fn copy_prepared(
+    dir: &Path,
+    hostname: &str,
+    header: &[u8],
+    body: &mut File,
+    sharing: Sharing,
+) -> io::Result<Synced> {
     let mut draft = Draft::create(dir, hostname, header, sharing)?;
-    io::copy(body, draft.file()).map_err(at(&draft.tmp))?;
-    draft.publish()
+    io::copy(body, draft.file()).map_err(at(&draft.name.tmp))?;
+    draft.sync()
 }
 
 /// A message being written straight into a Maildir's `tmp/`, for mail whose
@@ -132,11 +149,18 @@ pub fn deliver_prepared(
 /// `new/`; dropped unpublished, the file is removed.
 #[derive(Debug)]
 pub struct Draft {
+    name: TmpName,
+    file: File,
+    header_len: u64,
+}
+
+/// A file's place in `tmp/` and the name it gets in `new/`; dropped before
+/// it was published, the file in `tmp/` is removed.
+#[derive(Debug)]
+struct TmpName {
     dir: PathBuf,
     tmp: PathBuf,
     unique: String,
-    file: File,
-    header_len: u64,
     published: bool,
 }
 
@@ -150,19 +174,19 @@ impl Draft {
         sharing: Sharing,
     ) -> io::Result<Draft> {
         let (tmp, file, unique) = create_tmp(dir, hostname, sharing.file_mode)?;
-        if let Err(e) = sharing.apply(&file, &tmp) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let mut draft = Draft {
+        let name = TmpName {
             dir: dir.to_path_buf(),
             tmp,
             unique,
-            file,
-            header_len: header.len() as u64,
             published: false,
         };
-        draft.file.write_all(header).map_err(at(&draft.tmp))?;
+        sharing.apply(&file, &name.tmp)?;
+        let mut draft = Draft {
+            name,
+            file,
+            header_len: header.len() as u64,
+        };
+        draft.file.write_all(header).map_err(at(&draft.name.tmp))?;
         Ok(draft)
     }
 
@@ -177,32 +201,60 @@ impl Draft {
     pub fn body(&mut self) -> io::Result<&mut File> {
         self.file
             .seek(SeekFrom::Start(self.header_len))
-            .map_err(at(&self.tmp))?;
+            .map_err(at(&self.name.tmp))?;
         Ok(&mut self.file)
     }
 
     /// fsyncs the file, renames it into `new/` (with `,S=<size>`) and makes
     /// the new name durable; returns the final path. On `Err` the message
     /// is in neither `tmp/` nor `new/`.
-    pub fn publish(&mut self) -> io::Result<PathBuf> {
-        self.published = true;
-        let result = self.try_publish();
-        if result.is_err() {
-            // Best effort: the file may already be gone, and the original error matters more.
-            let _ = fs::remove_file(&self.tmp);
-        }
-        result
-    }
-
-    fn try_publish(&mut self) -> io::Result<PathBuf> {
-        let tmp = &self.tmp;
-        let new_dir = self.dir.join("new");
+    pub fn publish(self) -> io::Result<PathBuf> {
         // Announced before the slow file fsync, so a directory sync that
         // other sessions are about to start waits for this rename too.
-        let rename = group::intend(&new_dir);
-        self.file.sync_all().map_err(at(tmp))?;
-        let size = self.file.metadata().map_err(at(tmp))?.len();
-        let final_path = new_dir.join(format!("{},S={size}", self.unique));
+        let rename = group::intend(&self.name.dir.join("new"));
+        self.sync()?.publish_announced(rename)
+    }
+
+    /// fsyncs the file and closes it, for [`Synced::publish`] later. On
+    /// `Err` the file is removed.
+    pub fn sync(self) -> io::Result<Synced> {
+        let size = self
+            .file
+            .sync_all()
+            .and_then(|()| self.file.metadata())
+            .map_err(at(&self.name.tmp))?
+            .len();
+        Ok(Synced {
+            name: self.name,
+            size,
+        })
+    }
+}
+
+/// A Maildir file written and fsynced in `tmp/` ([`Draft::sync`],
+/// [`copy_prepared`]), waiting to be renamed into `new/`. Dropped
+/// unpublished, the file is removed.
+#[derive(Debug)]
+pub struct Synced {
+    name: TmpName,
+    size: u64,
+}
+
+impl Synced {
+    /// Renames the file into `new/` (with `,S=<size>`) and makes the new
+    /// name durable; returns the final path. On `Err` the message is in
+    /// neither `tmp/` nor `new/`.
+    pub fn publish(self) -> io::Result<PathBuf> {
+        let rename = group::intend(&self.name.dir.join("new"));
+        self.publish_announced(rename)
+    }
+
+    fn publish_announced(mut self, rename: group::Intent) -> io::Result<PathBuf> {
+        let name = &mut self.name;
+        let final_path = name
+            .dir
+            .join("new")
+            .join(format!("{},S={}", name.unique, self.size));
         // rename(2) would silently replace an existing message; names are
         // unique, so this only guards against a stray file.
         if fs::symlink_metadata(&final_path).is_ok() {
@@ -211,7 +263,8 @@ impl Draft {
                 format!("{}: already exists", final_path.display()),
             ));
         }
-        fs::rename(tmp, &final_path).map_err(at(&final_path))?;
+        fs::rename(&name.tmp, &final_path).map_err(at(&final_path))?;
+        name.published = true;
         // Shared with other sessions delivering into this Maildir now.
         if let Err(e) = rename.sync() {
             // Not durable, so report failure; take the copy back so `Err`
@@ -223,10 +276,11 @@ impl Draft {
     }
 }
 
-impl Drop for Draft {
+impl Drop for TmpName {
     fn drop(&mut self) {
         if !self.published {
-            // Best effort: a leftover in tmp/ is swept after 36 hours.
+            // Best effort: the file may already be gone, and a leftover in
+            // tmp/ is swept after 36 hours.
             let _ = fs::remove_file(&self.tmp);
         }
     }

@@ -281,6 +281,85 @@ fn a_failed_write_gets_451_and_leaves_no_partial_file() {
     assert!(String::from_utf8_lossy(&bob[0]).contains("Subject: g"));
 }
 
+/// A tmpfs of 64 KiB mounted at `at` for one test, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// None when this process may not mount (not root).
+    fn mount(at: &std::path::Path) -> Option<SmallDisk> {
+        fs::create_dir_all(at).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "postling-test"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_mailbox_that_fills_up_leaves_no_copy_in_the_others() {
+    let dir = TempDir::new();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("small")) else {
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let bob = disk.0.join("bob");
+    let config = format!(
+        "[local]\ndomains = [\"localhost\"]\nmailboxes = {{ bob = \"{}\" }}\n",
+        bob.display()
+    );
+    let s = Server::start(&dir, &config);
+    // bob's mailbox exists and may be written to, but its disk is full:
+    // only the write of bob's copy fails.
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .send_mail(
+            "a@b.test",
+            &["bob@localhost"],
+            "Subject: first\r\n\r\nhi\r\n"
+        )
+        .starts_with("250"));
+    let filler = disk.0.join("filler");
+    let mut f = fs::File::create(&filler).expect("filler");
+    while std::io::Write::write_all(&mut f, &[b'x'; 4096]).is_ok() {}
+    drop(f);
+    let body = format!(
+        "Subject: full\r\n\r\n{}",
+        ("y".repeat(78) + "\r\n").repeat(100)
+    );
+    let local = ["alice@localhost", "bob@localhost"];
+    let with_remote = ["alice@localhost", "bob@localhost", "x@example.com"];
+    for to in [&local[..], &with_remote[..]] {
+        for _ in 0..2 {
+            let r = c.send_mail("a@b.test", to, &body);
+            assert!(r.starts_with("451 4.3.0"), "{to:?}: {r}");
+        }
+        // No client retry left a copy anywhere, nor a queue entry.
+        assert!(s.mail("alice").is_empty(), "{to:?}");
+        assert_eq!(read_new(&bob).len(), 1, "{to:?}");
+        assert!(s.queue().is_empty());
+        assert!(s.nothing_unfinished());
+        assert_eq!(fs::read_dir(bob.join("tmp")).expect("tmp").count(), 0);
+    }
+    // With room again, the retry delivers once to each.
+    fs::remove_file(&filler).expect("free the disk");
+    assert!(c
+        .send_mail("a@b.test", &with_remote, &body)
+        .starts_with("250"));
+    assert_eq!(s.mail("alice").len(), 1);
+    assert_eq!(read_new(&bob).len(), 2);
+    assert_eq!(s.queue().len(), 1);
+    drop(s);
+}
+
 #[test]
 fn a_mailbox_it_may_not_write_to_is_found_before_any_copy_is_written() {
     // Running as nobody (the systemd unit's kind of user), with bob's new/
