@@ -557,6 +557,7 @@ struct RawLocal {
     mailboxes: Option<BTreeMap<String, Spanned<PathBuf>>>,
     aliases: Option<Spanned<PathBuf>>,
     trusted_users: Option<Vec<String>>,
+    sendmail_wait: Option<Spanned<OptSecs>>,
     mode: Option<Spanned<FileMode>>,
     group: Option<Spanned<String>>,
 }
@@ -1240,6 +1241,10 @@ fn at_least<T: PartialOrd + Copy>(
     }
 }
 
+/// `local.sendmail_wait` unless set: long enough for a restart, a reload
+/// or a busy spell at the connection cap.
+const SENDMAIL_WAIT: Duration = Duration::from_secs(60);
+
 const QUEUE_CLASH: &str = "must not be data_dir or inside its incoming/, queue/ or corrupt/: \
      Maildirs there would be taken for queue entries (and mail to users named \
      incoming or queue would be swept away at start)";
@@ -1352,6 +1357,9 @@ fn build_local(raw: RawLocal, data_dir: &Path, ctx: &Ctx<'_>) -> Result<Local, C
         mailboxes,
         aliases: Aliases::default(),
         trusted_users: raw.trusted_users.unwrap_or_default(),
+        sendmail_wait: raw
+            .sendmail_wait
+            .map_or(SENDMAIL_WAIT, |s| s.into_inner().0.unwrap_or_default()),
         sharing,
     };
     // Only the daemon expands aliases: sendmail and the queue tools never

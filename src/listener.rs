@@ -253,29 +253,39 @@ fn accept_control(listener: &mio::net::UnixListener, ctx: &Arc<Context>, retryin
     }
 }
 
-/// Accepts local submissions; each runs a session thread, counted like a
-/// TCP client from 127.0.0.1 (so local programs are capped too). True when
-/// stopped by an error, to be retried.
+/// Accepts local submissions; each runs a session thread, capped per Unix
+/// user (from SO_PEERCRED) and in total by the same limits as TCP clients,
+/// but counted apart from them, so no TCP client, from loopback or not,
+/// can take the slots cron's mail needs. True when stopped by an error, to
+/// be retried.
 fn accept_submit(
     listener: &mio::net::UnixListener,
     ctx: &Arc<Context>,
     tracker: &Arc<Tracker>,
     retrying: bool,
 ) -> bool {
-    let local = IpAddr::from([127, 0, 0, 1]);
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 let stream =
                     std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
+                // Without credentials the session refuses the client itself.
+                let uid = getsockopt(&stream, PeerCredentials).map_or(u32::MAX, |c| c.uid());
                 let limits = &ctx.config().limits;
-                let Ok(guard) =
-                    tracker.acquire(local, limits.max_connections, limits.max_connections_per_ip)
-                else {
-                    let mut out = Vec::new();
-                    reply::too_many_connections().write_to(&mut out);
-                    let _ = (&stream).write(&out);
-                    continue;
+                let guard = match tracker.acquire(
+                    Peer::Uid(uid),
+                    limits.max_connections,
+                    limits.max_connections_per_ip,
+                ) {
+                    Ok(guard) => guard,
+                    Err(refusal) => {
+                        info!("reject local connect uid={uid}: {refusal:?} limit reached");
+                        let mut out = Vec::new();
+                        refusal.reply().write_to(&mut out);
+                        let _ = (&stream).write(&out);
+                        continue;
+                    }
                 };
                 if let Err(e) = stream.set_nonblocking(false) {
                     warn!("submit: {e}");
@@ -316,19 +326,15 @@ fn hand_off(
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
     let limits = &ctx.config().limits;
     let guard = match tracker.acquire(
-        peer.ip(),
+        Peer::Ip(peer.ip()),
         limits.max_connections,
         limits.max_connections_per_ip,
     ) {
         Ok(g) => g,
         Err(refusal) => {
-            let r = match refusal {
-                Refusal::Total => reply::too_many_connections(),
-                Refusal::PerIp => reply::too_many_connections_from_you(),
-            };
             info!("reject connect from={peer}: {refusal:?} limit reached");
             let mut out = Vec::new();
-            r.write_to(&mut out);
+            refusal.reply().write_to(&mut out);
             // One non-blocking attempt: the acceptor never waits on a client.
             let _ = stream.write(&out);
             return;
@@ -356,8 +362,24 @@ enum Refusal {
     PerIp,
 }
 
-/// Open sessions, in total and per client address, and the threads that
-/// run them.
+impl Refusal {
+    fn reply(self) -> reply::Reply {
+        match self {
+            Refusal::Total => reply::too_many_connections(),
+            Refusal::PerIp => reply::too_many_connections_from_you(),
+        }
+    }
+}
+
+/// Who a session is counted against: a TCP client's address, or the Unix
+/// user of a local submission. The two kinds have a total each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Peer {
+    Ip(IpAddr),
+    Uid(u32),
+}
+
+/// Open sessions, in total and per client, and the threads that run them.
 struct Tracker {
     counts: Mutex<Counts>,
     idle: Condvar,
@@ -376,14 +398,25 @@ impl Default for Tracker {
 
 #[derive(Default)]
 struct Counts {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    /// Sessions of TCP clients, and of local submissions.
+    tcp: usize,
+    local: usize,
+    per_peer: HashMap<Peer, usize>,
+}
+
+impl Counts {
+    fn total(&mut self, peer: Peer) -> &mut usize {
+        match peer {
+            Peer::Ip(_) => &mut self.tcp,
+            Peer::Uid(_) => &mut self.local,
+        }
+    }
 }
 
 /// Releases one slot when the session thread ends, however it ends.
 struct Guard {
     tracker: Arc<Tracker>,
-    ip: IpAddr,
+    peer: Peer,
 }
 
 impl Tracker {
@@ -395,23 +428,23 @@ impl Tracker {
 
     fn acquire(
         self: &Arc<Self>,
-        ip: IpAddr,
+        peer: Peer,
         max: usize,
-        max_per_ip: usize,
+        max_per_peer: usize,
     ) -> Result<Guard, Refusal> {
         let mut c = self.lock();
-        if c.total >= max {
+        if *c.total(peer) >= max {
             return Err(Refusal::Total);
         }
-        let n = c.per_ip.entry(ip).or_insert(0);
-        if *n >= max_per_ip {
+        let n = c.per_peer.entry(peer).or_insert(0);
+        if *n >= max_per_peer {
             return Err(Refusal::PerIp);
         }
         *n += 1;
-        c.total += 1;
+        *c.total(peer) += 1;
         Ok(Guard {
             tracker: Arc::clone(self),
-            ip,
+            peer,
         })
     }
 
@@ -419,7 +452,7 @@ impl Tracker {
     fn wait_idle(&self, grace: Duration) -> bool {
         let deadline = Instant::now() + grace;
         let mut c = self.lock();
-        while c.total > 0 {
+        while c.tcp + c.local > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -436,14 +469,14 @@ impl Tracker {
 impl Drop for Guard {
     fn drop(&mut self) {
         let mut c = self.tracker.lock();
-        c.total -= 1;
-        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+        *c.total(self.peer) -= 1;
+        if let Some(n) = c.per_peer.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
-                c.per_ip.remove(&self.ip);
+                c.per_peer.remove(&self.peer);
             }
         }
-        if c.total == 0 {
+        if c.tcp + c.local == 0 {
             self.tracker.idle.notify_all();
         }
     }
@@ -456,8 +489,8 @@ mod tests {
     #[test]
     fn caps_total_and_per_ip() {
         let t = Arc::new(Tracker::default());
-        let a: IpAddr = "10.0.0.1".parse().expect("literal");
-        let b: IpAddr = "10.0.0.2".parse().expect("literal");
+        let a = Peer::Ip("10.0.0.1".parse().expect("literal"));
+        let b = Peer::Ip("10.0.0.2".parse().expect("literal"));
         let g1 = t.acquire(a, 3, 2).expect("first");
         let _g2 = t.acquire(a, 3, 2).expect("second");
         assert_eq!(t.acquire(a, 3, 2).err(), Some(Refusal::PerIp));
@@ -466,6 +499,23 @@ mod tests {
         drop(g1);
         assert!(t.acquire(a, 3, 2).is_ok());
         assert!(!t.wait_idle(Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn local_users_are_capped_apart_from_tcp_clients() {
+        let t = Arc::new(Tracker::default());
+        let loopback = Peer::Ip("127.0.0.1".parse().expect("literal"));
+        let _tcp: Vec<Guard> = (0..2)
+            .map(|_| t.acquire(loopback, 2, 2).expect("tcp"))
+            .collect();
+        assert_eq!(t.acquire(loopback, 2, 2).err(), Some(Refusal::Total));
+        // Every TCP slot is taken; cron's mail still gets in.
+        let root = t.acquire(Peer::Uid(0), 2, 1).expect("root");
+        assert_eq!(t.acquire(Peer::Uid(0), 2, 1).err(), Some(Refusal::PerIp));
+        let _alice = t.acquire(Peer::Uid(1000), 2, 1).expect("another user");
+        assert_eq!(t.acquire(Peer::Uid(1001), 2, 1).err(), Some(Refusal::Total));
+        drop(root);
+        assert!(t.acquire(Peer::Uid(0), 2, 1).is_ok());
     }
 
     #[test]

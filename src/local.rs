@@ -44,6 +44,10 @@ pub struct Local {
     /// Unix users (besides root) whose `sendmail -f` sender is honoured;
     /// others always send as `login@<first domain>`. Default none.
     pub trusted_users: Vec<String>,
+    /// How long `sendmail` keeps trying a daemon that is not running or
+    /// refuses it for now (a restart, a connection cap) before it gives up
+    /// with exit 75. Default 1 minute; 0 gives up at once.
+    pub sendmail_wait: std::time::Duration,
     /// `mode` and `group`: who else may read the Maildirs postling creates.
     pub sharing: Sharing,
 }
@@ -299,6 +303,7 @@ mod tests {
             aliases: crate::aliases::parse(aliases, Path::new("aliases"))
                 .expect("test aliases parse"),
             trusted_users: Vec::new(),
+            sendmail_wait: std::time::Duration::ZERO,
             sharing: Sharing::default(),
         }
     }
@@ -532,6 +537,7 @@ plussed+x: bob@example.com
             mailboxes: BTreeMap::new(),
             aliases,
             trusted_users: Vec::new(),
+            sendmail_wait: std::time::Duration::ZERO,
             sharing: Sharing::default(),
         };
         assert_eq!(

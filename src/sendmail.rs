@@ -24,9 +24,10 @@
 //! It does not decide the envelope sender: the daemon learns the Unix user
 //! from SO_PEERCRED and, unless the user is trusted, replaces `MAIL FROM`
 //! with `login@<first local domain>` (see `smtp::conn::serve_local`). If the
-//! daemon is not running, nothing is kept (the temporary file has no name):
-//! the exit code is 75 (EX_TEMPFAIL) so the caller keeps the message and
-//! may retry. There is no maildrop directory.
+//! daemon is not running or says "try later", sendmail tries again for
+//! `local.sendmail_wait` (a restart, a boot where cron starts first); after
+//! that nothing is kept (the temporary file has no name) and the exit code
+//! is 75 (EX_TEMPFAIL). There is no maildrop directory.
 //!
 //! Exit codes follow sysexits.h: 0 sent, 64 usage, 65 bad message data,
 //! 67 no recipient accepted, 69 refused by the daemon, 74 I/O error,
@@ -39,7 +40,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Config, Flags};
 use crate::relay::reply::{ReplyParser, ServerReply};
@@ -1084,12 +1085,14 @@ fn submit(
     let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
     let mut todo = &recipients[..];
     let mut sent = 0;
+    let mut waiting = Waiting::new(config.local.sendmail_wait);
     while !todo.is_empty() {
         match transaction(&path, &sender, utf8, todo, &mut spool, diag) {
             Ok((accepted, rest)) => {
                 sent += accepted;
                 todo = rest;
             }
+            Err(e) if waiting.again(&e, diag) => {}
             Err(cause) if sent > 0 => {
                 return Err(Error::Partial {
                     sent,
@@ -1104,6 +1107,51 @@ fn submit(
         Ok(exit::OK)
     } else {
         Err(Error::NoRecipient)
+    }
+}
+
+/// Tries again, for up to `local.sendmail_wait`, a transaction that failed
+/// for now: the daemon is not running (a restart, a boot where cron is
+/// first), at its connection cap, or gave a 4xx. Nothing is kept when
+/// sendmail exits, so waiting here is what keeps cron's mail.
+struct Waiting {
+    until: Instant,
+    pause: Duration,
+    told: bool,
+}
+
+impl Waiting {
+    fn new(wait: Duration) -> Waiting {
+        Waiting {
+            until: Instant::now() + wait,
+            pause: Duration::from_secs(1),
+            told: false,
+        }
+    }
+
+    /// Sleeps and returns true if `e` is worth another try and there is
+    /// time left; says so on `diag` the first time.
+    fn again(&mut self, e: &Error, diag: &mut dyn Write) -> bool {
+        let why = match e {
+            Error::TempFail(m) => m.clone(),
+            Error::NotRunning(p) => format!("postling is not running (no {})", p.display()),
+            _ => return false,
+        };
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        if !self.told {
+            let _ = writeln!(
+                diag,
+                "sendmail: {why}; trying again for {}s",
+                left.as_secs()
+            );
+            self.told = true;
+        }
+        std::thread::sleep(self.pause.min(left));
+        self.pause = (self.pause * 2).min(Duration::from_secs(10));
+        true
     }
 }
 

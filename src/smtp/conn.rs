@@ -579,10 +579,15 @@ impl Conn<'_> {
                     self.authenticate(session, user, password)
                 }
                 Action::Data(message) => {
-                    if !self.ctx.message_rate.allow(
-                        self.peer.ip(),
-                        self.config.limits.max_messages_per_minute_per_ip,
-                    ) {
+                    // Local programs are not rate-limited: their sessions
+                    // are capped per Unix user instead, and a refused cron
+                    // burst would only be retried by sendmail.
+                    if message.local_user.is_none()
+                        && !self.ctx.message_rate.allow(
+                            self.peer.ip(),
+                            self.config.limits.max_messages_per_minute_per_ip,
+                        )
+                    {
                         let r = Reply::new(
                             421,
                             "4.7.0",

@@ -433,7 +433,8 @@ fn an_unusable_tmpdir_falls_back_to_tmp() {
 #[test]
 fn daemon_not_running_is_tempfail() {
     let dir = TempDir::new();
-    std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
+    let config = config(&dir).replace("[local]\n", "[local]\nsendmail_wait = 0\n");
+    std::fs::write(dir.path().join("postling.toml"), config).expect("config");
     let out = sendmail(&dir, &["root"], b"Subject: x\n\nhello\n");
     assert_eq!(out.status.code(), Some(75));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -442,6 +443,59 @@ fn daemon_not_running_is_tempfail() {
             && stderr.contains("submit.sock); message not sent"),
         "{stderr}"
     );
+}
+
+#[test]
+fn sendmail_waits_for_a_daemon_that_is_starting() {
+    // cron at boot, or during a restart: the daemon comes up after
+    // sendmail was called, and the mail still gets through.
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
+    let early = {
+        let dir = dir.path().to_path_buf();
+        thread::spawn(move || run(&dir, true, &["root"], b"Subject: early\n\nhello\n"))
+    };
+    thread::sleep(Duration::from_millis(1500));
+    let s = Server::start(&dir, &config(&dir));
+    let out = early.join().expect("sendmail thread");
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("postling is not running") && stderr.contains("; trying again for "),
+        "{stderr}"
+    );
+    let (header, _) = split_message(&mail(&s, "root", 1)[0]);
+    assert!(header.contains("Subject: early"), "{header}");
+}
+
+#[test]
+fn tcp_clients_cannot_take_the_slots_of_local_submissions() {
+    let dir = TempDir::new();
+    let config = config(&dir).replace(
+        "[local]\n",
+        "[limits]\nmax_connections = 2\nmax_connections_per_ip = 2\n\
+         max_messages_per_minute_per_ip = 1\n[local]\nsendmail_wait = 0\n",
+    );
+    let s = Server::start(&dir, &config);
+    // Any local process, or two LAN clients, holding every TCP slot.
+    let held = [s.client(), s.client()];
+    let third = crate::util::Client::connect(s.addr);
+    assert!(
+        third.greeting.starts_with("421 4.3.2"),
+        "{}",
+        third.greeting
+    );
+    // Local submissions are counted apart, and not rate-limited: three in
+    // a row all arrive (the rate limit would have refused the second).
+    for n in 0..3 {
+        ok(&sendmail(
+            &dir,
+            &["root"],
+            format!("Subject: n{n}\n\nhi\n").as_bytes(),
+        ));
+    }
+    assert_eq!(mail(&s, "root", 3).len(), 3);
+    drop(held);
 }
 
 #[test]
