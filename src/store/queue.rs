@@ -155,11 +155,24 @@ impl Queue {
     fn scan_queue(&self) -> io::Result<Vec<String>> {
         let mut ids = Vec::new();
         let mut updates = Vec::new();
+        let mut unread = Vec::new();
         for entry in fs::read_dir(&self.queue).map_err(at(&self.queue))? {
             let entry = entry.map_err(at(&self.queue))?;
             let name = entry.file_name();
             let problem = match name.to_str() {
-                Some(id) if is_valid_id(id) => self.check_entry(id)?,
+                Some(id) if is_valid_id(id) => match self.check_entry(id) {
+                    Ok(problem) => problem,
+                    Err(e) => {
+                        // One unreadable file must not keep the server
+                        // (and every other message) down.
+                        log::error!(
+                            "queue: cannot read entry id={id}: {e}; left in place, \
+                             and tried when postling next starts"
+                        );
+                        unread.push(id.to_owned());
+                        continue;
+                    }
+                },
                 Some(n) if n.strip_suffix(UPDATED).is_some_and(is_valid_id) => {
                     updates.push(n.to_owned());
                     continue;
@@ -176,7 +189,9 @@ impl Queue {
         for name in updates {
             let path = self.queue.join(&name);
             let id = name.strip_suffix(UPDATED).unwrap_or_default();
-            if ids.binary_search_by(|good| good.as_str().cmp(id)).is_ok() {
+            if ids.binary_search_by(|good| good.as_str().cmp(id)).is_ok()
+                || unread.iter().any(|u| u == id)
+            {
                 continue;
             }
             if self.corrupt.join(id).exists() {
@@ -199,7 +214,8 @@ impl Queue {
     }
 
     /// `Ok(None)` if queue/<id> is a good entry, `Ok(Some(why))` if it is
-    /// corrupt, `Err` for an I/O error that says nothing about the entry.
+    /// corrupt, `Err` for an I/O error that says nothing about the entry
+    /// (EACCES, EIO: the entry is left where it is, unread).
     fn check_entry(&self, id: &str) -> io::Result<Option<String>> {
         match self.open_message(id).and_then(|_| self.load(id)) {
             Ok(_) => Ok(None),
@@ -884,6 +900,25 @@ mod tests {
         let (_q, ids) = Queue::open(t.path()).expect("reopen again");
         assert_eq!(ids, vec![good]);
         assert_eq!(names(&t.path().join("corrupt")).len(), want.len() + 1);
+    }
+
+    #[test]
+    fn an_entry_that_cannot_be_read_is_left_alone_and_the_rest_open() {
+        let t = TestDir::new("q-unread");
+        let (q, _) = Queue::open(t.path()).expect("open");
+        let good = commit_one(&q, b"good");
+        // Reading its updated envelope fails with EISDIR, as a bad sector
+        // (EIO) or a file root left behind (EACCES) would.
+        let unread = commit_one(&q, b"kept");
+        fs::create_dir(q.updated(&unread)).expect("a directory for its .env");
+        let (q, ids) = Queue::open(t.path()).expect("one bad entry does not stop the queue");
+        assert_eq!(ids, vec![good.clone()]);
+        // Nothing of it is moved or removed: it is not corrupt, only unread.
+        assert_eq!(
+            names(q.queue_dir()),
+            vec![good, unread.clone(), format!("{unread}.env")]
+        );
+        assert!(!t.path().join("corrupt").exists());
     }
 
     #[test]
