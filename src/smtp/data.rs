@@ -12,7 +12,11 @@
 //!   transaction is refused once the real end arrives);
 //! - a line over 1000 octets with its CRLF, not counting a dot added for
 //!   transparency (RFC 5321 4.5.3.1.6), poisons it;
-//! - more than `max_size` octets poisons it (RFC 1870 SIZE, 552).
+//! - more than `max_size` octets poisons it (RFC 1870 SIZE, 552);
+//! - a message whose first line starts with a space or tab poisons it: a
+//!   header section starts with a field name (RFC 5322 2.2), and the
+//!   server writes its own `Received:` field just before the data, which
+//!   such a line would continue (a client could forge our trace).
 //!
 //! Once poisoned, nothing more is produced, but the decoder keeps looking for
 //! the real end so that the reply stays in step with the client. It also
@@ -28,6 +32,8 @@ pub enum DataError {
     TooBig,
     BareLineEnding,
     LineTooLong,
+    /// The first line is folded (starts with SP or HT).
+    FoldedStart,
     /// The sink failed (disk full, permission): set by the driver via `fail`.
     Storage,
 }
@@ -93,9 +99,10 @@ impl DataDecoder {
     pub fn fail(&mut self, error: DataError) {
         let rank = |e: DataError| match e {
             DataError::TooBig => 0,
-            DataError::LineTooLong => 1,
-            DataError::BareLineEnding => 2,
-            DataError::Storage => 3,
+            DataError::FoldedStart => 1,
+            DataError::LineTooLong => 2,
+            DataError::BareLineEnding => 3,
+            DataError::Storage => 4,
         };
         if self.error.is_none_or(|old| rank(error) > rank(old)) {
             self.error = Some(error);
@@ -222,6 +229,10 @@ impl DataDecoder {
     /// returns how many the caller may write (none once refused).
     fn account(&mut self, buf: &[u8], out: usize) -> usize {
         if self.error.is_some() {
+            return 0;
+        }
+        if self.size == 0 && matches!(buf[..out].first(), Some(b' ' | b'\t')) {
+            self.fail(DataError::FoldedStart);
             return 0;
         }
         self.size += out as u64;
@@ -410,6 +421,23 @@ mod tests {
             run(&stuffed(MAX_LINE), 100, 1 << 20).2,
             Err(DataError::LineTooLong)
         );
+    }
+
+    #[test]
+    fn a_folded_first_line_is_refused() {
+        // It would continue the Received: field the server writes first.
+        for input in [
+            &b" by forged.example; Mon, 1 Jan 2024\r\nSubject: x\r\n\r\nhi\r\n.\r\n"[..],
+            b"\tx\r\n.\r\nNOOP\r\n",
+            b".\tx\r\n.\r\n",
+        ] {
+            let (_, left, verdict) = every_chunking(input, 1 << 20);
+            assert!(left.is_some(), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(verdict, Err(DataError::FoldedStart));
+        }
+        // Folding anywhere later is ordinary.
+        let (_, _, verdict) = every_chunking(b"Subject: a\r\n b\r\n\r\n c\r\n.\r\n", 1 << 20);
+        assert!(verdict.is_ok());
     }
 
     #[test]

@@ -68,7 +68,14 @@ impl Message {
             ),
             None => format!(
                 "Received: from {} ({})\r\n\tby {} (postling session {}) with {} id {}",
-                self.helo, peer, hostname, self.session, self.protocol, id
+                // Any graphic ASCII passes EHLO; these would open or close
+                // a comment (RFC 5322 3.2.2) and change what follows.
+                self.helo.replace(['(', ')', '\\'], "?"),
+                peer,
+                hostname,
+                self.session,
+                self.protocol,
+                id
             ),
         };
         if let Some(tls) = &self.tls {
@@ -171,6 +178,11 @@ mod tests {
             },
         ]);
         assert!(!two.received_header("pi.lan", "ID1", 0).contains("for <"));
+        let mut odd = msg(Vec::new());
+        odd.helo = "x(y)\\".into();
+        assert!(odd
+            .received_header("pi.lan", "ID1", 0)
+            .starts_with("Received: from x?y?? ([192.168.1.5])\r\n"));
     }
 
     #[test]

@@ -183,6 +183,13 @@ pub fn bad_data_line_ending() -> Reply {
         "Message contains a bare CR or LF; lines must end with CRLF",
     )
 }
+pub fn folded_first_line() -> Reply {
+    Reply::new(
+        550,
+        "5.6.0",
+        "Message starts with a folded line; it must start with a header field",
+    )
+}
 pub fn data_line_too_long() -> Reply {
     Reply::new(
         550,

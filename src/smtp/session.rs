@@ -722,6 +722,7 @@ fn data_error_reply(e: DataError) -> Reply {
         DataError::TooBig => reply::message_too_big(),
         DataError::BareLineEnding => reply::bad_data_line_ending(),
         DataError::LineTooLong => reply::data_line_too_long(),
+        DataError::FoldedStart => reply::folded_first_line(),
         DataError::Storage => reply::local_error(),
     }
 }

@@ -79,6 +79,29 @@ fn over_size_message_gets_552_and_earlier_mail_is_kept() {
 }
 
 #[test]
+fn data_that_would_continue_our_received_field_gets_550() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, LOCAL);
+    let mut c = ready(&s);
+    let forged = "\tby trusted.example with ESMTPS id FORGED; Mon, 1 Jan 2024 00:00:00 +0000\r\n\
+                  Subject: hi\r\n\r\nbody\r\n";
+    let r = c.send_mail("a@b.test", &["alice@localhost"], forged);
+    assert!(r.starts_with("550 5.6.0"), "{r}");
+    assert!(s.mail("alice").is_empty());
+    assert!(s.nothing_unfinished());
+    // The session goes on.
+    assert!(c
+        .send_mail(
+            "a@b.test",
+            &["alice@localhost"],
+            "Subject: ok\r\n\r\nhi\r\n"
+        )
+        .starts_with("250"));
+    let (header, _) = split_message(&s.mail("alice")[0]);
+    assert!(!header.contains("FORGED"), "{header}");
+}
+
+#[test]
 fn over_long_data_line_gets_550() {
     let dir = TempDir::new();
     let s = Server::start(&dir, LOCAL);
