@@ -156,6 +156,7 @@ impl Exchange {
             State::Plain => decode(line).and_then(|m| plain(&m)),
             State::LoginUser => decode(line)
                 .and_then(|m| text(m, "empty user name"))
+                .and_then(user_name)
                 .map(|user| {
                     self.state = State::LoginPassword { user };
                     Step::Challenge(PASSWORD)
@@ -188,6 +189,16 @@ fn text(bytes: Vec<u8>, empty: &'static str) -> Result<String, &'static str> {
     String::from_utf8(bytes).map_err(|_| "response is not UTF-8")
 }
 
+/// A user name is logged, and no users-file line can hold a control
+/// character: one (a line feed, an escape) is refused, so it can never
+/// forge a log line.
+fn user_name(user: String) -> Result<String, &'static str> {
+    if user.chars().any(char::is_control) {
+        return Err("control character in user name");
+    }
+    Ok(user)
+}
+
 /// RFC 4616 section 2: `[authzid] NUL authcid NUL passwd`, each UTF-8,
 /// authcid and passwd non-empty.
 fn plain(message: &[u8]) -> Result<Step, &'static str> {
@@ -206,6 +217,7 @@ fn plain(message: &[u8]) -> Result<Step, &'static str> {
     if user.is_empty() {
         return Err("empty user name");
     }
+    let user = user_name(user)?;
     if password.is_empty() {
         return Err("empty password");
     }
@@ -271,6 +283,9 @@ mod tests {
         let no_user = b64(b"\0\0secret");
         let no_password = b64(b"\0alice\0");
         let bad_utf8 = b64(b"\0alice\0\xff\xfe");
+        let forged = b64(b"\0bob\nauth user=alice\0secret");
+        let escape = b64(b"\0bob\x1b[2J\0secret");
+        let control_in_password = b64(b"\0alice\0sec\tret");
         #[rustfmt::skip]
         let cases: &[(Option<&str>, &[&str], &[Step])] = &[
             // With an initial response: one step.
@@ -295,6 +310,10 @@ mod tests {
             (Some(&no_user), &[], &[Step::Malformed("empty user name")]),
             (Some(&no_password), &[], &[Step::Malformed("empty password")]),
             (Some(&bad_utf8), &[], &[Step::Malformed("PLAIN field is not UTF-8")]),
+            // A user name is logged: no line feed or escape may forge a line.
+            (Some(&forged), &[], &[Step::Malformed("control character in user name")]),
+            (Some(&escape), &[], &[Step::Malformed("control character in user name")]),
+            (Some(&control_in_password), &[], &[done("", "alice", "sec\tret")]),
             // Anything after the end is not an exchange.
             (Some(&alice), &[&alice], &[done("", "alice", "secret"), Step::Malformed("no AUTH exchange in progress")]),
         ];
@@ -329,6 +348,7 @@ mod tests {
             (None, &["/w=="], &[u.clone(), Step::Malformed("response is not UTF-8")]),
             (None, &[&alice, "/w=="], &[u.clone(), p.clone(), Step::Malformed("response is not UTF-8")]),
             (None, &["YQBi"], &[u.clone(), Step::Malformed("NUL in response")]),
+            (None, &[&b64(b"bob\r\nx")], &[u.clone(), Step::Malformed("control character in user name")]),
             (None, &[&alice, &secret, &secret], &[u.clone(), p.clone(), done("", "alice", "secret"), Step::Malformed("no AUTH exchange in progress")]),
         ];
         for (initial, lines, want) in cases {
