@@ -550,8 +550,10 @@ impl<'c> Session<'c> {
         let (address, targets) = match to {
             ForwardPath::Postmaster => {
                 let domain = local.domains.first().map_or("localhost", String::as_str);
+                // Named with the domain it is resolved in, so its copy's
+                // Delivered-To: is a whole address.
                 (
-                    "postmaster".to_string(),
+                    format!("postmaster@{domain}"),
                     local.resolve("postmaster", domain),
                 )
             }

@@ -167,7 +167,17 @@ fn aliases_expand_to_mailboxes_and_remote_addresses() {
     assert_eq!(s.mail("carol").len(), 1);
     // <Postmaster> is always accepted, here through the alias chain to alice.
     c.send_mail("x@localhost", &["Postmaster"], "Subject: pm\r\n\r\nhi\r\n");
-    assert_eq!(s.mail("alice").len(), 3);
+    let mail = s.mail("alice");
+    assert_eq!(mail.len(), 3);
+    let pm = mail
+        .iter()
+        .find(|m| String::from_utf8_lossy(m).contains("Subject: pm"));
+    let (header, _) = split_message(pm.expect("postmaster's mail"));
+    // A whole address, the domain postmaster was resolved in.
+    assert!(
+        header.contains("Delivered-To: alice@localhost\r\n"),
+        "{header}"
+    );
     assert!(c.cmd("MAIL FROM:<x@localhost>").starts_with("250"));
     assert!(c.cmd("RCPT TO:<dave@localhost>").starts_with("550 5.1.1"));
 }
