@@ -76,7 +76,11 @@ impl Context {
 
 /// Locks `data_dir` for this process, creating it if needed.
 pub fn lock_data_dir(data_dir: &Path) -> io::Result<File> {
-    std::fs::create_dir_all(data_dir)?;
+    if !data_dir.is_dir() {
+        std::fs::create_dir_all(data_dir)?;
+        // Its name must survive a power cut, as the queue inside it will.
+        crate::store::sync_dir(crate::store::parent_of(data_dir))?;
+    }
     let path = data_dir.join("lock");
     let file = OpenOptions::new()
         .create(true)
