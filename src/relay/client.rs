@@ -334,7 +334,7 @@ pub struct Client {
     finished: bool,
     /// After a message's final reply, wait in `Idle` instead of QUIT.
     keep_open: bool,
-    /// Replies received for the current job.
+    /// Replies that answered the current job ([`Client::replies`]).
     replies: usize,
 }
 
@@ -416,9 +416,11 @@ impl Client {
         matches!(self.state, State::Idle)
     }
 
-    /// Replies received since the current job started: zero after a lost
-    /// connection means the server never saw this job's commands answered,
-    /// so nothing of it was sent (the message goes only after a 354).
+    /// Replies that answered the current job: zero means nothing of it was
+    /// sent (the message goes only after a 354): no reply came, or the
+    /// first was a 421, the server closing the session (RFC 5321 3.8), as
+    /// one does with a kept session it timed out or that carried its
+    /// quota of messages.
     pub fn replies(&self) -> usize {
         self.replies
     }
@@ -471,7 +473,9 @@ impl Client {
     /// Handles one complete reply from the server.
     pub fn on_reply(&mut self, reply: ServerReply) {
         trace!("id={} < {}", self.job.id, reply.one_line());
-        self.replies += 1;
+        if self.replies > 0 || reply.code != 421 {
+            self.replies += 1;
+        }
         let pending = match &mut self.state {
             State::Tx(pending) => std::mem::take(pending),
             _ => VecDeque::new(),

@@ -20,7 +20,7 @@ use log::{debug, trace};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
-use super::client::{Client, Failure, Job, Outcome, Output, TlsMode, Wait};
+use super::client::{Client, Job, Outcome, Output, TlsMode, Wait};
 use super::dotstuff::DotStuffer;
 use super::reply::{ReplyParser, ServerReply};
 use crate::tls;
@@ -240,8 +240,9 @@ impl Reusable {
     /// Sends one more message over this session. `Err(Closed)` means the
     /// session turned out to be unusable before anything of this job was
     /// answered: the server closed it while it was idle (perhaps after a
-    /// `421` timeout notice, which is still unread), so nothing of the
-    /// message was sent and the caller connects anew.
+    /// `421` timeout notice, which is still unread), or answered the job's
+    /// first command with `421` (a limit of messages per session), so
+    /// nothing of the message was sent and the caller connects anew.
     pub fn send(
         mut self,
         job: Job,
@@ -263,8 +264,7 @@ impl Reusable {
             tls,
             timeouts,
         );
-        let lost = matches!(outcome.failure, Some(Failure::Connection(_)));
-        if lost && replies == 0 {
+        if replies == 0 {
             return Err(Closed);
         }
         Ok((outcome, again))
@@ -697,13 +697,17 @@ mod tests {
     #[test]
     fn a_session_the_server_closed_while_idle_is_reported_unused() {
         for goodbye in ["", "421 4.4.2 idle too long\r\n"] {
-            closed_while_idle(goodbye);
+            closed_while_idle(goodbye, false);
         }
+        // Exim, Exchange: a limit of messages per session, or an idle
+        // timeout, told in answer to the next MAIL.
+        closed_while_idle("421 4.7.0 too many messages in this session\r\n", true);
     }
 
     /// A server that answers one message, then sends `goodbye` and hangs
-    /// up: the next message is not sent over that session.
-    fn closed_while_idle(goodbye: &'static str) {
+    /// up, while the session is idle or (`at_mail`) in answer to the next
+    /// MAIL: the next message is not sent over that session.
+    fn closed_while_idle(goodbye: &'static str, at_mail: bool) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         // The server says goodbye only once the client holds the session.
@@ -721,6 +725,10 @@ mod tests {
                     return;
                 }
                 match line.trim_end() {
+                    "." if in_data && at_mail => {
+                        in_data = false;
+                        reply(&mut s, "250 ok\r\n");
+                    }
                     "." if in_data => {
                         reply(&mut s, "250 ok\r\n");
                         // Hangs up while the client keeps the session.
@@ -729,6 +737,10 @@ mod tests {
                         return;
                     }
                     _ if in_data => {}
+                    l if at_mail && l.starts_with("MAIL") && kept.try_recv().is_ok() => {
+                        reply(&mut s, goodbye);
+                        return;
+                    }
                     l if l.starts_with("EHLO") => reply(&mut s, "250-hi\r\n250 PIPELINING\r\n"),
                     "DATA" => {
                         in_data = true;
@@ -752,7 +764,12 @@ mod tests {
         assert!(all_delivered(&first), "{first:?}");
         let open = open.expect("kept open on our side");
         kept_tx.send(()).unwrap();
-        server.join().unwrap();
+        let server = if at_mail {
+            Some(server)
+        } else {
+            server.join().unwrap();
+            None
+        };
         let mut message: &[u8] = b"not sent\r\n";
         let result = open.send(
             job(TlsMode::None, false),
@@ -761,6 +778,9 @@ mod tests {
             &timeouts,
         );
         assert!(result.is_err(), "a dead idle session must be reported");
+        if let Some(server) = server {
+            server.join().unwrap();
+        }
         assert_eq!(message, b"not sent\r\n", "nothing of the message was read");
     }
 
