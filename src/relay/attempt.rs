@@ -229,9 +229,15 @@ impl Deliverer {
             }
             None => candidates,
         };
-        let auth = match self.credentials() {
-            Ok(a) => a,
-            Err(reason) => return all(RcptResult::Deferred { reason }),
+        // The smarthost's login only ever goes to the smarthost: a reload
+        // that adds one while a direct delivery is planned must not offer
+        // it to a domain's MX.
+        let auth = match dest {
+            Dest::Smarthost => match self.credentials() {
+                Ok(a) => a,
+                Err(reason) => return all(RcptResult::Deferred { reason }),
+            },
+            Dest::Domain(_) => None,
         };
         let recipients: Vec<String> = idxs
             .iter()
