@@ -1062,9 +1062,13 @@ fn submit(
         }
         None => format!("{}@{domain}", login()),
     };
+    // The daemon keeps `-f` only for root and `local.trusted_users`; for
+    // anyone else an added From: must name the sender it will really use.
+    let login = login();
+    let trusted = nix::unistd::getuid().is_root() || config.local.trusted_users.contains(&login);
     let added = Added {
-        from: if sender.is_empty() {
-            format!("{}@{domain}", login())
+        from: if sender.is_empty() || !trusted {
+            format!("{login}@{domain}")
         } else {
             sender.clone()
         },

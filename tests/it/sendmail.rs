@@ -620,4 +620,15 @@ fn the_envelope_sender_is_the_unix_user_unless_trusted() {
         senders.contains(&"Return-Path: <nobody@pi.test>".to_string()),
         "{senders:?}"
     );
+    // The From: sendmail adds names the sender the daemon really used.
+    for m in s.mail("alice") {
+        let (header, _) = split_message(&m);
+        let want = if header.starts_with("Return-Path: <nobody@") {
+            "\r\nFrom: <nobody@pi.test>\r\n"
+        } else {
+            "\r\nFrom: <backup@example.net>\r\n"
+        };
+        assert!(header.contains(want), "{header}");
+        assert!(!header.contains("boss@"), "{header}");
+    }
 }
