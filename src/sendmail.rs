@@ -83,6 +83,9 @@ pub enum Mode {
     ListQueue,
     /// `-q`: ask the daemon to retry the queue now.
     Flush,
+    /// `-bi` / `-I` (newaliases): nothing to rebuild; the daemon reads the
+    /// aliases file itself, at start and on reload.
+    NewAliases,
 }
 
 /// The parsed command line.
@@ -145,7 +148,9 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
             match c {
                 't' => o.recipients_from_headers = true,
                 'i' => o.ignore_dots = true,
-                'v' | 'm' | 'n' | 'U' | 'G' => {}
+                // Accepted and ignored, as Postfix's sendmail does.
+                'v' | 'm' | 'n' | 'U' | 'G' | 'c' | 'x' => {}
+                'I' => o.mode = Mode::NewAliases,
                 // -q, -q1h, -qR...: retry the queue now (no queue runner
                 // interval: the daemon schedules retries itself).
                 'q' => {
@@ -153,7 +158,7 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
                     break;
                 }
                 'f' | 'r' | 'F' | 'C' | 'b' | 'o' | 'O' | 'B' | 'N' | 'R' | 'V' | 'h' | 'L'
-                | 'X' => {
+                | 'X' | 'A' | 'e' | 'p' => {
                     let value = if rest.is_empty() {
                         let Some(next) = args.get(i) else {
                             return Err(format!("option -{c} requires an argument"));
@@ -173,12 +178,13 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
                                 "m" => Mode::Deliver,
                                 "s" => Mode::Smtp,
                                 "p" => Mode::ListQueue,
+                                "i" => Mode::NewAliases,
                                 _ => return Err(format!("unsupported mode -b{value}")),
                             }
                         }
                         // -oi is -i; -oem, -odb, -odi, -oXxx and the rest,
-                        // and -O, -B, -N, -R, -V, -h, -L, -X: accepted and
-                        // ignored (the daemon decides).
+                        // and -O, -B, -N, -R, -V, -h, -L, -X, -A, -e, -p:
+                        // accepted and ignored (the daemon decides).
                         'o' if value == "i" => o.ignore_dots = true,
                         _ => {}
                     }
@@ -945,6 +951,13 @@ fn run(args: &[String]) -> Result<u8, Error> {
     match opts.mode {
         Mode::ListQueue => queue(crate::queue_cli::Command::List { json: false }, &config),
         Mode::Flush => queue(crate::queue_cli::Command::Flush(None), &config),
+        Mode::NewAliases => {
+            eprintln!(
+                "sendmail: nothing to rebuild: postling reads the aliases file itself, \
+                 at start and on reload (systemctl reload postling)"
+            );
+            Ok(exit::OK)
+        }
         Mode::Smtp => smtp_proxy(&config),
         Mode::Deliver => {
             let stdin = io::stdin();
@@ -1412,6 +1425,28 @@ mod tests {
                 },
             ),
             (
+                // Postfix's ignored ones, some with a value.
+                "-Am -c -e x -p smtp -x -t",
+                Options {
+                    recipients_from_headers: true,
+                    ..d()
+                },
+            ),
+            (
+                "-bi",
+                Options {
+                    mode: Mode::NewAliases,
+                    ..d()
+                },
+            ),
+            (
+                "-I",
+                Options {
+                    mode: Mode::NewAliases,
+                    ..d()
+                },
+            ),
+            (
                 "-f me@x a",
                 Options {
                     sender: Some("me@x".into()),
@@ -1536,9 +1571,9 @@ mod tests {
             assert_eq!(parse_args(&args(line)), Ok(want), "{line}");
         }
         let bad = [
-            ("-x", "unknown option -x"),
+            ("-y", "unknown option -y"),
             ("--help", "unknown option --help"),
-            ("-tx a", "unknown option -x"),
+            ("-ty a", "unknown option -y"),
             ("-bd", "unsupported mode -bd"),
             ("-f", "option -f requires an argument"),
         ];

@@ -502,12 +502,19 @@ fn tcp_clients_cannot_take_the_slots_of_local_submissions() {
 fn usage_errors_exit_64() {
     let dir = TempDir::new();
     std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
-    let out = sendmail(&dir, &["-x", "root"], b"");
+    let out = sendmail(&dir, &["-y", "root"], b"");
     assert_eq!(out.status.code(), Some(64));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "sendmail: unknown option -x\n"
+        "sendmail: unknown option -y\n"
     );
+    // newaliases' flags: nothing to rebuild, and no failure for the
+    // package scripts that call it after editing /etc/aliases.
+    for flag in ["-bi", "-I"] {
+        let out = sendmail(&dir, &[flag], b"");
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to rebuild"));
+    }
     let out = run(dir.path(), true, &["-i"], b"Subject: x\n\nhi\n");
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no recipients"));
