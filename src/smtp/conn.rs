@@ -162,7 +162,13 @@ impl Input {
                 self.consume(i + 1);
                 Some(Line::BareEnding)
             }
-            Some(i) if i + 1 == pending.len() => None, // CR, LF not here yet
+            Some(i) if i + 1 == pending.len() && i <= max => None, // CR, LF not here yet
+            // Already too long, and the buffer may be full: discard it,
+            // keeping the CR's place (its LF decides the error).
+            Some(i) if i + 1 == pending.len() => {
+                self.discarding = true;
+                self.take_line()
+            }
             Some(i) if pending[i + 1] != b'\n' => {
                 self.consume(i + 1);
                 Some(Line::BareEnding)
@@ -808,5 +814,9 @@ mod tests {
             ["<too long>", "NOOP"]
         );
         assert_eq!(lines(&[&long, b"\r", b"MAIL\r\n"]), ["<bare>", "MAIL"]);
+        // A CR as the very last byte the buffer holds (review finding: the
+        // connection was dropped, "input buffer full", with no reply).
+        let full = [vec![b'x'; INPUT_BUFFER - 1], b"\r".to_vec()].concat();
+        assert_eq!(lines(&[&full, b"\nNOOP\r\n"]), ["<too long>", "NOOP"]);
     }
 }
