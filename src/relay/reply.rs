@@ -2,14 +2,16 @@
 //!
 //! Owns framing and validating replies as RFC 5321 4.2 defines them: a
 //! three-digit code, `-` on every line but the last of a multi-line reply
-//! (4.2.1), CRLF line ends (2.3.8). It is sans-IO: the driver feeds it bytes
+//! (4.2.1), CRLF line ends (2.3.8; a bare LF is taken as a line end too,
+//! as Postfix and Exim take it from servers that send one: only DATA,
+//! not a reply, can smuggle). It is sans-IO: the driver feeds it bytes
 //! and asks for complete replies; it never touches a socket, and it does not
 //! decide what a reply *means* for the transaction (that is `client.rs`).
 //!
 //! The remote server is untrusted, so every input costs bounded memory and
 //! every oddity is an error, not a guess: an over-long line, an endless
 //! multi-line reply, a code that changes between lines, a code that is not
-//! three digits in 200..=599, a NUL byte, a bare LF, or more buffered bytes
+//! three digits in 200..=599, a NUL byte, or more buffered bytes
 //! than `MAX_BUFFERED`. An error is final: the parser keeps returning it, and
 //! the caller drops the connection and defers what is not yet final.
 
@@ -105,7 +107,6 @@ pub enum ReplyError {
     CodeOutOfRange(u16),
     BadSeparator,
     Nul,
-    BareLf,
     TooMuchBuffered,
 }
 
@@ -124,7 +125,6 @@ impl fmt::Display for ReplyError {
             ReplyError::CodeOutOfRange(c) => write!(f, "reply code {c} outside 200..=599"),
             ReplyError::BadSeparator => write!(f, "reply code not followed by space or hyphen"),
             ReplyError::Nul => write!(f, "NUL byte in reply"),
-            ReplyError::BareLf => write!(f, "reply line ended by a bare LF"),
             ReplyError::TooMuchBuffered => {
                 write!(f, "more than {MAX_BUFFERED} bytes of reply buffered")
             }
@@ -208,10 +208,12 @@ impl ReplyParser {
             if lf + 1 > MAX_LINE {
                 return Err(ReplyError::LineTooLong);
             }
-            if lf == 0 || self.buf[lf - 1] != b'\r' {
-                return Err(ReplyError::BareLf);
-            }
-            let line = &self.buf[..lf - 1];
+            let end = if lf > 0 && self.buf[lf - 1] == b'\r' {
+                lf - 1
+            } else {
+                lf
+            };
+            let line = &self.buf[..end];
             let (code, last, text) = parse_line(line)?;
             if let Some(first) = self.code {
                 if first != code {
@@ -348,9 +350,7 @@ mod tests {
             (b"250x\r\n", ReplyError::BadSeparator),
             (b"250 a\0b\r\n", ReplyError::Nul),
             (b"250 a\0", ReplyError::Nul),
-            (b"250 ok\n", ReplyError::BareLf),
-            (b"\n", ReplyError::BareLf),
-            (b"250 ok\r\n\n", ReplyError::BareLf),
+            (b"\n", ReplyError::BadCode),
         ];
         for (input, want) in cases {
             assert_eq!(parse_all(input).as_ref(), Err(want), "{input:?}");
@@ -359,12 +359,22 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_lf_ends_a_line_as_postfix_takes_it() {
+        let mut p = ReplyParser::new();
+        p.feed(b"250-mx.test\n250-PIPELINING\r\n250 8BITMIME\n220 next\n");
+        let r = p.next().expect("parses").expect("complete");
+        assert_eq!((r.code, r.lines.len()), (250, 3));
+        assert_eq!(r.lines[2], "8BITMIME");
+        assert_eq!(p.next().expect("parses").map(|r| r.code), Some(220));
+    }
+
+    #[test]
     fn error_is_final() {
         let mut p = ReplyParser::new();
-        p.feed(b"250 a\n");
-        assert_eq!(p.next(), Err(ReplyError::BareLf));
+        p.feed(b"25a\r\n");
+        assert_eq!(p.next(), Err(ReplyError::BadCode));
         p.feed(b"250 ok\r\n");
-        assert_eq!(p.next(), Err(ReplyError::BareLf));
+        assert_eq!(p.next(), Err(ReplyError::BadCode));
         assert_eq!(p.buffered(), 0);
     }
 
