@@ -183,8 +183,10 @@ pub enum Output {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     Greeting,
-    /// EHLO, HELO, STARTTLS, AUTH, QUIT.
+    /// EHLO, HELO, STARTTLS, AUTH, and the dot of an aborted DATA.
     Command,
+    /// QUIT, sent once every result is known.
+    Quit,
     Mail,
     Rcpt,
     DataInit,
@@ -197,6 +199,7 @@ impl Wait {
         match self {
             Wait::Greeting => "the greeting",
             Wait::Command => "a command",
+            Wait::Quit => "QUIT",
             Wait::Mail => "MAIL FROM",
             Wait::Rcpt => "RCPT TO",
             Wait::DataInit => "DATA",
@@ -376,12 +379,10 @@ impl Client {
         match &self.state {
             State::Connect | State::Handshake | State::Done | State::Idle => None,
             State::Greeting => Some(Wait::Greeting),
-            State::Ehlo
-            | State::Helo
-            | State::StartTls
-            | State::Auth(_)
-            | State::AbortData
-            | State::Quit => Some(Wait::Command),
+            State::Ehlo | State::Helo | State::StartTls | State::Auth(_) | State::AbortData => {
+                Some(Wait::Command)
+            }
+            State::Quit => Some(Wait::Quit),
             State::Tx(pending) => Some(match pending.front() {
                 Some(Cmd::Mail) => Wait::Mail,
                 Some(Cmd::Rcpt(_)) => Wait::Rcpt,

@@ -31,8 +31,12 @@ use crate::tls;
 pub struct Timeouts {
     /// The greeting (4.5.3.2.1, "initial 220 message"): 5 minutes.
     pub greeting: Duration,
-    /// EHLO, STARTTLS (and its handshake), AUTH, QUIT: 5 minutes.
+    /// EHLO, STARTTLS (and its handshake), AUTH: 5 minutes.
     pub command: Duration,
+    /// QUIT: 10 seconds. RFC 5321 sets none; every result is known by then,
+    /// and a server that never answers must not hold a delivery thread and
+    /// the results for 5 minutes.
+    pub quit: Duration,
     /// MAIL (4.5.3.2.2): 5 minutes.
     pub mail: Duration,
     /// Each RCPT (4.5.3.2.3): 5 minutes.
@@ -51,6 +55,7 @@ impl Default for Timeouts {
         Timeouts {
             greeting: min(5),
             command: min(5),
+            quit: Duration::from_secs(10),
             mail: min(5),
             rcpt: min(5),
             data_init: min(2),
@@ -66,6 +71,7 @@ impl Timeouts {
         Timeouts {
             greeting: d,
             command: d,
+            quit: d,
             mail: d,
             rcpt: d,
             data_init: d,
@@ -78,6 +84,7 @@ impl Timeouts {
         match wait {
             Wait::Greeting => self.greeting,
             Wait::Command => self.command,
+            Wait::Quit => self.quit,
             Wait::Mail => self.mail,
             Wait::Rcpt => self.rcpt,
             Wait::DataInit => self.data_init,
@@ -967,6 +974,54 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_never_answers_quit_does_not_hold_the_results() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut input = io::BufReader::new(s.try_clone().unwrap());
+            s.write_all(b"220 hi\r\n").unwrap();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if io::BufRead::read_line(&mut input, &mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let reply: &[u8] = match line.trim_end() {
+                    l if l.starts_with("EHLO") || l.starts_with("MAIL") => b"250 ok\r\n",
+                    l if l.starts_with("RCPT") => b"550 5.1.1 no such user\r\n",
+                    // QUIT: silence, until the client gives up.
+                    _ => continue,
+                };
+                s.write_all(reply).unwrap();
+            }
+        });
+        let timeouts = Timeouts {
+            quit: Duration::from_millis(300),
+            ..Timeouts::all(Duration::from_secs(60))
+        };
+        let insecure = tls::insecure_client_config();
+        let started = Instant::now();
+        let (o, _) = deliver(
+            TcpStream::connect(addr).unwrap(),
+            "mail.test",
+            job(TlsMode::None, false),
+            &mut &MESSAGE[..],
+            configs(&insecure, &insecure),
+            &timeouts,
+            false,
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(
+            o.recipients
+                .iter()
+                .all(|(_, r)| matches!(r, RcptResult::Failed { .. })),
+            "{o:?}"
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
     fn silent_server_times_out() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -1027,5 +1082,6 @@ mod tests {
         assert_eq!(t.for_wait(Wait::DataInit), Duration::from_secs(120));
         assert_eq!(t.data_block, Duration::from_secs(180));
         assert_eq!(t.for_wait(Wait::DataFinal), Duration::from_secs(600));
+        assert_eq!(t.for_wait(Wait::Quit), Duration::from_secs(10));
     }
 }
