@@ -53,8 +53,9 @@ pub enum ForwardPath<'a> {
     Mailbox(Mailbox<'a>),
 }
 
-/// `local@domain`, borrowed from the line. A quoted local part keeps its quotes,
-/// so the address is reproduced exactly as the client wrote it.
+/// `local@domain`, borrowed from the line. A quoted local part keeps its
+/// quotes, so the address is reproduced exactly as the client wrote it,
+/// unless the quotes change nothing (`"alice"` is `alice`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mailbox<'a> {
     pub local: &'a str,
@@ -335,7 +336,14 @@ fn parse_path(path: &[u8], verb: Verb) -> Result<Mailbox<'_>, ParseError> {
     if inner.get(at) != Some(&b'@') {
         return Err(err("Address must be local-part@domain"));
     }
-    let (local, domain) = (&mailbox[..at], &mailbox[at + 1..]);
+    let (mut local, domain) = (&mailbox[..at], &mailbox[at + 1..]);
+    // `"alice"` is `alice` (RFC 5321 4.1.2: quoting that changes nothing);
+    // taken without its quotes, as Postfix does, so it resolves as alice.
+    if let Some(plain) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) {
+        if is_dot_string(plain) {
+            local = plain;
+        }
+    }
     if local.len() > MAX_LOCAL_PART {
         return Err(err("Local part too long (RFC 5321 4.5.3.1.1)"));
     }
@@ -638,6 +646,14 @@ mod tests {
             (
                 "MAIL FROM:<\"a>b\"@b.c>",
                 Command::Mail(Mailbox(mb("\"a>b\"", "b.c")), p),
+            ),
+            (
+                "MAIL FROM:<\"a.b+c\"@b.c>",
+                Command::Mail(Mailbox(mb("a.b+c", "b.c")), p),
+            ),
+            (
+                "MAIL FROM:<\"a..b\"@b.c>",
+                Command::Mail(Mailbox(mb("\"a..b\"", "b.c")), p),
             ),
             (
                 "MAIL FROM:<a.b+c@[192.0.2.1]>",

@@ -270,3 +270,22 @@ fn bare_lf_after_an_over_long_line_is_refused_however_it_is_split() {
     assert!(c.reply().starts_with("500 5.5.2 Bare CR or LF"));
     assert!(c.is_closed(), "the MAIL after the bare LF must never run");
 }
+
+#[test]
+fn quotes_that_change_nothing_are_dropped_and_others_still_refused() {
+    let dir = TempDir::new();
+    let s = Server::start(&dir, LOCAL);
+    let mut c = s.client();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .send_mail(
+            "a@b.test",
+            &["\"alice\"@localhost"],
+            "Subject: q\r\n\r\nhi\r\n"
+        )
+        .starts_with("250"));
+    assert_eq!(s.mail("alice").len(), 1);
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<\"alice@example.com\"@localhost>");
+    assert!(r.starts_with("5"), "{r}");
+}
