@@ -51,6 +51,9 @@ use crate::relay::reply::{ReplyParser, ServerReply};
 const SUBMIT_SOCKET: &str = "submit.sock";
 /// Most bytes of header section read before giving up (EX_DATAERR).
 pub const MAX_HEADER: usize = 1 << 20;
+/// A line this long that does not start like a header field is taken as
+/// the body's first line without reading the rest of it first.
+const LONG_LINE: u64 = 64 * 1024;
 /// How long one read or write on the socket may take.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes of body read from stdin at a time.
@@ -579,7 +582,27 @@ impl Header {
         loop {
             let mut line = Vec::new();
             let limit = (MAX_HEADER - total + 1) as u64;
-            input.by_ref().take(limit).read_until(b'\n', &mut line)?;
+            let first_part = limit.min(LONG_LINE);
+            input
+                .by_ref()
+                .take(first_part)
+                .read_until(b'\n', &mut line)?;
+            if line.len() as u64 == first_part && line.last() != Some(&b'\n') {
+                let header_like = (matches!(line[0], b' ' | b'\t') && !h.fields.is_empty())
+                    || is_field_start(&line)
+                    || (first && line.starts_with(b"From "));
+                if !header_like {
+                    // One long line that is no header field (one-line JSON
+                    // with no header): the body starts here, and the rest
+                    // of the line follows from the input.
+                    h.first_body_line = Some(line);
+                    return Ok(h);
+                }
+                input
+                    .by_ref()
+                    .take(limit - first_part)
+                    .read_until(b'\n', &mut line)?;
+            }
             total += line.len();
             if total > MAX_HEADER {
                 return Err(ReadError::HeaderTooLong);
@@ -1656,6 +1679,32 @@ mod tests {
             add_recipients(&list, "pi.lan", &mut rcpts);
         }
         assert_eq!(rcpts, ["frank@x", "grace@y"]);
+    }
+
+    #[test]
+    fn a_long_first_line_that_is_no_header_is_body_at_once() {
+        let long = [
+            b"The log follows ".to_vec(),
+            vec![b'a'; 200_000],
+            b"\nend\n".to_vec(),
+        ]
+        .concat();
+        let (h, rest) = read(&long, true);
+        assert!(h.fields.is_empty());
+        let first = h.first_body_line.expect("body");
+        assert_eq!(first.len() as u64, LONG_LINE);
+        assert_eq!([first, rest].concat(), long);
+        // A header field that long is still a header field.
+        let field = [
+            b"X-Long: ".to_vec(),
+            vec![b'b'; 100_000],
+            b"\n\nbody\n".to_vec(),
+        ]
+        .concat();
+        let (h, rest) = read(&field, true);
+        assert_eq!(h.fields.len(), 1);
+        assert_eq!(h.fields[0].len(), 100_008);
+        assert_eq!(rest, b"body\n");
     }
 
     #[test]

@@ -329,6 +329,18 @@ fn long_lines_are_broken_and_doubled_carriage_returns_end_one_line() {
         crcr.0
     );
     assert_eq!(crcr.1, b"<b>hi</b>\r\n");
+    // A body-only message whose one line is longer than the header
+    // section may be: body from its first byte, not "header too long".
+    let line = format!("The log follows {}", "a".repeat(1_100_000));
+    ok(&sendmail(&dir, &["root"], format!("{line}\n").as_bytes()));
+    let msgs = mail(&s, "root", 3);
+    let big = msgs
+        .iter()
+        .find(|m| m.len() > 1_000_000)
+        .expect("the long one");
+    let (_, body) = split_message(big);
+    let body = String::from_utf8_lossy(&body).replace("\r\n ", "");
+    assert_eq!(body, format!("{line}\r\n"));
 }
 
 #[test]
