@@ -35,10 +35,11 @@
 //! acceptable and a loss is not.
 //!
 //! A message that needs 8BITMIME, sent to a server that does not offer it,
-//! goes out as is (as Exim does, and as Postfix does for mail not declared
-//! 8-bit), not downgraded to quoted-printable: RFC 6152 3 asks for a
-//! conversion or a bounce, but rewriting the body breaks DKIM signatures and
-//! nearly every server takes 8-bit data. A message that needs SMTPUTF8 is
+//! goes out as is, a deliberate choice: Exim does the same, Postfix does it
+//! for mail not declared 8-bit (declared 8-bit mail it converts to
+//! quoted-printable unless `disable_mime_output_conversion` is set), and
+//! RFC 6152 3 asks for a conversion or a bounce; but rewriting the body
+//! breaks DKIM signatures and nearly every server takes 8-bit data. A message that needs SMTPUTF8 is
 //! never sent to a server that does not offer it (RFC 6531 3.2: fail with
 //! 5.6.7).
 
