@@ -587,7 +587,10 @@ impl Header {
                 .by_ref()
                 .take(first_part)
                 .read_until(b'\n', &mut line)?;
-            if line.len() as u64 == first_part && line.last() != Some(&b'\n') {
+            if first_part == LONG_LINE
+                && line.len() as u64 == LONG_LINE
+                && line.last() != Some(&b'\n')
+            {
                 let header_like = (matches!(line[0], b' ' | b'\t') && !h.fields.is_empty())
                     || is_field_start(&line)
                     || (first && line.starts_with(b"From "));
