@@ -37,10 +37,12 @@ pub fn parse(hash: &str) -> Result<Parsed<'_>, String> {
     let mut fields: Vec<&str> = rest.split('$').collect();
     let mut rounds = DEFAULT_ROUNDS;
     if let Some(n) = fields.first().and_then(|f| f.strip_prefix("rounds=")) {
+        // Digits only, no leading zero: what glibc and libxcrypt accept.
+        let digits = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0');
         rounds = n
             .parse()
             .ok()
-            .filter(|n| ROUNDS.contains(n))
+            .filter(|n| digits && ROUNDS.contains(n))
             .ok_or_else(|| "rounds must be a number from 1000 to 999999999".to_string())?;
         fields.remove(0);
     }
@@ -56,7 +58,10 @@ pub fn parse(hash: &str) -> Result<Parsed<'_>, String> {
     if digest.len() != DIGEST_LEN {
         return Err(format!("digest is {} characters, not 86", digest.len()));
     }
-    if !digest.bytes().all(|b| ALPHABET.contains(&b)) {
+    // The last character holds the last byte's two top bits: 0 to 3.
+    if !digest.bytes().all(|b| ALPHABET.contains(&b))
+        || !ALPHABET[..4].contains(&digest.as_bytes()[85])
+    {
         return Err("invalid characters in the digest".into());
     }
     Ok(Parsed {
@@ -69,6 +74,9 @@ pub fn parse(hash: &str) -> Result<Parsed<'_>, String> {
 /// Whether `password` has the digest of `hash` (a [`parse`]d one): the
 /// comparison takes the same time wherever the digests differ.
 pub fn matches(hash: &Parsed<'_>, password: &[u8]) -> bool {
+    if hash.digest.len() != DIGEST_LEN {
+        return false;
+    }
     let computed = digest(password, hash.salt.as_bytes(), hash.rounds);
     let differ = computed
         .iter()
@@ -256,6 +264,10 @@ mod tests {
             (format!("$6$rounds=999$salt${d}"), "rounds must be"),
             (format!("$6$rounds=1000000000$salt${d}"), "rounds must be"),
             (format!("$6$rounds=x$salt${d}"), "rounds must be"),
+            (format!("$6$rounds=05000$salt${d}"), "rounds must be"),
+            (format!("$6$rounds=+5000$salt${d}"), "rounds must be"),
+            (format!("$6$rounds=$salt${d}"), "rounds must be"),
+            (format!("$6$salt${}2", &d[..85]), "invalid characters"),
             (format!("$6$${d}"), "empty salt"),
             (format!("$6$sa:lt${d}"), "the salt must be"),
             (format!("$6$saltsaltsaltsaltX${d}"), "the salt must be"),

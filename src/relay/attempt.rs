@@ -229,15 +229,15 @@ impl Deliverer {
             }
             None => candidates,
         };
-        // The smarthost's login only ever goes to the smarthost: a reload
-        // that adds one while a direct delivery is planned must not offer
-        // it to a domain's MX.
-        let auth = match dest {
-            Dest::Smarthost => match self.credentials() {
+        // The smarthost's login only ever goes to the smarthost the
+        // candidates came from (the same config snapshot): never to a
+        // domain's MX, nor to the old smarthost after a reload changed it.
+        let auth = match (dest, &relay_cfg.smarthost) {
+            (Dest::Smarthost, Some(sh)) => match credentials(sh) {
                 Ok(a) => a,
                 Err(reason) => return all(RcptResult::Deferred { reason }),
             },
-            Dest::Domain(_) => None,
+            _ => None,
         };
         let recipients: Vec<String> = idxs
             .iter()
@@ -393,31 +393,6 @@ impl Deliverer {
             .clone()
     }
 
-    /// The smarthost credentials, read fresh (so a changed password file
-    /// needs no restart).
-    fn credentials(&self) -> Result<Option<Credentials>, String> {
-        let config = self.ctx.config();
-        let Some((user, file)) = config
-            .relay
-            .smarthost
-            .as_ref()
-            .and_then(|s| s.auth.as_ref())
-        else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            format!(
-                "cannot read smarthost_password_file {}: {e}",
-                file.display()
-            )
-        })?;
-        let password = text.lines().next().unwrap_or("").to_string();
-        Ok(Some(Credentials {
-            user: user.clone(),
-            password,
-        }))
-    }
-
     /// The message as it will be sent: From: rewritten for local senders
     /// when `relay.rewrite_from` is set.
     fn open_message(&self, env: &Envelope) -> io::Result<Outgoing> {
@@ -545,6 +520,25 @@ fn is_here(addr: SocketAddr) -> bool {
     super::dns::udp_connected(addr)
         .and_then(|s| s.local_addr())
         .is_ok_and(|local| local.ip() == ip)
+}
+
+/// `sh`'s credentials, the password read fresh (so a changed password file
+/// needs no restart).
+fn credentials(sh: &crate::config::Smarthost) -> Result<Option<Credentials>, String> {
+    let Some((user, file)) = &sh.auth else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        format!(
+            "cannot read smarthost_password_file {}: {e}",
+            file.display()
+        )
+    })?;
+    let password = text.lines().next().unwrap_or("").to_string();
+    Ok(Some(Credentials {
+        user: user.clone(),
+        password,
+    }))
 }
 
 #[cfg(test)]

@@ -69,8 +69,9 @@ impl Message {
             None => format!(
                 "Received: from {} ({})\r\n\tby {} (postling session {}) with {} id {}",
                 // Any graphic ASCII passes EHLO; these would open or close
-                // a comment (RFC 5322 3.2.2) and change what follows.
-                self.helo.replace(['(', ')', '\\'], "?"),
+                // a comment or a quoted string (RFC 5322 3.2) and change
+                // what follows.
+                self.helo.replace(['(', ')', '\\', '"'], "?"),
                 peer,
                 hostname,
                 self.session,
@@ -179,10 +180,10 @@ mod tests {
         ]);
         assert!(!two.received_header("pi.lan", "ID1", 0).contains("for <"));
         let mut odd = msg(Vec::new());
-        odd.helo = "x(y)\\".into();
+        odd.helo = "x(y)\\\"".into();
         assert!(odd
             .received_header("pi.lan", "ID1", 0)
-            .starts_with("Received: from x?y?? ([192.168.1.5])\r\n"));
+            .starts_with("Received: from x?y??? ([192.168.1.5])\r\n"));
     }
 
     #[test]

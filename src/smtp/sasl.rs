@@ -190,11 +190,13 @@ fn text(bytes: Vec<u8>, empty: &'static str) -> Result<String, &'static str> {
 }
 
 /// A user name is logged, and no users-file line can hold a control
-/// character: one (a line feed, an escape) is refused, so it can never
-/// forge a log line.
+/// character or white space: one (a line feed, an escape, a space before
+/// a fake `user=`, a bidi override) is refused, so it can never forge or
+/// disguise a log line.
 fn user_name(user: String) -> Result<String, &'static str> {
-    if user.chars().any(char::is_control) {
-        return Err("control character in user name");
+    let bad = |c: char| c.is_control() || c.is_whitespace() || crate::smtp::command::hides_text(c);
+    if user.chars().any(bad) {
+        return Err("control character or space in user name");
     }
     Ok(user)
 }
@@ -286,6 +288,8 @@ mod tests {
         let forged = b64(b"\0bob\nauth user=alice\0secret");
         let escape = b64(b"\0bob\x1b[2J\0secret");
         let control_in_password = b64(b"\0alice\0sec\tret");
+        let spaced = b64(b"\0x auth user=alice\0secret");
+        let bidi = b64("\0bob\u{202e}ecila\0secret".as_bytes());
         #[rustfmt::skip]
         let cases: &[(Option<&str>, &[&str], &[Step])] = &[
             // With an initial response: one step.
@@ -311,9 +315,11 @@ mod tests {
             (Some(&no_password), &[], &[Step::Malformed("empty password")]),
             (Some(&bad_utf8), &[], &[Step::Malformed("PLAIN field is not UTF-8")]),
             // A user name is logged: no line feed or escape may forge a line.
-            (Some(&forged), &[], &[Step::Malformed("control character in user name")]),
-            (Some(&escape), &[], &[Step::Malformed("control character in user name")]),
+            (Some(&forged), &[], &[Step::Malformed("control character or space in user name")]),
+            (Some(&escape), &[], &[Step::Malformed("control character or space in user name")]),
             (Some(&control_in_password), &[], &[done("", "alice", "sec\tret")]),
+            (Some(&spaced), &[], &[Step::Malformed("control character or space in user name")]),
+            (Some(&bidi), &[], &[Step::Malformed("control character or space in user name")]),
             // Anything after the end is not an exchange.
             (Some(&alice), &[&alice], &[done("", "alice", "secret"), Step::Malformed("no AUTH exchange in progress")]),
         ];
@@ -348,7 +354,7 @@ mod tests {
             (None, &["/w=="], &[u.clone(), Step::Malformed("response is not UTF-8")]),
             (None, &[&alice, "/w=="], &[u.clone(), p.clone(), Step::Malformed("response is not UTF-8")]),
             (None, &["YQBi"], &[u.clone(), Step::Malformed("NUL in response")]),
-            (None, &[&b64(b"bob\r\nx")], &[u.clone(), Step::Malformed("control character in user name")]),
+            (None, &[&b64(b"bob\r\nx")], &[u.clone(), Step::Malformed("control character or space in user name")]),
             (None, &[&alice, &secret, &secret], &[u.clone(), p.clone(), done("", "alice", "secret"), Step::Malformed("no AUTH exchange in progress")]),
         ];
         for (initial, lines, want) in cases {

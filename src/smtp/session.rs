@@ -692,14 +692,14 @@ fn protocol(esmtp: bool, utf8: bool, tls: bool, auth: bool) -> &'static str {
 /// The longest a command line may be, CRLF included: RFC 5321 4.5.3.1.4's
 /// 512, raised as its extensions allow (4.5.3.1.4 last paragraph): AUTH
 /// lines up to RFC 4954's 12288 (the framer's limit), MAIL and RCPT to
-/// 1024, room for SIZE (RFC 1870 adds 26), SMTPUTF8 (RFC 6531 adds 10),
-/// BODY and an AUTH= parameter (RFC 4954 adds 500).
+/// 2048 as in Postfix, room for SIZE (RFC 1870 adds 26), BODY (16),
+/// SMTPUTF8 (RFC 6531 adds 10) and an AUTH= parameter (RFC 4954 adds 500).
 fn line_limit(line: &[u8]) -> usize {
     let verb = |v: &[u8]| line.len() > 5 && line[..5].eq_ignore_ascii_case(v);
     if verb(b"AUTH ") {
         usize::MAX
     } else if verb(b"MAIL ") || verb(b"RCPT ") {
-        1024
+        2048
     } else {
         super::conn::MAX_COMMAND_LINE
     }
