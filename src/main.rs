@@ -361,6 +361,9 @@ fn main() -> ExitCode {
     if name == "sendmail" {
         return postling::sendmail::main(&argv0, &args);
     }
+    if name == "newaliases" {
+        return postling::sendmail::main(&argv0, &["-bi".to_string()]);
+    }
     if args.first().map(String::as_str) == Some("sendmail") {
         return postling::sendmail::main(&argv0, &args[1..]);
     }

@@ -591,8 +591,14 @@ impl Header {
                 && line.len() as u64 == LONG_LINE
                 && line.last() != Some(&b'\n')
             {
+                // Field names as real ones are (letters, digits, '-'), so
+                // compact JSON such as {"log":"..."} is no header field.
+                let name = line.iter().position(|&b| b == b':').map(|i| &line[..i]);
+                let field = name.is_some_and(|n| {
+                    !n.is_empty() && n.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+                });
                 let header_like = (matches!(line[0], b' ' | b'\t') && !h.fields.is_empty())
-                    || is_field_start(&line)
+                    || field
                     || (first && line.starts_with(b"From "));
                 if !header_like {
                     // One long line that is no header field (one-line JSON
@@ -766,17 +772,16 @@ fn message_id(hostname: &str) -> String {
     )
 }
 
-/// The submitting user's login, for the added `From:` only (the daemon
-/// takes the real identity from the socket): the password entry of our uid,
-/// else $USER / $LOGNAME.
+/// The submitting user's login, for the added `From:` and the default
+/// sender (the daemon takes the real identity from the socket): as the
+/// daemon finds it from SO_PEERCRED, the passwd entry's name, or `uid<N>`
+/// without one.
 fn login() -> String {
-    if let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::getuid()) {
-        return user.name;
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        _ => format!("uid{uid}"),
     }
-    ["USER", "LOGNAME"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| format!("uid{}", nix::unistd::getuid()))
 }
 
 // ---------------------------------------------------------------------------
@@ -793,6 +798,9 @@ pub enum Error {
     /// Try again later: the daemon is busy, gave a 4xx, or the connection
     /// broke before the message was accepted.
     TempFail(String),
+    /// A `TempFail` once the message was sent: the daemon may have stored
+    /// it for some recipients, so it is never sent again on its own.
+    TempFailSent(String),
     NotRunning(PathBuf),
     Permission(String),
     Config(String),
@@ -815,7 +823,7 @@ impl Error {
             Error::DataErr(_) => exit::DATAERR,
             Error::NoRecipient => exit::NOUSER,
             Error::Refused(_) => exit::UNAVAILABLE,
-            Error::TempFail(_) | Error::NotRunning(_) => exit::TEMPFAIL,
+            Error::TempFail(_) | Error::TempFailSent(_) | Error::NotRunning(_) => exit::TEMPFAIL,
             Error::Permission(_) => exit::NOPERM,
             Error::Config(_) => exit::CONFIG,
             Error::Io(_) => exit::IOERR,
@@ -829,7 +837,9 @@ impl fmt::Display for Error {
             Error::Usage(m) | Error::DataErr(m) | Error::Config(m) | Error::Io(m) => f.write_str(m),
             Error::NoRecipient => f.write_str("no recipient accepted; message not sent"),
             Error::Refused(m) => write!(f, "{m}; message not sent"),
-            Error::TempFail(m) => write!(f, "{m}; message not sent, try again later"),
+            Error::TempFail(m) | Error::TempFailSent(m) => {
+                write!(f, "{m}; message not sent, try again later")
+            }
             Error::NotRunning(p) => write!(
                 f,
                 "postling is not running (no {}); message not sent",
@@ -842,9 +852,11 @@ impl fmt::Display for Error {
                 cause,
             } => {
                 let why = match cause.as_ref() {
-                    Error::Refused(m) | Error::TempFail(m) | Error::DataErr(m) | Error::Io(m) => {
-                        m.clone()
-                    }
+                    Error::Refused(m)
+                    | Error::TempFail(m)
+                    | Error::TempFailSent(m)
+                    | Error::DataErr(m)
+                    | Error::Io(m) => m.clone(),
                     other => other.to_string(),
                 };
                 write!(
@@ -970,6 +982,13 @@ pub fn main(argv0: &str, args: &[String]) -> ExitCode {
 
 fn run(args: &[String]) -> Result<u8, Error> {
     let opts = parse_args(args).map_err(Error::Usage)?;
+    if opts.mode == Mode::NewAliases {
+        eprintln!(
+            "sendmail: nothing to rebuild: postling reads the aliases file itself, at start \
+             and on reload; run `systemctl reload postling` for a change to take effect"
+        );
+        return Ok(exit::OK);
+    }
     if opts.mode == Mode::Deliver && opts.recipients.is_empty() && !opts.recipients_from_headers {
         return Err(Error::Usage("no recipients".into()));
     }
@@ -977,13 +996,7 @@ fn run(args: &[String]) -> Result<u8, Error> {
     match opts.mode {
         Mode::ListQueue => queue(crate::queue_cli::Command::List { json: false }, &config),
         Mode::Flush => queue(crate::queue_cli::Command::Flush(None), &config),
-        Mode::NewAliases => {
-            eprintln!(
-                "sendmail: nothing to rebuild: postling reads the aliases file itself, \
-                 at start and on reload (systemctl reload postling)"
-            );
-            Ok(exit::OK)
-        }
+        Mode::NewAliases => Ok(exit::OK),
         Mode::Smtp => smtp_proxy(&config),
         Mode::Deliver => {
             let stdin = io::stdin();
@@ -1154,8 +1167,10 @@ fn submit(
 }
 
 /// Tries again, for up to `local.sendmail_wait`, a transaction that failed
-/// for now: the daemon is not running (a restart, a boot where cron is
-/// first), at its connection cap, or gave a 4xx. Nothing is kept when
+/// for now before the message was sent: the daemon is not running (a
+/// restart, a boot where cron is first), at its connection cap, or gave a
+/// 4xx to a command. A failure after the message was sent is not tried
+/// again (the daemon may have stored it). Nothing is kept when
 /// sendmail exits, so waiting here is what keeps cron's mail.
 struct Waiting {
     until: Instant,
@@ -1248,7 +1263,13 @@ fn transaction<'r>(
         }
     }
     if accepted > 0 {
-        send_spooled(&mut conn, spool)?;
+        // From here a failure may come after the daemon stored the message
+        // (a 451 for a later copy, a connection lost before its 250): no
+        // retry, which could deliver it twice.
+        send_spooled(&mut conn, spool).map_err(|e| match e {
+            Error::TempFail(m) => Error::TempFailSent(m),
+            e => e,
+        })?;
     }
     conn.quit();
     Ok((accepted, rest))

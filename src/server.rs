@@ -77,9 +77,16 @@ impl Context {
 /// Locks `data_dir` for this process, creating it if needed.
 pub fn lock_data_dir(data_dir: &Path) -> io::Result<File> {
     if !data_dir.is_dir() {
+        // Every level made here must survive a power cut, as the queue
+        // inside will: each new directory's parent is fsynced.
+        let made: Vec<&Path> = data_dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .collect();
         std::fs::create_dir_all(data_dir)?;
-        // Its name must survive a power cut, as the queue inside it will.
-        crate::store::sync_dir(crate::store::parent_of(data_dir))?;
+        for dir in made {
+            crate::store::sync_dir(crate::store::parent_of(dir))?;
+        }
     }
     let path = data_dir.join("lock");
     let file = OpenOptions::new()

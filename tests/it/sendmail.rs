@@ -331,16 +331,22 @@ fn long_lines_are_broken_and_doubled_carriage_returns_end_one_line() {
     assert_eq!(crcr.1, b"<b>hi</b>\r\n");
     // A body-only message whose one line is longer than the header
     // section may be: body from its first byte, not "header too long".
-    let line = format!("The log follows {}", "a".repeat(1_100_000));
-    ok(&sendmail(&dir, &["root"], format!("{line}\n").as_bytes()));
-    let msgs = mail(&s, "root", 3);
-    let big = msgs
-        .iter()
-        .find(|m| m.len() > 1_000_000)
-        .expect("the long one");
-    let (_, body) = split_message(big);
-    let body = String::from_utf8_lossy(&body).replace("\r\n ", "");
-    assert_eq!(body, format!("{line}\r\n"));
+    // Compact JSON too: `{"log"` is no field name.
+    let lines = [
+        format!("The log follows {}", "a".repeat(1_100_000)),
+        format!("{{\"log\":\"{}\"}}", "b".repeat(1_100_000)),
+    ];
+    for (n, line) in lines.iter().enumerate() {
+        ok(&sendmail(&dir, &["root"], format!("{line}\n").as_bytes()));
+        let msgs = mail(&s, "root", 3 + n);
+        let big = msgs
+            .iter()
+            .find(|m| String::from_utf8_lossy(m).contains(&line[..20]))
+            .expect("the long one");
+        let (_, body) = split_message(big);
+        let body = String::from_utf8_lossy(&body).replace("\r\n ", "");
+        assert_eq!(&body, &format!("{line}\r\n"));
+    }
 }
 
 #[test]
@@ -478,6 +484,65 @@ fn sendmail_waits_for_a_daemon_that_is_starting() {
     );
     let (header, _) = split_message(&mail(&s, "root", 1)[0]);
     assert!(header.contains("Subject: early"), "{header}");
+}
+
+#[test]
+fn a_failure_after_the_message_was_sent_is_not_retried() {
+    // A daemon that takes the message, then answers 451 (as postling does
+    // when a later copy fails after earlier ones were stored): sendmail
+    // must not send it again, which could deliver it twice.
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("postling.toml"), config(&dir)).expect("config");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let listener =
+        std::os::unix::net::UnixListener::bind(data.join("submit.sock")).expect("socket");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = std::sync::Arc::clone(&done);
+    let daemon = thread::spawn(move || {
+        let mut messages = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline
+            && !finished.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let Ok((stream, _)) = listener.accept() else {
+                thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            stream.set_nonblocking(false).expect("blocking");
+            let mut out = stream.try_clone().expect("clone");
+            let mut input = BufReader::new(stream);
+            out.write_all(b"220 fake\r\n").expect("greet");
+            let mut in_data = false;
+            let mut line = String::new();
+            while input.read_line(&mut line).unwrap_or(0) > 0 {
+                let reply: &[u8] = match line.trim_end() {
+                    "." if in_data => {
+                        messages += 1;
+                        in_data = false;
+                        b"451 4.3.0 Local error in processing, try again later\r\n"
+                    }
+                    _ if in_data => b"",
+                    "DATA" => {
+                        in_data = true;
+                        b"354 go\r\n"
+                    }
+                    "QUIT" => b"221 bye\r\n",
+                    _ => b"250 ok\r\n",
+                };
+                let _ = out.write_all(reply);
+                line.clear();
+            }
+        }
+        messages
+    });
+    let out = sendmail(&dir, &["root"], b"Subject: once\n\nhi\n");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("trying again"));
+    assert_eq!(daemon.join().expect("fake daemon"), 1);
 }
 
 #[test]
