@@ -11,8 +11,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Addresses remembered at most; past it, expired entries go, and if that
-/// is not enough the table starts over (forgetting is the safe direction
-/// for a home server: it never blocks anyone wrongly).
+/// is not enough the address whose last event is oldest (forgetting is the
+/// safe direction for a home server: it never blocks anyone wrongly; and a
+/// flood of fresh addresses cannot wipe out the count of one that is busy
+/// now).
 const MAX_ADDRESSES: usize = 4096;
 
 #[derive(Debug)]
@@ -76,7 +78,13 @@ impl PerIp {
                         .is_some_and(|t| now.duration_since(*t) < self.window)
                 });
                 if map.len() >= MAX_ADDRESSES {
-                    map.clear();
+                    let stalest = map
+                        .iter()
+                        .min_by_key(|(_, times)| times.back().copied())
+                        .map(|(ip, _)| *ip);
+                    if let Some(ip) = stalest {
+                        map.remove(&ip);
+                    }
                 }
             }
             let times = map.entry(ip).or_default();
@@ -142,6 +150,24 @@ mod tests {
         for i in 0..(MAX_ADDRESSES as u32 + 10) {
             l.record(IpAddr::from(i.to_be_bytes()));
         }
+        assert!(l.with(|m| m.len()) <= MAX_ADDRESSES);
+    }
+
+    #[test]
+    fn a_flood_of_new_addresses_does_not_wipe_a_busy_ones_count() {
+        let l = PerIp::new(Duration::from_secs(3600));
+        let busy: IpAddr = "192.0.2.1".parse().expect("literal");
+        l.record(IpAddr::from(0u32.to_be_bytes()));
+        for _ in 0..5 {
+            l.record(busy);
+        }
+        for i in 1..(MAX_ADDRESSES as u32 + 100) {
+            l.record(IpAddr::from(i.to_be_bytes()));
+            if i % 512 == 0 {
+                l.record(busy);
+            }
+        }
+        assert!(l.count(busy) >= 5, "{}", l.count(busy));
         assert!(l.with(|m| m.len()) <= MAX_ADDRESSES);
     }
 }
