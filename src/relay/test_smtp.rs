@@ -44,6 +44,8 @@ pub struct Script {
     pub data_reply: String,
     /// How long to hold that reply back (the message is recorded first).
     pub data_reply_delay: Duration,
+    /// Never answer QUIT: read on until the client closes.
+    pub silent_quit: bool,
 }
 
 impl Default for Script {
@@ -61,6 +63,7 @@ impl Default for Script {
             drop_mid_data: false,
             data_reply: "250 2.0.0 queued".into(),
             data_reply_delay: Duration::ZERO,
+            silent_quit: false,
         }
     }
 }
@@ -376,6 +379,8 @@ fn serve(sock: TcpStream, script: &Script, record: &Mutex<Record>) -> io::Result
             c.reply(&script.data_reply)?;
         } else if upper == "RSET" || upper == "NOOP" {
             c.reply("250 2.0.0 ok")?;
+        } else if upper == "QUIT" && script.silent_quit {
+            continue;
         } else if upper == "QUIT" {
             c.reply("221 2.0.0 bye")?;
             return Ok(());

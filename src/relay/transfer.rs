@@ -975,27 +975,16 @@ mod tests {
 
     #[test]
     fn a_server_that_never_answers_quit_does_not_hold_the_results() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut input = io::BufReader::new(s.try_clone().unwrap());
-            s.write_all(b"220 hi\r\n").unwrap();
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if io::BufRead::read_line(&mut input, &mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                let reply: &[u8] = match line.trim_end() {
-                    l if l.starts_with("EHLO") || l.starts_with("MAIL") => b"250 ok\r\n",
-                    l if l.starts_with("RCPT") => b"550 5.1.1 no such user\r\n",
-                    // QUIT: silence, until the client gives up.
-                    _ => continue,
-                };
-                s.write_all(reply).unwrap();
-            }
-        });
+        let refused = "550 5.1.1 no such user".to_string();
+        let server = TestServer::start(Script {
+            rcpt_replies: vec![
+                ("b@example.net".into(), refused.clone()),
+                ("c@example.net".into(), refused),
+            ],
+            silent_quit: true,
+            ..Script::default()
+        })
+        .unwrap();
         let timeouts = Timeouts {
             quit: Duration::from_millis(300),
             ..Timeouts::all(Duration::from_secs(60))
@@ -1003,7 +992,7 @@ mod tests {
         let insecure = tls::insecure_client_config();
         let started = Instant::now();
         let (o, _) = deliver(
-            TcpStream::connect(addr).unwrap(),
+            server.connect(),
             "mail.test",
             job(TlsMode::None, false),
             &mut &MESSAGE[..],
@@ -1018,7 +1007,7 @@ mod tests {
                 .all(|(_, r)| matches!(r, RcptResult::Failed { .. })),
             "{o:?}"
         );
-        server.join().unwrap();
+        assert_eq!(server.lines().last().map(String::as_str), Some("QUIT"));
     }
 
     #[test]

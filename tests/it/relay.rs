@@ -31,6 +31,16 @@ fn send(s: &Server, from: &str, to: &[&str], body: &str) -> String {
     r.rsplit(' ').next().expect("queue id").to_string()
 }
 
+/// Asserts that `s` has logged `needle`, showing the log if not.
+fn assert_logged(s: &Server, needle: &str) {
+    assert!(s.log().contains(needle), "{}", s.log());
+}
+
+/// Waits (SHORT) until `s` has logged `needle`, showing the log if not.
+fn wait_logged(s: &Server, needle: &str) {
+    assert!(wait_for(SHORT, || s.log().contains(needle)), "{}", s.log());
+}
+
 /// A postling relaying through `dns` to MX hosts on `server`'s port.
 fn relaying_to(server: &TestServer, dns: &TestDns, dir: &TempDir) -> Server {
     Server::start(
@@ -271,11 +281,7 @@ fn null_mx_and_missing_domain_bounce_at_once_and_bounces_never_bounce() {
     assert!(c
         .send_mail("", &["y@nowhere.test"], "Subject: b\r\n\r\nhi\r\n")
         .starts_with("250"));
-    assert!(
-        wait_for(SHORT, || a.log().contains("a bounce never bounces")),
-        "{}",
-        a.log()
-    );
+    wait_logged(&a, "a bounce never bounces");
     assert!(wait_for(SHORT, || a.queue().is_empty()));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(a.mail("cron").len(), 1);
@@ -335,11 +341,7 @@ fn a_crash_while_other_domains_are_still_running_never_loses_a_bounce() {
     let bounce = String::from_utf8(a.mail("cron")[0].clone()).expect("utf8");
     assert!(bounce.contains("x@nomail.test"), "{bounce}");
     assert!(!bounce.contains("z@ok.test"), "{bounce}");
-    assert!(
-        wait_for(SHORT, || a.log().contains("to=<y@hang.test>")),
-        "{}",
-        a.log()
-    );
+    wait_logged(&a, "to=<y@hang.test>");
     assert_eq!(
         ok.messages().len(),
         1,
@@ -405,11 +407,7 @@ fn a_bounce_that_cannot_be_stored_is_tried_again_not_dropped() {
         &["x@nomail.test"],
         "Subject: a\r\n\r\nhi\r\n",
     );
-    assert!(
-        wait_for(SHORT, || a.log().contains("cannot queue the Failed notice")),
-        "{}",
-        a.log()
-    );
+    wait_logged(&a, "cannot queue the Failed notice");
     // Not given up: the entry stays, and once the mailbox can be written
     // the next attempt fails the recipient again and the bounce arrives.
     assert!(wait_for(SHORT, || a.queue().len() == 1), "{}", a.log());
@@ -738,11 +736,7 @@ fn opportunistic_tls_that_fails_is_retried_in_clear() {
         "{}",
         a.log()
     );
-    assert!(
-        a.log().contains("TLS handshake failed; retrying in clear"),
-        "{}",
-        a.log()
-    );
+    assert_logged(&a, "TLS handshake failed; retrying in clear");
     assert!(wait_for(SHORT, || a.queue().is_empty()));
 }
 
@@ -1042,11 +1036,7 @@ fn another_mta_here_with_our_hostname_is_not_a_loop() {
         "{}",
         a.log()
     );
-    assert!(
-        a.log().contains("greeted with our own hostname relay.test"),
-        "{}",
-        a.log()
-    );
+    assert_logged(&a, "greeted with our own hostname relay.test");
     assert!(a.mail("cron").is_empty(), "nothing bounced");
 }
 
