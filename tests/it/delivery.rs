@@ -9,6 +9,14 @@ use lettre::{Message, SmtpTransport, Transport};
 
 use crate::util::{read_new, split_message, Server, TempDir};
 
+/// `[local]` for `localhost` with `user`'s Maildir at `dir`.
+fn mailbox_at(user: &str, dir: &std::path::Path) -> String {
+    format!(
+        "[local]\ndomains = [\"localhost\"]\nmailboxes = {{ {user} = \"{}\" }}\n",
+        dir.display()
+    )
+}
+
 fn transport(s: &Server) -> SmtpTransport {
     SmtpTransport::builder_dangerous(s.addr.ip().to_string())
         .port(s.addr.port())
@@ -218,10 +226,7 @@ fn an_alias_target_without_a_mailbox_is_skipped_not_fatal_to_the_alias() {
 fn explicit_mailbox_paths_and_plus_detail() {
     let dir = TempDir::new();
     let home = dir.path().join("home-alice-Maildir");
-    let config = format!(
-        "[local]\ndomains = [\"localhost\"]\nmailboxes = {{ alice = \"{}\" }}\n",
-        home.display()
-    );
+    let config = mailbox_at("alice", &home);
     let s = Server::start(&dir, &config);
     let mut c = s.client();
     c.cmd("EHLO client.test");
@@ -263,10 +268,7 @@ fn a_failed_write_gets_451_and_leaves_no_partial_file() {
     // (ENOTDIR), as it would on a full or read-only disk.
     let blocker = dir.path().join("not-a-dir");
     fs::write(&blocker, "x").expect("blocker");
-    let config = format!(
-        "[local]\ndomains = [\"localhost\"]\nmailboxes = {{ alice = \"{}\" }}\n",
-        blocker.join("Maildir").display()
-    );
+    let config = mailbox_at("alice", &blocker.join("Maildir"));
     let s = Server::start(&dir, &config);
     let mut c = s.client();
     c.cmd("EHLO client.test");
@@ -321,10 +323,7 @@ fn a_mailbox_that_fills_up_leaves_no_copy_in_the_others() {
         return;
     };
     let bob = disk.0.join("bob");
-    let config = format!(
-        "[local]\ndomains = [\"localhost\"]\nmailboxes = {{ bob = \"{}\" }}\n",
-        bob.display()
-    );
+    let config = mailbox_at("bob", &bob);
     let s = Server::start(&dir, &config);
     // bob's mailbox exists and may be written to, but its disk is full:
     // only the write of bob's copy fails.
