@@ -272,18 +272,10 @@ fn accept_submit(
                     std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(stream));
                 // Without credentials the session refuses the client itself.
                 let uid = getsockopt(&stream, PeerCredentials).map_or(u32::MAX, |c| c.uid());
-                let limits = &ctx.config().limits;
-                let guard = match tracker.acquire(
-                    Peer::Uid(uid),
-                    limits.max_connections,
-                    limits.max_connections_per_ip,
-                ) {
+                let guard = match tracker.admit(Peer::Uid(uid), &ctx.config().limits, &stream) {
                     Ok(guard) => guard,
                     Err(refusal) => {
                         info!("reject local connect uid={uid}: {refusal:?} limit reached");
-                        let mut out = Vec::new();
-                        refusal.reply().write_to(&mut out);
-                        let _ = (&stream).write(&out);
                         continue;
                     }
                 };
@@ -324,19 +316,10 @@ fn hand_off(
     tracker: &Arc<Tracker>,
 ) {
     let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-    let limits = &ctx.config().limits;
-    let guard = match tracker.acquire(
-        Peer::Ip(peer.ip()),
-        limits.max_connections,
-        limits.max_connections_per_ip,
-    ) {
+    let guard = match tracker.admit(Peer::Ip(peer.ip()), &ctx.config().limits, &mut stream) {
         Ok(g) => g,
         Err(refusal) => {
             info!("reject connect from={peer}: {refusal:?} limit reached");
-            let mut out = Vec::new();
-            refusal.reply().write_to(&mut out);
-            // One non-blocking attempt: the acceptor never waits on a client.
-            let _ = stream.write(&out);
             return;
         }
     };
@@ -446,6 +429,22 @@ impl Tracker {
             tracker: Arc::clone(self),
             peer,
         })
+    }
+
+    /// Takes a slot for `peer` under `limits`, or tells the client why not
+    /// (one non-blocking write: the acceptor never waits on a client).
+    fn admit(
+        self: &Arc<Self>,
+        peer: Peer,
+        limits: &crate::config::Limits,
+        mut client: impl Write,
+    ) -> Result<Guard, Refusal> {
+        self.acquire(peer, limits.max_connections, limits.max_connections_per_ip)
+            .inspect_err(|refusal| {
+                let mut out = Vec::new();
+                refusal.reply().write_to(&mut out);
+                let _ = client.write(&out);
+            })
     }
 
     /// Waits until no session is open or `grace` has passed; true if idle.
