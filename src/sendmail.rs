@@ -982,23 +982,25 @@ pub fn main(argv0: &str, args: &[String]) -> ExitCode {
 
 fn run(args: &[String]) -> Result<u8, Error> {
     let opts = parse_args(args).map_err(Error::Usage)?;
-    if opts.mode == Mode::NewAliases {
-        eprintln!(
-            "sendmail: nothing to rebuild: postling reads the aliases file itself, at start \
-             and on reload; run `systemctl reload postling` for a change to take effect"
-        );
-        return Ok(exit::OK);
-    }
     if opts.mode == Mode::Deliver && opts.recipients.is_empty() && !opts.recipients_from_headers {
         return Err(Error::Usage("no recipients".into()));
     }
-    let config = load_config(opts.config.clone())?;
+    // Every mode but newaliases needs the config; a broken one must not
+    // fail the package scripts that call newaliases.
+    let config = || load_config(opts.config.clone());
     match opts.mode {
-        Mode::ListQueue => queue(crate::queue_cli::Command::List { json: false }, &config),
-        Mode::Flush => queue(crate::queue_cli::Command::Flush(None), &config),
-        Mode::NewAliases => Ok(exit::OK),
-        Mode::Smtp => smtp_proxy(&config),
+        Mode::NewAliases => {
+            eprintln!(
+                "sendmail: nothing to rebuild: postling reads the aliases file itself, at start \
+                 and on reload; run `systemctl reload postling` for a change to take effect"
+            );
+            Ok(exit::OK)
+        }
+        Mode::ListQueue => queue(crate::queue_cli::Command::List { json: false }, &config()?),
+        Mode::Flush => queue(crate::queue_cli::Command::Flush(None), &config()?),
+        Mode::Smtp => smtp_proxy(&config()?),
         Mode::Deliver => {
+            let config = config()?;
             let stdin = io::stdin();
             let mut input = BufReader::with_capacity(CHUNK, Normalize::new(stdin.lock()));
             submit(&opts, &config, &mut input, &mut io::stderr())
@@ -1098,6 +1100,7 @@ fn submit(
     if recipients.is_empty() {
         return Err(Error::Usage("no recipients".into()));
     }
+    let login = login();
     let sender = match opts.sender.as_deref().map(str::trim) {
         Some(s) => {
             let s = s
@@ -1112,11 +1115,10 @@ fn submit(
                 return Err(Error::Usage(format!("{s:?}: not a valid sender address")));
             }
         }
-        None => format!("{}@{domain}", login()),
+        None => format!("{login}@{domain}"),
     };
     // The daemon keeps `-f` only for root and `local.trusted_users`; for
     // anyone else an added From: must name the sender it will really use.
-    let login = login();
     let trusted = nix::unistd::getuid().is_root() || config.local.trusted_users.contains(&login);
     let added = Added {
         from: if sender.is_empty() || !trusted {
@@ -1190,15 +1192,15 @@ impl Waiting {
     /// Sleeps and returns true if `e` is worth another try and there is
     /// time left; says so on `diag` the first time.
     fn again(&mut self, e: &Error, diag: &mut dyn Write) -> bool {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
         let why = match e {
             Error::TempFail(m) => m.clone(),
             Error::NotRunning(p) => format!("postling is not running (no {})", p.display()),
             _ => return false,
         };
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
         if !self.told {
             let _ = writeln!(
                 diag,

@@ -258,7 +258,8 @@ impl<'c> Session<'c> {
             let action = self.auth_step(step);
             return self.count_errors(action);
         }
-        if line.len() > line_limit(line) - 2 {
+        // The verb is looked at only for a line over the base limit.
+        if line.len() > super::conn::MAX_COMMAND_LINE - 2 && line.len() > line_limit(line) - 2 {
             return self.line_too_long();
         }
         let action = match Command::parse(line) {
@@ -688,7 +689,6 @@ fn protocol(esmtp: bool, utf8: bool, tls: bool, auth: bool) -> &'static str {
     }
 }
 
-/// AUTH lines (with an initial response) may be longer than 512 octets.
 /// The longest a command line may be, CRLF included: RFC 5321 4.5.3.1.4's
 /// 512, raised as its extensions allow (4.5.3.1.4 last paragraph): AUTH
 /// lines up to RFC 4954's 12288 (the framer's limit), MAIL and RCPT to
