@@ -19,14 +19,14 @@ const MAX_SALT: usize = 16;
 /// The crypt base64 alphabet ('.' is 0).
 const ALPHABET: &[u8; 64] = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// 64 bytes in crypt base64.
-pub const DIGEST_LEN: usize = 86;
+const DIGEST_LEN: usize = 86;
 
 /// The parts of `$6$[rounds=N$]salt$digest`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parsed<'a> {
-    pub rounds: u32,
-    pub salt: &'a str,
-    pub digest: &'a str,
+    rounds: u32,
+    salt: &'a str,
+    digest: &'a str,
 }
 
 /// Splits and checks a whole `$6$...` hash.
@@ -109,7 +109,7 @@ fn update_repeated(ctx: &mut Context, block: &[u8; 64], len: usize) {
 
 /// The digest field (steps 1-22 of the spec) for `password`, `salt` (at
 /// most its first 16 bytes count) and `rounds`.
-pub fn digest(password: &[u8], salt: &[u8], rounds: u32) -> [u8; DIGEST_LEN] {
+fn digest(password: &[u8], salt: &[u8], rounds: u32) -> [u8; DIGEST_LEN] {
     let p = password;
     let s = &salt[..salt.len().min(MAX_SALT)];
     // B = SHA512(P S P).

@@ -39,9 +39,9 @@
 //! for mail not declared 8-bit (declared 8-bit mail it converts to
 //! quoted-printable unless `disable_mime_output_conversion` is set), and
 //! RFC 6152 3 asks for a conversion or a bounce; but rewriting the body
-//! breaks DKIM signatures and nearly every server takes 8-bit data. A message that needs SMTPUTF8 is
-//! never sent to a server that does not offer it (RFC 6531 3.2: fail with
-//! 5.6.7).
+//! breaks DKIM signatures and nearly every server takes 8-bit data. A
+//! message that needs SMTPUTF8 is never sent to a server that does not
+//! offer it (RFC 6531 3.2: fail with 5.6.7).
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -572,6 +572,22 @@ fn tcp_clients_cannot_take_the_slots_of_local_submissions() {
         ));
     }
     assert_eq!(mail(&s, "root", 3).len(), 3);
+    // Local slots are capped too, per Unix user: a third session of ours
+    // is told so, with the connection-limit reply.
+    let sock = s.data.join("submit.sock");
+    let greet = |c: &std::os::unix::net::UnixStream| {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(c), &mut line).expect("greeting");
+        line
+    };
+    let ours: Vec<_> = (0..2)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("local session"))
+        .collect();
+    for c in &ours {
+        assert!(greet(c).starts_with("220"));
+    }
+    let third = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    assert!(greet(&third).starts_with("421 4.3.2"));
     drop(held);
 }
 
