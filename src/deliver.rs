@@ -20,16 +20,18 @@
 //! It does not parse SMTP or decide who is local: the session did that.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
 
-use log::{info, warn};
+use log::{error, info, warn};
 
 use crate::config::Config;
+use crate::local::Target;
 use crate::server::Context;
 use crate::smtp::conn::unix_now;
-use crate::smtp::message::{MailboxCopy, Message};
+use crate::smtp::message::{MailboxCopy, Message, Recipient};
 use crate::store::envelope::Envelope;
 use crate::store::maildir::{self, Draft, Synced};
 use crate::store::new_id;
@@ -270,4 +272,49 @@ fn log_delivered(id: &str, sender: &str, to: &str, size: u64, path: &Path) {
 /// The Maildir root to confine symlink checks to, when `dir` is under it.
 fn within<'a>(dir: &Path, root: &'a Path) -> Option<&'a Path> {
     dir.starts_with(root).then_some(root)
+}
+
+/// Stores a locally generated message from `<>` (a bounce, a delay notice)
+/// for `to` the way an inbound one is stored: Maildir for a local user (or
+/// the postmaster, when `to` has no mailbox), the queue otherwise. `client`
+/// names the generator in the envelope and the `Received:` line. Returns
+/// the new message's id.
+pub fn inject(ctx: &Context, to: &str, text: &[u8], client: &str) -> io::Result<String> {
+    let config = ctx.config();
+    let local = &config.local;
+    let (local_part, domain) = to.rsplit_once('@').unwrap_or((to, "localhost"));
+    let targets = if local.is_local_domain(domain) {
+        local
+            .resolve(local_part, domain)
+            .or_else(|_| local.resolve("postmaster", domain))
+            .map_err(|e| io::Error::other(format!("no local mailbox for <{to}>: {e:?}")))?
+    } else {
+        vec![Target::Remote(to.to_string())]
+    };
+    let message = Message {
+        session: client.to_string(),
+        sender: String::new(),
+        recipients: vec![Recipient {
+            address: to.to_string(),
+            targets,
+        }],
+        helo: config.hostname.clone(),
+        peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        protocol: "local",
+        tls: None,
+        local_user: None,
+    };
+    let mut sink = open_with_client(&message, ctx, client)?;
+    let id = sink.id().to_string();
+    sink.file().write_all(text)?;
+    match store(&message, sink, text.len() as u64, ctx) {
+        Ok(()) => Ok(id),
+        // Stored somewhere: the notice is out, and storing it again at
+        // the next attempt would only add copies where it already is.
+        Err(partly) if partly.stored > 0 => {
+            error!("notice={id} to=<{to}> not stored in every mailbox: {partly}");
+            Ok(id)
+        }
+        Err(partly) => Err(partly.error),
+    }
 }

@@ -17,6 +17,7 @@ pub mod deliver;
 pub mod limiter;
 pub mod listener;
 pub mod local;
+pub mod maildrop;
 pub mod notify;
 pub mod pool;
 pub mod queue_cli;

@@ -5,13 +5,17 @@
 //! the client gets `421 4.3.2` with one non-blocking write and is closed, so
 //! the acceptor never blocks on a client), and handing each accepted socket
 //! to a session thread of its own (a thread whose session ended waits a
-//! while for the next one: `pool.rs`). It does no TLS and reads nothing
+//! while for the next one: `pool.rs`). It also starts the maildrop's
+//! pickup, whose files become local sessions under the same caps
+//! (`maildrop.rs`). It does no TLS and reads nothing
 //! (STYLE habit 8). On the shutdown wake-up it stops listening and waits a
 //! bounded time for sessions to finish their transaction.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -128,7 +132,15 @@ impl Listeners {
         // With systemd's WatchdogSec=, this loop itself proves it is alive.
         let watchdog = crate::notify::watchdog_interval().map(|d| d / 2);
         let mut last_ping = Instant::now();
+        let data_dir = ctx.config().data_dir.clone();
+        let mut maildrop = crate::maildrop::Watch::new(&data_dir);
+        let pickup = Arc::new(Pickup::default());
         loop {
+            if maildrop.due(pickup.left.load(Ordering::Relaxed))
+                && !pickup.start(&ctx, &tracker, &data_dir)
+            {
+                maildrop.missed();
+            }
             if let Some(w) = watchdog {
                 if last_ping.elapsed() >= w {
                     crate::notify::notify_or_log("WATCHDOG=1");
@@ -138,11 +150,11 @@ impl Listeners {
             // Until the next ping is due, not a whole half-interval from
             // now: after a busy spell the gap could near WatchdogSec.
             let ping_in = watchdog.map(|w| w.saturating_sub(last_ping.elapsed()));
-            let timeout = match (stalled.then_some(ACCEPT_RETRY), ping_in) {
-                (Some(a), Some(w)) => Some(a.min(w)),
-                (a, w) => a.or(w),
-            };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let timeout = [stalled.then_some(ACCEPT_RETRY), ping_in]
+                .into_iter()
+                .flatten()
+                .fold(maildrop.wait(), Duration::min);
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -171,7 +183,7 @@ impl Listeners {
                 };
                 stalled |= accept_all(listener, l.mode, &ctx, &tracker, retry);
             }
-            if ctx.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
+            if ctx.shutdown.load(Ordering::Relaxed) {
                 break;
             }
         }
@@ -296,6 +308,86 @@ fn accept_submit(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return accept_failed("submit: accept", &e, retrying),
+        }
+    }
+}
+
+/// The maildrop's pickup: one pass at a time, on a session thread.
+#[derive(Default)]
+struct Pickup {
+    running: AtomicBool,
+    /// The last pass left a file behind: look again at the next tick even
+    /// if the directory did not change.
+    left: AtomicBool,
+}
+
+impl Pickup {
+    /// Starts a pass; false if one is still running or none could start.
+    fn start(
+        self: &Arc<Self>,
+        ctx: &Arc<Context>,
+        tracker: &Arc<Tracker>,
+        data_dir: &Path,
+    ) -> bool {
+        if self.running.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let (me, ctx, sessions, data_dir) = (
+            Arc::clone(self),
+            Arc::clone(ctx),
+            Arc::clone(tracker),
+            data_dir.to_path_buf(),
+        );
+        let spawned = tracker.threads.run(move || {
+            let left = crate::maildrop::pass(&ctx, &data_dir, &mut |uid, name| {
+                pickup_session(&ctx, &sessions, uid, name)
+            });
+            me.left.store(left, Ordering::Relaxed);
+            me.running.store(false, Ordering::Release);
+        });
+        if let Err(e) = spawned {
+            error!("maildrop: cannot start the pickup: {e}");
+            self.running.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+}
+
+/// A local session for the owner of maildrop file `name`, as if user `uid`
+/// had connected to the submission socket (same slots, same rules): the
+/// client's end of the socket pair it serves, or None for now.
+fn pickup_session(
+    ctx: &Arc<Context>,
+    tracker: &Arc<Tracker>,
+    uid: u32,
+    name: &str,
+) -> Option<std::os::unix::net::UnixStream> {
+    let (client, server) = match std::os::unix::net::UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            warn!("maildrop: {e}");
+            return None;
+        }
+    };
+    let guard = match tracker.admit(Peer::Uid(uid), &ctx.config().limits, &server) {
+        Ok(guard) => guard,
+        Err(refusal) => {
+            info!("maildrop: {name} waits: uid={uid} {refusal:?} limit reached");
+            return None;
+        }
+    };
+    let ctx = Arc::clone(ctx);
+    let (id, origin) = (crate::store::new_id(), format!("maildrop={name}"));
+    let spawned = tracker.threads.run(move || {
+        let _guard = guard;
+        conn::serve_local_as(server, id, &ctx, uid, &origin);
+    });
+    match spawned {
+        Ok(()) => Some(client),
+        Err(e) => {
+            error!("maildrop: cannot start a session thread: {e}");
+            None
         }
     }
 }

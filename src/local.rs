@@ -85,6 +85,18 @@ impl fmt::Display for ResolveError {
 impl std::error::Error for ResolveError {}
 
 impl Local {
+    /// The first local domain (`localhost` when none is set): where a local
+    /// user's own address, `login@<first>`, and the postmaster are.
+    pub fn first_domain(&self) -> &str {
+        self.domains.first().map_or("localhost", String::as_str)
+    }
+
+    /// A local user's own address, `login@<first domain>`: the envelope
+    /// sender of an untrusted local submission.
+    pub fn own_address(&self, login: &str) -> String {
+        format!("{login}@{}", self.first_domain())
+    }
+
     /// Whether mail for `domain` is delivered here (case-insensitive; one
     /// trailing dot is ignored).
     pub fn is_local_domain(&self, domain: &str) -> bool {
@@ -257,6 +269,15 @@ fn push(out: &mut Vec<Target>, budget: &mut usize, target: Target) -> Result<(),
 /// `%`, `!`, `@`, `"`, `/`, `\`, `:` anywhere, or a leading `.`.
 fn has_routing_characters(local_part: &str) -> bool {
     local_part.starts_with('.') || local_part.contains(['%', '!', '@', '"', '/', '\\', ':'])
+}
+
+/// The login name of Unix user `uid`, as the passwd database has it, or
+/// `uid<N>` without an entry: who a local submission is from.
+pub fn login_of(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => user.name,
+        _ => format!("uid{uid}"),
+    }
 }
 
 /// A name that is safe as a Maildir directory name: ASCII letters, digits,

@@ -15,7 +15,9 @@
 //!
 //! The listing follows Postfix's `mailq`: one block per message (id, size,
 //! arrival time in UTC, sender), then each recipient still to be delivered,
-//! with its last error in parentheses above it. `--json` gives scripts the
+//! with its last error in parentheses above it, and a count of the files
+//! in the maildrop (sendmail's, while the daemon was down) when there are
+//! any and this user may read it. `--json` gives scripts the
 //! same facts, including finished recipients. Text that came from outside
 //! (addresses, remote replies, headers) is printed with control characters
 //! escaped, so a hostile message cannot drive the terminal.
@@ -204,6 +206,17 @@ fn read_one(data_dir: &Path, id: &str) -> Result<Entry, Error> {
 fn list(data_dir: &Path, out: &mut dyn Write) -> Result<(), Error> {
     let entries = read_all(data_dir)?;
     out.write_all(format_list(&entries).as_bytes())?;
+    // Messages sendmail left while the daemon was down are not queued yet;
+    // only root and the daemon's user can count them.
+    let dropped =
+        fs::read_dir(data_dir.join(crate::maildrop::DIR)).map_or(0, |d| d.flatten().count());
+    if dropped > 0 {
+        writeln!(
+            out,
+            "-- {dropped} file(s) in {}, waiting for postling to start",
+            data_dir.join(crate::maildrop::DIR).display()
+        )?;
+    }
     Ok(())
 }
 

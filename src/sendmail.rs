@@ -27,7 +27,10 @@
 //! daemon is not running or says "try later", sendmail tries again for
 //! `local.sendmail_wait` (a restart, a boot where cron starts first); after
 //! that nothing is kept (the temporary file has no name) and the exit code
-//! is 75 (EX_TEMPFAIL). There is no maildrop directory.
+//! is 75 (EX_TEMPFAIL). A daemon that is not running at all but has run
+//! here before has left its maildrop directory: the message is left there
+//! at once, exit 0, and the daemon submits it when it starts (see
+//! [`crate::maildrop`]).
 //!
 //! Exit codes follow sysexits.h: 0 sent, 64 usage, 65 bad message data,
 //! 67 no recipient accepted, 69 refused by the daemon, 74 I/O error,
@@ -777,11 +780,7 @@ fn message_id(hostname: &str) -> String {
 /// daemon finds it from SO_PEERCRED, the passwd entry's name, or `uid<N>`
 /// without one.
 fn login() -> String {
-    let uid = nix::unistd::getuid();
-    match nix::unistd::User::from_uid(uid) {
-        Ok(Some(user)) => user.name,
-        _ => format!("uid{uid}"),
-    }
+    crate::local::login_of(nix::unistd::getuid().as_raw())
 }
 
 // ---------------------------------------------------------------------------
@@ -883,7 +882,7 @@ impl From<ReadError> for Error {
 // The client.
 
 /// One SMTP connection to the daemon, blocking.
-struct Conn {
+pub(crate) struct Conn {
     stream: UnixStream,
     parser: ReplyParser,
 }
@@ -899,10 +898,13 @@ impl Conn {
             }
             _ => Error::TempFail(format!("{}: {e}", path.display())),
         })?;
-        stream
-            .set_read_timeout(timeout)
-            .and_then(|()| stream.set_write_timeout(timeout))
-            .map_err(|e| Error::TempFail(format!("{}: {e}", path.display())))?;
+        Conn::over(stream, timeout).map_err(|e| Error::TempFail(format!("{}: {e}", path.display())))
+    }
+
+    /// A connection on a socket already open (the pickup's socket pair).
+    pub(crate) fn over(stream: UnixStream, timeout: Option<Duration>) -> io::Result<Conn> {
+        stream.set_read_timeout(timeout)?;
+        stream.set_write_timeout(timeout)?;
         Ok(Conn {
             stream,
             parser: ReplyParser::new(),
@@ -1074,11 +1076,7 @@ fn submit(
     input: &mut impl BufRead,
     diag: &mut dyn Write,
 ) -> Result<u8, Error> {
-    let domain = config
-        .local
-        .domains
-        .first()
-        .map_or("localhost", String::as_str);
+    let domain = config.local.first_domain();
     let mut recipients = Vec::new();
     for arg in &opts.recipients {
         let bad = add_recipients(arg, domain, &mut recipients);
@@ -1115,14 +1113,14 @@ fn submit(
                 return Err(Error::Usage(format!("{s:?}: not a valid sender address")));
             }
         }
-        None => format!("{login}@{domain}"),
+        None => config.local.own_address(&login),
     };
     // The daemon keeps `-f` only for root and `local.trusted_users`; for
     // anyone else an added From: must name the sender it will really use.
     let trusted = nix::unistd::getuid().is_root() || config.local.trusted_users.contains(&login);
     let added = Added {
         from: if sender.is_empty() || !trusted {
-            format!("{login}@{domain}")
+            config.local.own_address(&login)
         } else {
             sender.clone()
         },
@@ -1141,25 +1139,66 @@ fn submit(
     // A non-ASCII address needs SMTPUTF8 (RFC 6531), which the daemon
     // offers; asked for only then, as Postfix's sendmail does.
     let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+    let mut msg = Outgoing {
+        sender: &sender,
+        utf8,
+        file: &mut spool,
+        start: 0,
+    };
     let mut todo = &recipients[..];
     let mut sent = 0;
     let mut waiting = Waiting::new(config.local.sendmail_wait);
+    let mut maildrop = true;
     while !todo.is_empty() {
-        match transaction(&path, &sender, utf8, todo, &mut spool, diag) {
+        let result = Conn::connect(&path, Some(SOCKET_TIMEOUT)).and_then(|conn| {
+            transaction(conn, &mut msg, todo, &mut |rcpt, r| {
+                if let Some(rcpt) = rcpt {
+                    let _ = writeln!(diag, "sendmail: {rcpt}: {}", r.one_line());
+                }
+            })
+        });
+        let e = match result {
             Ok((accepted, rest)) => {
                 sent += accepted;
                 todo = rest;
+                continue;
             }
-            Err(e) if waiting.again(&e, diag) => {}
-            Err(cause) if sent > 0 => {
-                return Err(Error::Partial {
-                    sent,
-                    unsent: todo.to_vec(),
-                    cause: Box::new(cause),
-                })
+            Err(e) => e,
+        };
+        // The daemon is down, but has made its maildrop: the message waits
+        // there for it, as with Postfix's postdrop.
+        if maildrop && matches!(e, Error::NotRunning(_)) {
+            match crate::maildrop::write(&config.data_dir, &mut msg, todo) {
+                Ok(Some(file)) => {
+                    let _ = writeln!(
+                        diag,
+                        "sendmail: postling is not running; the message waits in {} for it",
+                        file.display()
+                    );
+                    sent += todo.len();
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = writeln!(
+                        diag,
+                        "sendmail: cannot leave the message in the maildrop: {e}"
+                    );
+                }
             }
-            Err(e) => return Err(e),
+            maildrop = false;
         }
+        if waiting.again(&e, diag) {
+            continue;
+        }
+        if sent > 0 {
+            return Err(Error::Partial {
+                sent,
+                unsent: todo.to_vec(),
+                cause: Box::new(e),
+            });
+        }
+        return Err(e);
     }
     if sent > 0 {
         Ok(exit::OK)
@@ -1215,20 +1254,32 @@ impl Waiting {
     }
 }
 
-/// One transaction on a connection of its own (so the daemon's per-session
-/// limits, such as `max_errors`, start afresh): the spooled message to as
-/// many of `todo` as the daemon takes at once. Returns how many took it and
-/// the recipients left for the next transaction (after a `452`, RFC 5321
-/// 4.5.3.1.10); refused recipients are reported to `diag`.
-fn transaction<'r>(
-    path: &Path,
-    sender: &str,
-    utf8: bool,
+/// A message as the client sends it: the envelope sender asked for,
+/// whether it needs SMTPUTF8, and the DATA stream (CRLF, dot-stuffed, the
+/// final dot included) from `start` to the end of `file`.
+pub(crate) struct Outgoing<'a> {
+    pub sender: &'a str,
+    pub utf8: bool,
+    pub file: &'a mut std::fs::File,
+    pub start: u64,
+}
+
+/// Told of each permanent refusal: `Some(recipient)` for a refused
+/// `RCPT`, `None` when `MAIL` or the message itself was refused (every
+/// recipient of the transaction, and of any later one, fails with it).
+pub(crate) type Refused<'a> = dyn FnMut(Option<&str>, &ServerReply) + 'a;
+
+/// One transaction on `conn`, a connection of its own (so the daemon's
+/// per-session limits, such as `max_errors`, start afresh): the message
+/// to as many of `todo` as the daemon takes at once. Returns how many took
+/// it and the recipients left for the next transaction (after a `452`,
+/// RFC 5321 4.5.3.1.10); permanent refusals go to `refused`.
+pub(crate) fn transaction<'r>(
+    mut conn: Conn,
+    msg: &mut Outgoing<'_>,
     todo: &'r [String],
-    spool: &mut std::fs::File,
-    diag: &mut dyn Write,
+    refused: &mut Refused<'_>,
 ) -> Result<(usize, &'r [String]), Error> {
-    let mut conn = Conn::connect(path, Some(SOCKET_TIMEOUT))?;
     let greeting = conn.reply()?;
     if greeting.code != 220 {
         return Err(refusal("greeting", &greeting));
@@ -1238,10 +1289,14 @@ fn transaction<'r>(
         conn.quit();
         return Err(refusal("EHLO", &r));
     }
-    let param = if utf8 { " SMTPUTF8" } else { "" };
+    let param = if msg.utf8 { " SMTPUTF8" } else { "" };
+    let sender = msg.sender;
     let r = conn.command(&format!("MAIL FROM:<{sender}>{param}"))?;
     if r.code != 250 {
         conn.quit();
+        if !r.is_transient() {
+            refused(None, &r);
+        }
         return Err(refusal(&format!("<{sender}>"), &r));
     }
     let mut accepted = 0;
@@ -1261,14 +1316,14 @@ fn transaction<'r>(
             conn.quit();
             return Err(refusal(rcpt, &r));
         } else {
-            let _ = writeln!(diag, "sendmail: {rcpt}: {}", r.one_line());
+            refused(Some(rcpt), &r);
         }
     }
     if accepted > 0 {
         // From here a failure may come after the daemon stored the message
         // (a 451 for a later copy, a connection lost before its 250): no
         // retry, which could deliver it twice.
-        send_spooled(&mut conn, spool).map_err(|e| match e {
+        send_spooled(&mut conn, msg, refused).map_err(|e| match e {
             Error::TempFail(m) => Error::TempFailSent(m),
             e => e,
         })?;
@@ -1306,36 +1361,41 @@ fn unnamed_file_in(dir: &Path) -> io::Result<std::fs::File> {
 }
 
 /// DATA, the spooled message, and the daemon's verdict on it.
-fn send_spooled(conn: &mut Conn, spool: &mut std::fs::File) -> Result<(), Error> {
-    use std::io::Seek;
+fn send_spooled(
+    conn: &mut Conn,
+    msg: &mut Outgoing<'_>,
+    refused: &mut Refused<'_>,
+) -> Result<(), Error> {
+    use std::io::{Seek, SeekFrom};
     let r = conn.command("DATA")?;
     if r.code != 354 {
         conn.quit();
+        if !r.is_transient() {
+            refused(None, &r);
+        }
         return Err(refusal("DATA", &r));
     }
-    let copied = spool
-        .rewind()
+    let copied = (msg.file.seek(SeekFrom::Start(msg.start)))
         .map_err(|e| Error::Io(format!("reading the kept message: {e}")))
-        .and_then(|()| io::copy(spool, &mut conn.stream).map_err(|e| broken(&e.to_string())));
-    match copied {
-        Ok(_) => {}
+        .and_then(|_| io::copy(msg.file, &mut conn.stream).map_err(|e| broken(&e.to_string())));
+    let r = match copied {
+        Ok(_) => conn.reply()?,
         // The daemon may have given up on us (size): its reply, if any,
         // says why.
-        Err(Error::TempFail(m)) => {
-            return match conn.reply() {
-                Ok(r) if !r.is_positive() => Err(final_error(&r)),
-                _ => Err(Error::TempFail(m)),
-            }
-        }
+        Err(Error::TempFail(m)) => match conn.reply() {
+            Ok(r) if !r.is_positive() => r,
+            _ => return Err(Error::TempFail(m)),
+        },
         Err(e) => return Err(e),
-    }
-    let r = conn.reply()?;
+    };
     if r.code == 250 {
-        Ok(())
-    } else {
-        conn.quit();
-        Err(final_error(&r))
+        return Ok(());
     }
+    conn.quit();
+    if !r.is_transient() {
+        refused(None, &r);
+    }
+    Err(final_error(&r))
 }
 
 /// The error for a refused message (the reply to the final dot).

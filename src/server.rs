@@ -415,6 +415,8 @@ impl Server {
         check_sharing_group(config.local.sharing.gid)?;
         let lock = lock_data_dir(&config.data_dir).map_err(in_data_dir)?;
         let (queue, pending) = Queue::open(&config.data_dir).map_err(in_data_dir)?;
+        // Where sendmail leaves mail while this daemon is down.
+        crate::maildrop::prepare(&config.data_dir).map_err(in_data_dir)?;
         // After the lock: a control.sock already there is a dead daemon's.
         listeners.add_control(crate::control::bind(&config.data_dir).map_err(in_data_dir)?)?;
         // Any local user may submit (the peer's uid decides the sender).

@@ -8,8 +8,7 @@
 //! durably before the next one is taken.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr};
+use std::io;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -23,11 +22,9 @@ use super::client::RcptResult;
 use super::dns::Resolver;
 use super::schedule::Schedule;
 use super::transfer::Timeouts;
-use crate::local::Target;
 use crate::pool::Pool;
 use crate::server::Context;
 use crate::smtp::conn::unix_now;
-use crate::smtp::message::{Message, Recipient};
 use crate::store::envelope::{Envelope, RcptState};
 
 /// What the relay thread is asked to do.
@@ -486,12 +483,7 @@ impl Relay {
             {
                 return true;
             }
-            let config = self.ctx.config();
-            let domain = config
-                .local
-                .domains
-                .first()
-                .map_or("localhost", String::as_str);
+            let domain = self.ctx.config().local.first_domain().to_string();
             (format!("postmaster@{domain}"), DOUBLE_BOUNCE_CLIENT)
         } else {
             (env.sender.clone(), NOTICE_CLIENT)
@@ -508,7 +500,7 @@ impl Relay {
             &header,
             unix_now(),
         );
-        match self.inject(&to, &text, client) {
+        match crate::deliver::inject(&self.ctx, &to, &text, client) {
             Ok(nid) => {
                 info!("id={} notice={nid} kind={kind:?} to=<{to}>", env.id);
                 true
@@ -520,47 +512,6 @@ impl Relay {
                 );
                 false
             }
-        }
-    }
-
-    /// Stores a locally generated message from `<>` for `to` the way an
-    /// inbound one is stored: Maildir for local users, queue otherwise.
-    fn inject(&self, to: &str, text: &[u8], client: &str) -> io::Result<String> {
-        let local = &self.ctx.config().local;
-        let (local_part, domain) = to.rsplit_once('@').unwrap_or((to, "localhost"));
-        let targets = if local.is_local_domain(domain) {
-            local
-                .resolve(local_part, domain)
-                .or_else(|_| local.resolve("postmaster", domain))
-                .map_err(|e| io::Error::other(format!("no local mailbox for <{to}>: {e:?}")))?
-        } else {
-            vec![Target::Remote(to.to_string())]
-        };
-        let message = Message {
-            session: client.to_string(),
-            sender: String::new(),
-            recipients: vec![Recipient {
-                address: to.to_string(),
-                targets,
-            }],
-            helo: self.ctx.config().hostname.clone(),
-            peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            protocol: "local",
-            tls: None,
-            local_user: None,
-        };
-        let mut sink = crate::deliver::open_with_client(&message, &self.ctx, client)?;
-        let id = sink.id().to_string();
-        sink.file().write_all(text)?;
-        match crate::deliver::store(&message, sink, text.len() as u64, &self.ctx) {
-            Ok(()) => Ok(id),
-            // Stored somewhere: the notice is out, and storing it again at
-            // the next attempt would only add copies where it already is.
-            Err(partly) if partly.stored > 0 => {
-                error!("notice={id} to=<{to}> not stored in every mailbox: {partly}");
-                Ok(id)
-            }
-            Err(partly) => Err(partly.error),
         }
     }
 }

@@ -336,24 +336,26 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, mode: ListenMode, 
 /// choose their envelope sender.
 pub fn serve_local(stream: std::os::unix::net::UnixStream, id: String, ctx: &Context) {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let cred = match getsockopt(&stream, PeerCredentials) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!("session={id} local connection without credentials: {e}");
-            return;
-        }
-    };
-    let login = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid()))
-        .ok()
-        .flatten()
-        .map_or_else(|| format!("uid{}", cred.uid()), |u| u.name);
+    match getsockopt(&stream, PeerCredentials) {
+        Ok(c) => serve_local_as(stream, id, ctx, c.uid(), &format!("pid={}", c.pid())),
+        Err(e) => warn!("session={id} local connection without credentials: {e}"),
+    }
+}
+
+/// [`serve_local`] for a client whose Unix user is known otherwise: `uid`
+/// is the identity (the maildrop's pickup: the owner of the file), `origin`
+/// says where it came from in the connect log line.
+pub fn serve_local_as(
+    stream: std::os::unix::net::UnixStream,
+    id: String,
+    ctx: &Context,
+    uid: u32,
+    origin: &str,
+) {
+    let login = crate::local::login_of(uid);
     let config = ctx.config();
-    let trusted = cred.uid() == 0 || config.local.trusted_users.contains(&login);
-    info!(
-        "session={id} connect from=local pid={} uid={} user={login}",
-        cred.pid(),
-        cred.uid()
-    );
+    let trusted = uid == 0 || config.local.trusted_users.contains(&login);
+    info!("session={id} connect from=local {origin} uid={uid} user={login}");
     let limits = &config.limits;
     if let Err(e) = stream
         .set_read_timeout(Some(TICK))

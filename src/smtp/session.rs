@@ -489,13 +489,7 @@ impl<'c> Session<'c> {
         // (sendmail's rule; the real sender is known from SO_PEERCRED).
         let sender = match &self.local_user {
             Some((login, false)) => {
-                let domain = self
-                    .config
-                    .local
-                    .domains
-                    .first()
-                    .map_or("localhost", String::as_str);
-                let own = format!("{login}@{domain}");
+                let own = self.config.local.own_address(login);
                 if sender != own {
                     info!(
                         "session={} local user={login} sender <{sender}> replaced by <{own}>",
@@ -550,7 +544,7 @@ impl<'c> Session<'c> {
         let local = &self.config.local;
         let (address, targets) = match to {
             ForwardPath::Postmaster => {
-                let domain = local.domains.first().map_or("localhost", String::as_str);
+                let domain = local.first_domain();
                 // Named with the domain it is resolved in, so its copy's
                 // Delivered-To: is a whole address.
                 (

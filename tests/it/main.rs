@@ -9,6 +9,7 @@ mod delivery;
 mod fuzz_regressions;
 mod lifecycle;
 mod limits;
+mod maildrop;
 mod protocol;
 mod queue;
 mod relay;

@@ -14,7 +14,7 @@ use crate::util::{bin, split_message, wait_for, Server, TempDir};
 
 /// The server's config, with its data_dir written in, so the client finds
 /// the socket from the same file (`-C dir/postling.toml`).
-fn config(dir: &TempDir) -> String {
+pub fn config(dir: &TempDir) -> String {
     format!(
         "data_dir = {:?}\n[local]\ndomains = [\"pi.test\", \"localhost\"]\n",
         dir.path().join("data")
@@ -47,11 +47,11 @@ fn run(dir: &Path, as_sendmail: bool, args: &[&str], input: &[u8]) -> Output {
     out
 }
 
-fn sendmail(s: &TempDir, args: &[&str], input: &[u8]) -> Output {
+pub fn sendmail(s: &TempDir, args: &[&str], input: &[u8]) -> Output {
     run(s.path(), false, args, input)
 }
 
-fn ok(out: &Output) {
+pub fn ok(out: &Output) {
     assert!(
         out.status.success(),
         "exit {:?}\nstdout: {}\nstderr: {}",
@@ -62,7 +62,7 @@ fn ok(out: &Output) {
 }
 
 /// Waits for `n` messages in `user`'s Maildir and returns them.
-fn mail(s: &Server, user: &str, n: usize) -> Vec<Vec<u8>> {
+pub fn mail(s: &Server, user: &str, n: usize) -> Vec<Vec<u8>> {
     assert!(
         wait_for(Duration::from_secs(10), || s.mail(user).len() >= n),
         "no mail for {user}; log:\n{}",
