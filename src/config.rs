@@ -1245,9 +1245,9 @@ fn at_least<T: PartialOrd + Copy>(
 /// or a busy spell at the connection cap.
 const SENDMAIL_WAIT: Duration = Duration::from_secs(60);
 
-const QUEUE_CLASH: &str = "must not be data_dir or inside its incoming/, queue/ or corrupt/: \
-     Maildirs there would be taken for queue entries (and mail to users named \
-     incoming or queue would be swept away at start)";
+const QUEUE_CLASH: &str = "must not be data_dir or inside its incoming/, queue/, corrupt/ or \
+     maildrop/: Maildirs there would be taken for queue entries or sendmail's files (and \
+     mail to users named incoming or queue would be swept away at start)";
 
 /// True when Maildirs at `path` (or under it) would share directories with
 /// the queue in `data_dir`. Compared as absolute paths, without resolving
@@ -1257,7 +1257,7 @@ fn clashes_with_queue(path: &Path, data_dir: &Path) -> bool {
         return false;
     };
     path.components().eq(data.components())
-        || ["incoming", "queue", "corrupt"]
+        || ["incoming", "queue", "corrupt", crate::maildrop::DIR]
             .iter()
             .any(|own| path.starts_with(data.join(own)))
 }
@@ -2000,6 +2000,7 @@ allow_from = ["192.168.1.0/24", "2001:db8::/32", "10.1.2.3"]
             ("data_dir = \"/var/lib/postling\"\n[local]\nmaildir_root = \"/var/lib/postling/\"\n", "postling.toml:3: local.maildir_root: must not be data_dir or inside its incoming/"),
             ("data_dir = \"/var/lib/postling\"\n[local]\nmaildir_root = \"/var/lib/./postling/queue/x\"\n", "postling.toml:3: local.maildir_root: must not be data_dir or inside its incoming/"),
             ("data_dir = \"/d\"\n[local.mailboxes]\nalice = \"/d/incoming\"\n", "postling.toml:3: local.mailboxes.alice: must not be data_dir or inside its incoming/"),
+            ("data_dir = \"/d\"\n[local.mailboxes]\nalice = \"/d/maildrop/x\"\n", "postling.toml:3: local.mailboxes.alice: must not be data_dir or inside its incoming/"),
             ("[local]\naliases = \"/nonexistent/aliases\"\n", "postling.toml:2: local.aliases: cannot read \"/nonexistent/aliases\": No such file or directory"),
             ("[limits]\nmax_recipients = 10 0\n", "postling.toml:2: limits.max_recipients: string values must be quoted"),
             ("hostname = \"x\n", "postling.toml:1: hostname: invalid basic string"),

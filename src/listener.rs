@@ -133,13 +133,11 @@ impl Listeners {
         let watchdog = crate::notify::watchdog_interval().map(|d| d / 2);
         let mut last_ping = Instant::now();
         let data_dir = ctx.config().data_dir.clone();
-        let mut maildrop = crate::maildrop::Watch::new(&data_dir);
+        let mut maildrop = crate::maildrop::Watch::default();
         let pickup = Arc::new(Pickup::default());
         loop {
-            if maildrop.due(pickup.left.load(Ordering::Relaxed))
-                && !pickup.start(&ctx, &tracker, &data_dir)
-            {
-                maildrop.missed();
+            if maildrop.due() {
+                pickup.start(&ctx, &tracker, &data_dir);
             }
             if let Some(w) = watchdog {
                 if last_ping.elapsed() >= w {
@@ -316,21 +314,15 @@ fn accept_submit(
 #[derive(Default)]
 struct Pickup {
     running: AtomicBool,
-    /// The last pass left a file behind: look again at the next tick even
-    /// if the directory did not change.
-    left: AtomicBool,
+    memory: Mutex<crate::maildrop::Memory>,
 }
 
 impl Pickup {
-    /// Starts a pass; false if one is still running or none could start.
-    fn start(
-        self: &Arc<Self>,
-        ctx: &Arc<Context>,
-        tracker: &Arc<Tracker>,
-        data_dir: &Path,
-    ) -> bool {
+    /// Starts a pass, unless one is still running (the next tick looks
+    /// again).
+    fn start(self: &Arc<Self>, ctx: &Arc<Context>, tracker: &Arc<Tracker>, data_dir: &Path) {
         if self.running.swap(true, Ordering::AcqRel) {
-            return false;
+            return;
         }
         let (me, ctx, sessions, data_dir) = (
             Arc::clone(self),
@@ -339,18 +331,17 @@ impl Pickup {
             data_dir.to_path_buf(),
         );
         let spawned = tracker.threads.run(move || {
-            let left = crate::maildrop::pass(&ctx, &data_dir, &mut |uid, name| {
+            let mut memory = me.memory.lock().unwrap_or_else(|e| e.into_inner());
+            crate::maildrop::pass(&ctx, &data_dir, &mut memory, &mut |uid, name| {
                 pickup_session(&ctx, &sessions, uid, name)
             });
-            me.left.store(left, Ordering::Relaxed);
+            drop(memory);
             me.running.store(false, Ordering::Release);
         });
         if let Err(e) = spawned {
             error!("maildrop: cannot start the pickup: {e}");
             self.running.store(false, Ordering::Release);
-            return false;
         }
-        true
     }
 }
 
@@ -381,7 +372,8 @@ fn pickup_session(
     let (id, origin) = (crate::store::new_id(), format!("maildrop={name}"));
     let spawned = tracker.threads.run(move || {
         let _guard = guard;
-        conn::serve_local_as(server, id, &ctx, uid, &origin);
+        // Owning a file proves less than a socket's peer: no -f for anyone.
+        conn::serve_local_as(server, id, &ctx, uid, &origin, false);
     });
     match spawned {
         Ok(()) => Some(client),

@@ -24,26 +24,32 @@
 //! Nothing in the file is trusted. The identity is the file's owner, as
 //! SO_PEERCRED is a socket client's: the pickup runs the message through a
 //! local session on a socket pair, with the checks and the slot limits a
-//! sendmail connection of that user gets, and the same envelope-sender
-//! rule. A recipient refused for good gets the sender a bounce; a
-//! temporary refusal leaves the file for the next pass (a recipient that
-//! had it from an earlier transaction of the same file may then get a
-//! second copy: a duplicate, never a loss). Files that are not regular,
-//! have another link, or are malformed are removed with a log line; one
-//! never made readable (its sendmail was killed) is removed after a day.
+//! sendmail connection of that user gets. Its envelope sender is always
+//! the owner's own address, root's and `trusted_users`' too: a file root
+//! wrote in a directory another user controls could be renamed in here,
+//! so ownership does not prove who asked for a sender. A recipient refused
+//! for good gets the owner a bounce (a notice that cannot be stored keeps
+//! the file for the next pass); a temporary failure leaves the file for
+//! the next pass, which sends only to the recipients not done yet (kept in
+//! memory: after a restart, a recipient may get a second copy, never
+//! none), until the file is `relay.max_queue_time` old and the rest
+//! bounce. A message over `max_message_size` bounces without being read.
+//! Only names sendmail gives (32 hex digits) are taken; anything else, a
+//! file that is not regular, has another link or is malformed is removed
+//! with a log line; one never made readable (its sendmail was killed) is
+//! removed after a day. A user at its session cap waits; the others'
+//! files go on.
 //!
-//! The daemon looks at start and then every [`EVERY`], and only reads the
-//! directory when its modification time changed or the last pass left a
-//! file behind.
+//! The daemon looks at start and then every [`EVERY`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::relay::bounce::{self, Entry, Kind};
 use crate::relay::reply::ServerReply;
@@ -109,6 +115,10 @@ pub(crate) fn write(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     }
+    let head = envelope(msg.sender, msg.utf8, rcpts);
+    if head.len() as u64 > MAX_ENVELOPE {
+        return Err(io::Error::other("too many recipients for the maildrop"));
+    }
     let path = dir.join(random_name()?);
     let mut file = OpenOptions::new()
         .write(true)
@@ -117,9 +127,8 @@ pub(crate) fn write(
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
     let written = (|| {
-        file.write_all(envelope(msg.sender, msg.utf8, rcpts).as_bytes())?;
-        msg.file.seek(SeekFrom::Start(msg.start))?;
-        io::copy(msg.file, &mut file)?;
+        file.write_all(head.as_bytes())?;
+        msg.copy_to(&mut file)?;
         file.sync_all()?;
         // Readable: complete. The pickup takes no file before this.
         file.set_permissions(fs::Permissions::from_mode(0o644))?;
@@ -243,46 +252,68 @@ fn parse(input: &mut impl BufRead) -> Result<Dropped, Unreadable> {
 // The daemon's side.
 
 /// When to look at the maildrop (the acceptor's clock): at start, then
-/// every [`EVERY`] if the directory changed or a file was left.
+/// every [`EVERY`].
 pub struct Watch {
-    dir: PathBuf,
-    next: std::time::Instant,
-    seen: Option<SystemTime>,
+    next: Instant,
+}
+
+impl Default for Watch {
+    fn default() -> Watch {
+        Watch {
+            next: Instant::now(),
+        }
+    }
 }
 
 impl Watch {
-    pub fn new(data_dir: &Path) -> Watch {
-        Watch {
-            dir: data_dir.join(DIR),
-            next: std::time::Instant::now(),
-            seen: None,
-        }
-    }
-
     /// How long until the next look.
     pub fn wait(&self) -> Duration {
-        self.next
-            .saturating_duration_since(std::time::Instant::now())
+        self.next.saturating_duration_since(Instant::now())
     }
 
-    /// Looks again at the next tick, whatever the directory's time says:
-    /// the pass that was due could not start.
-    pub fn missed(&mut self) {
-        self.seen = None;
-    }
-
-    /// Whether a pass is due now; `left`: the last pass left a file.
-    pub fn due(&mut self, left: bool) -> bool {
+    /// Whether a pass is due now (then the next one is [`EVERY`] away).
+    pub fn due(&mut self) -> bool {
         if !self.wait().is_zero() {
             return false;
         }
-        self.next = std::time::Instant::now() + EVERY;
-        let mtime = fs::symlink_metadata(&self.dir)
-            .and_then(|m| m.modified())
-            .ok();
-        let changed = mtime != self.seen;
-        self.seen = mtime;
-        changed || left
+        self.next = Instant::now() + EVERY;
+        true
+    }
+}
+
+/// What the pickup keeps between passes, in memory only: after a restart a
+/// file is taken from its start again, so a recipient that had the message
+/// may get it twice (a duplicate, never a loss).
+#[derive(Default)]
+pub struct Memory {
+    /// The files left by an earlier pass (few: a Vec is enough).
+    files: Vec<Known>,
+}
+
+/// A file (name, inode) an earlier pass left.
+struct Known {
+    key: (String, u64),
+    /// The recipients done with (accepted, or refused and told of), so a
+    /// file left after a temporary failure is not sent again to those.
+    done: Vec<String>,
+    /// Logged as left once; not again.
+    warned: bool,
+}
+
+impl Memory {
+    fn known(&mut self, key: &(String, u64)) -> &mut Known {
+        let i = match self.files.iter().position(|k| &k.key == key) {
+            Some(i) => i,
+            None => {
+                self.files.push(Known {
+                    key: key.clone(),
+                    done: Vec::new(),
+                    warned: false,
+                });
+                self.files.len() - 1
+            }
+        };
+        &mut self.files[i]
     }
 }
 
@@ -294,43 +325,93 @@ pub type OpenSession<'a> = dyn FnMut(u32, &str) -> Option<UnixStream> + 'a;
 /// What became of one file.
 #[derive(Debug, PartialEq, Eq)]
 enum Taken {
-    /// Submitted (refused recipients bounced) or thrown out: removed.
+    /// Submitted (refused recipients told) or thrown out: removed.
     Done,
     /// Left for a later pass.
     Left,
-    /// Left, and the pass ends here (no slot for its user).
-    Stop,
+    /// Left: its user has no free session slot now; the pass skips that
+    /// user's other files and goes on with the rest.
+    Busy(u32),
 }
 
-/// One pass over the maildrop. True if it left a file for the next one.
-pub fn pass(ctx: &Context, data_dir: &Path, open: &mut OpenSession<'_>) -> bool {
+/// One pass over the maildrop.
+pub fn pass(ctx: &Context, data_dir: &Path, memory: &mut Memory, open: &mut OpenSession<'_>) {
     let dir = data_dir.join(DIR);
     let entries = match fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) => {
             warn!("maildrop: {}: {e}", dir.display());
-            return true;
+            return;
         }
     };
-    let mut left = false;
+    let mut seen = Vec::new();
+    let mut busy = Vec::new();
     for entry in entries.flatten() {
         if ctx.shutdown.load(std::sync::atomic::Ordering::Relaxed) {
-            return true;
+            return;
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
-        match take(ctx, &dir.join(&name), &name, open) {
-            Taken::Done => {}
-            Taken::Left => left = true,
-            Taken::Stop => return true,
+        let path = entry.path();
+        let Some(name) = entry
+            .file_name()
+            .to_str()
+            .filter(|n| is_drop_name(n))
+            .map(str::to_string)
+        else {
+            remove_foreign(&path);
+            continue;
+        };
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue; // gone already
+        };
+        seen.push((name.clone(), meta.ino()));
+        if busy.contains(&meta.uid()) {
+            continue;
+        }
+        if let Taken::Busy(uid) = take(ctx, memory, &path, &name, &meta, open) {
+            busy.push(uid);
         }
     }
-    left
+    memory.files.retain(|k| seen.contains(&k.key));
 }
 
-fn take(ctx: &Context, path: &Path, name: &str, open: &mut OpenSession<'_>) -> Taken {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return Taken::Done; // gone already
-    };
+/// How many complete files sendmail left in `data_dir`'s maildrop (0 if
+/// it cannot be read): what `mailq` shows.
+pub fn count(data_dir: &Path) -> usize {
+    fs::read_dir(data_dir.join(DIR)).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(is_drop_name))
+            .filter(|e| {
+                e.metadata()
+                    .is_ok_and(|m| m.is_file() && m.mode() & 0o004 != 0)
+            })
+            .count()
+    })
+}
+
+/// A name sendmail gives its files: 32 lower-case hex digits.
+fn is_drop_name(name: &str) -> bool {
+    name.len() == 32 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Anything else in the maildrop was not put there by sendmail.
+fn remove_foreign(path: &Path) {
+    let uid = fs::symlink_metadata(path).map_or(u32::MAX, |m| m.uid());
+    match fs::remove_file(path) {
+        Ok(()) => warn!("maildrop: {path:?} from uid={uid}: not a name sendmail gives; removed"),
+        // A directory (or gone): it holds nothing the pickup would take.
+        Err(_) => debug!("maildrop: {path:?} from uid={uid}: not a file sendmail writes; ignored"),
+    }
+}
+
+fn take(
+    ctx: &Context,
+    memory: &mut Memory,
+    path: &Path,
+    name: &str,
+    meta: &fs::Metadata,
+    open: &mut OpenSession<'_>,
+) -> Taken {
     let uid = meta.uid();
     let remove = |why: &str| {
         warn!("maildrop: {name} from uid={uid}: {why}; removed");
@@ -352,38 +433,71 @@ fn take(ctx: &Context, path: &Path, name: &str, open: &mut OpenSession<'_>) -> T
         }
         return Taken::Left;
     }
+    let key = (name.to_string(), meta.ino());
+    let mut left = |why: &str| {
+        let known = memory.known(&key);
+        if !std::mem::replace(&mut known.warned, true) {
+            warn!("maildrop: {name} from uid={uid}: {why}; left for a later pass");
+        }
+        Taken::Left
+    };
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path);
     let mut file = match file {
         Ok(f) => f,
-        Err(e) => {
-            warn!("maildrop: {name}: {e}");
-            return Taken::Left;
-        }
+        Err(e) => return left(&e.to_string()),
     };
     // The file opened is the one looked at, still with one link.
-    match file.metadata() {
-        Ok(m) if m.ino() == meta.ino() && m.uid() == uid && m.nlink() == 1 => {}
+    let end = match file.metadata() {
+        Ok(m) if m.ino() == meta.ino() && m.uid() == uid && m.nlink() == 1 => m.len(),
         _ => return Taken::Left,
-    }
+    };
     let dropped = match parse(&mut BufReader::new(&mut file)) {
         Ok(d) => d,
         Err(Unreadable::Version(v)) => {
-            warn!("maildrop: {name} from uid={uid}: version {v:?}, unknown to this build; left");
-            return Taken::Left;
+            return left(&format!("version {v:?}, unknown to this build"))
         }
         Err(Unreadable::Malformed(why)) => return remove(&format!("not a maildrop file ({why})")),
     };
+    // Only what is there now, and only if it ends as sendmail ends it: a
+    // file still growing must not hold the pickup in DATA, nor add to it.
+    if !ends_with_dot(&mut file, dropped.start, end) {
+        return remove("not a maildrop file (the message does not end with a dot line)");
+    }
+    let done = &mut memory.known(&key).done;
+    let todo: Vec<String> = dropped
+        .rcpts
+        .iter()
+        .filter(|r| !done.contains(*r))
+        .cloned()
+        .collect();
     info!(
-        "maildrop: {name} from uid={uid}: {} recipient(s)",
-        dropped.rcpts.len()
+        "maildrop: {name} from uid={uid}: {} recipient(s) to go",
+        todo.len()
     );
-    match submit(ctx, &mut file, name, uid, &dropped, open) {
+    let mut msg = Outgoing {
+        sender: &dropped.sender,
+        utf8: dropped.utf8,
+        file: &mut file,
+        start: dropped.start,
+        end,
+    };
+    let mut failed = Vec::new();
+    let outcome = submit(ctx, &mut msg, name, uid, &todo, done, &mut failed, open);
+    // Recipients refused for good are done once the sender is told.
+    if !failed.is_empty() {
+        if !bounce(ctx, msg.file, name, uid, dropped.start, &failed) {
+            return Taken::Left;
+        }
+        done.extend(failed.into_iter().map(|(rcpt, _)| rcpt));
+    }
+    match outcome {
         Taken::Done => {
+            memory.files.retain(|k| k.key != key);
             if let Err(e) = fs::remove_file(path) {
-                // Submitted: a second pass would deliver it again.
+                // Submitted: it stays known as done until it is gone.
                 error!("maildrop: {name}: submitted, but cannot remove it: {e}");
             }
             Taken::Done
@@ -392,95 +506,122 @@ fn take(ctx: &Context, path: &Path, name: &str, open: &mut OpenSession<'_>) -> T
     }
 }
 
-/// Submits `dropped` as user `uid`, transaction by transaction as sendmail
-/// does, and bounces what was refused for good.
+/// Whether the message from `start` to `end` ends with the line ".".
+fn ends_with_dot(file: &mut File, start: u64, end: u64) -> bool {
+    const TAIL: &[u8] = b"\r\n.\r\n";
+    let mut tail = [0u8; TAIL.len()];
+    end >= start + TAIL.len() as u64
+        && file
+            .seek(SeekFrom::Start(end - TAIL.len() as u64))
+            .and_then(|_| file.read_exact(&mut tail))
+            .is_ok()
+        && tail == TAIL
+}
+
+/// Submits `msg` to `todo` as user `uid`, transaction by transaction as
+/// sendmail does. Accepted recipients go into `done`, refused ones into
+/// `failed` (with the reason); a file older than `relay.max_queue_time`
+/// whose submission fails for now fails for good.
+#[allow(clippy::too_many_arguments)]
 fn submit(
     ctx: &Context,
-    file: &mut File,
+    msg: &mut Outgoing<'_>,
     name: &str,
     uid: u32,
-    dropped: &Dropped,
+    todo: &[String],
+    done: &mut Vec<String>,
+    failed: &mut Vec<(String, String)>,
     open: &mut OpenSession<'_>,
 ) -> Taken {
-    let mut msg = Outgoing {
-        sender: &dropped.sender,
-        utf8: dropped.utf8,
-        file,
-        start: dropped.start,
-    };
-    let mut failed: Vec<(String, String)> = Vec::new();
-    let mut todo = &dropped.rcpts[..];
+    let config = ctx.config();
+    let size = msg.end - msg.start;
+    if size > config.limits.max_message_size {
+        // Not streamed: a sparse file can claim any size.
+        let why = format!(
+            "552 5.3.4 Message size exceeds fixed maximum message size ({size} octets, the limit is {})",
+            config.limits.max_message_size
+        );
+        failed.extend(todo.iter().map(|r| (r.clone(), why.clone())));
+        return Taken::Done;
+    }
+    let mut todo = todo;
     while !todo.is_empty() {
         let Some(stream) = open(uid, name) else {
-            return Taken::Stop;
+            return Taken::Busy(uid);
         };
-        let conn = match Conn::over(stream, Some(REPLY_TIMEOUT)) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!("maildrop: {name}: {e}");
-                return Taken::Left;
-            }
-        };
-        let mut all = None;
-        let result = transaction(
-            conn,
-            &mut msg,
-            todo,
-            &mut |rcpt, r: &ServerReply| match rcpt {
-                Some(rcpt) => failed.push((rcpt.to_string(), r.one_line())),
-                None => all = Some(r.one_line()),
-            },
-        );
-        match result {
-            Ok((_, rest)) => todo = rest,
-            Err(_) if all.is_some() => {
-                // The sender or the message itself was refused: every
-                // recipient still to go fails with it.
-                let why = all.unwrap_or_default();
-                for rcpt in todo {
-                    if !failed.iter().any(|(r, _)| r == rcpt) {
-                        failed.push((rcpt.clone(), why.clone()));
+        let why = match Conn::over(stream, Some(REPLY_TIMEOUT)) {
+            Ok(conn) => {
+                let mut all = None;
+                let mut refused = Vec::new();
+                let result =
+                    transaction(conn, msg, todo, &mut |rcpt, r: &ServerReply| match rcpt {
+                        Some(rcpt) => refused.push((rcpt.to_string(), r.one_line())),
+                        None => all = Some(r.one_line()),
+                    });
+                match (result, all) {
+                    (Ok((_, rest)), _) => {
+                        let batch = &todo[..todo.len() - rest.len()];
+                        done.extend(
+                            batch
+                                .iter()
+                                .filter(|r| !refused.iter().any(|(f, _)| f == *r))
+                                .cloned(),
+                        );
+                        failed.append(&mut refused);
+                        todo = rest;
+                        continue;
+                    }
+                    (Err(_), Some(why)) => {
+                        // The sender or the message itself was refused:
+                        // every recipient still to go fails with it.
+                        failed.append(&mut refused);
+                        for rcpt in todo {
+                            if !failed.iter().any(|(r, _)| r == rcpt) {
+                                failed.push((rcpt.clone(), why.clone()));
+                            }
+                        }
+                        return Taken::Done;
+                    }
+                    (Err(e), None) => {
+                        failed.append(&mut refused);
+                        e.to_string()
                     }
                 }
-                break;
             }
-            Err(e) => {
-                warn!("maildrop: {name} from uid={uid}: {e}; left for the next pass");
-                return Taken::Left;
-            }
+            Err(e) => e.to_string(),
+        };
+        // A temporary failure (the disk, a mailbox): tried again at the
+        // next pass, until the file is as old as the queue keeps mail.
+        let age = (msg.file.metadata())
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a > config.relay.max_queue_time) {
+            let why = format!("4.4.7 not submitted in time, last: {why}");
+            failed.extend(todo.iter().map(|r| (r.clone(), why.clone())));
+            return Taken::Done;
         }
-    }
-    if !failed.is_empty() {
-        bounce(ctx, msg.file, name, uid, dropped, &failed);
+        warn!("maildrop: {name} from uid={uid}: {why}; tried again at the next pass");
+        return Taken::Left;
     }
     Taken::Done
 }
 
-/// Tells the sender about the recipients the daemon refused. The sender is
-/// the one the session used: the file's for root and `trusted_users`,
-/// else the owner's own address; none for `<>`.
+/// Tells the file's owner about the recipients refused for good (a
+/// maildrop message's sender is always its owner's own address); false if
+/// the notice could not be stored.
 fn bounce(
     ctx: &Context,
     file: &mut File,
     name: &str,
     uid: u32,
-    dropped: &Dropped,
+    start: u64,
     failed: &[(String, String)],
-) {
+) -> bool {
     let config = ctx.config();
-    let login = crate::local::login_of(uid);
-    let trusted = uid == 0 || config.local.trusted_users.contains(&login);
-    let to = if trusted {
-        dropped.sender.clone()
-    } else {
-        config.local.own_address(&login)
-    };
+    let to = config.local.own_address(&crate::local::login_of(uid));
     for (rcpt, why) in failed {
         info!("maildrop: {name} rcpt=<{rcpt}> refused: {why}");
-    }
-    if to.is_empty() {
-        warn!("maildrop: {name}: refused recipients not bounced: the sender is <>");
-        return;
     }
     let now = crate::smtp::conn::unix_now();
     let arrived = file
@@ -490,7 +631,7 @@ fn bounce(
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
         .map_or(now, |d| d.as_secs());
     let env = Envelope {
-        id: name.to_string(),
+        id: crate::store::new_id(),
         arrived,
         sender: to.clone(),
         recipients: Vec::new(),
@@ -510,7 +651,7 @@ fn bounce(
     // The bounce quotes the header; 64 KiB of the message holds it.
     let mut header = Vec::new();
     let _ = file
-        .seek(SeekFrom::Start(dropped.start))
+        .seek(SeekFrom::Start(start))
         .and_then(|_| file.take(64 * 1024).read_to_end(&mut header));
     let text = bounce::render(
         Kind::Failed,
@@ -522,8 +663,14 @@ fn bounce(
         now,
     );
     match crate::deliver::inject(ctx, &to, &text, BOUNCE_CLIENT) {
-        Ok(id) => info!("maildrop: {name} notice={id} to=<{to}>"),
-        Err(e) => error!("maildrop: {name}: cannot store the notice to <{to}>: {e}"),
+        Ok(id) => {
+            info!("maildrop: {name} notice={id} to=<{to}>");
+            true
+        }
+        Err(e) => {
+            error!("maildrop: {name}: cannot store the notice to <{to}>: {e}; tried again at the next pass");
+            false
+        }
     }
 }
 
@@ -612,31 +759,17 @@ mod tests {
     }
 
     #[test]
-    fn watch_looks_when_the_directory_changed_or_a_file_was_left() {
-        let t = crate::store::testdir::TestDir::new("maildrop-watch");
-        prepare(t.path()).expect("made");
-        let mut w = Watch::new(t.path());
-        assert!(w.due(false), "the first look");
-        assert!(!w.due(false), "not before EVERY");
-        w.next = std::time::Instant::now();
-        assert!(!w.due(false), "unchanged");
-        w.next = std::time::Instant::now();
-        assert!(w.due(true), "a file was left");
-        // Directory times have a granularity: wait until a new one shows.
-        let before = fs::metadata(t.path().join(DIR)).and_then(|m| m.modified());
-        loop {
-            fs::write(t.path().join(DIR).join("f"), b"x").expect("write");
-            fs::remove_file(t.path().join(DIR).join("f")).expect("rm");
-            if fs::metadata(t.path().join(DIR))
-                .and_then(|m| m.modified())
-                .ok()
-                != before.as_ref().ok().copied()
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+    fn only_names_sendmail_gives_are_taken() {
+        assert!(is_drop_name(&random_name().expect("random")));
+        for bad in [
+            "",
+            "a1",
+            "../x",
+            &"A".repeat(32),
+            &"0".repeat(33),
+            &"g".repeat(32),
+        ] {
+            assert!(!is_drop_name(bad), "{bad:?}");
         }
-        w.next = std::time::Instant::now();
-        assert!(w.due(false), "changed");
     }
 }

@@ -208,12 +208,11 @@ fn list(data_dir: &Path, out: &mut dyn Write) -> Result<(), Error> {
     out.write_all(format_list(&entries).as_bytes())?;
     // Messages sendmail left while the daemon was down are not queued yet;
     // only root and the daemon's user can count them.
-    let dropped =
-        fs::read_dir(data_dir.join(crate::maildrop::DIR)).map_or(0, |d| d.flatten().count());
+    let dropped = crate::maildrop::count(data_dir);
     if dropped > 0 {
         writeln!(
             out,
-            "-- {dropped} file(s) in {}, waiting for postling to start",
+            "-- {dropped} message(s) in {}, waiting for postling to pick them up",
             data_dir.join(crate::maildrop::DIR).display()
         )?;
     }

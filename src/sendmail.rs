@@ -1134,6 +1134,9 @@ fn submit(
     let mut spool = spool_file()?;
     let limit = config.limits.max_message_size;
     write_data(&mut spool, &header, &added, input, !opts.ignore_dots, limit)?;
+    let end = (spool.metadata())
+        .map_err(|e| Error::Io(format!("reading the kept message: {e}")))?
+        .len();
 
     let path = config.data_dir.join(SUBMIT_SOCKET);
     // A non-ASCII address needs SMTPUTF8 (RFC 6531), which the daemon
@@ -1144,6 +1147,7 @@ fn submit(
         utf8,
         file: &mut spool,
         start: 0,
+        end,
     };
     let mut todo = &recipients[..];
     let mut sent = 0;
@@ -1169,12 +1173,9 @@ fn submit(
         // there for it, as with Postfix's postdrop.
         if maildrop && matches!(e, Error::NotRunning(_)) {
             match crate::maildrop::write(&config.data_dir, &mut msg, todo) {
-                Ok(Some(file)) => {
-                    let _ = writeln!(
-                        diag,
-                        "sendmail: postling is not running; the message waits in {} for it",
-                        file.display()
-                    );
+                // Silent, as Postfix's sendmail is: cron would mail a note
+                // on stderr to the user as one more message.
+                Ok(Some(_)) => {
                     sent += todo.len();
                     break;
                 }
@@ -1256,12 +1257,32 @@ impl Waiting {
 
 /// A message as the client sends it: the envelope sender asked for,
 /// whether it needs SMTPUTF8, and the DATA stream (CRLF, dot-stuffed, the
-/// final dot included) from `start` to the end of `file`.
+/// final dot included): the bytes of `file` from `start` to `end`.
 pub(crate) struct Outgoing<'a> {
     pub sender: &'a str,
     pub utf8: bool,
     pub file: &'a mut std::fs::File,
     pub start: u64,
+    pub end: u64,
+}
+
+impl Outgoing<'_> {
+    /// Copies the DATA stream into `out`.
+    pub(crate) fn copy_to(&mut self, out: &mut impl Write) -> io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        self.file.seek(SeekFrom::Start(self.start))?;
+        let n = io::copy(
+            &mut Read::by_ref(self.file).take(self.end - self.start),
+            out,
+        )?;
+        if n != self.end - self.start {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the kept message is shorter than it was",
+            ));
+        }
+        Ok(n)
+    }
 }
 
 /// Told of each permanent refusal: `Some(recipient)` for a refused
@@ -1366,7 +1387,6 @@ fn send_spooled(
     msg: &mut Outgoing<'_>,
     refused: &mut Refused<'_>,
 ) -> Result<(), Error> {
-    use std::io::{Seek, SeekFrom};
     let r = conn.command("DATA")?;
     if r.code != 354 {
         conn.quit();
@@ -1375,9 +1395,9 @@ fn send_spooled(
         }
         return Err(refusal("DATA", &r));
     }
-    let copied = (msg.file.seek(SeekFrom::Start(msg.start)))
-        .map_err(|e| Error::Io(format!("reading the kept message: {e}")))
-        .and_then(|_| io::copy(msg.file, &mut conn.stream).map_err(|e| broken(&e.to_string())));
+    let copied = msg
+        .copy_to(&mut conn.stream)
+        .map_err(|e| broken(&e.to_string()));
     let r = match copied {
         Ok(_) => conn.reply()?,
         // The daemon may have given up on us (size): its reply, if any,

@@ -337,24 +337,26 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, id: String, mode: ListenMode, 
 pub fn serve_local(stream: std::os::unix::net::UnixStream, id: String, ctx: &Context) {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     match getsockopt(&stream, PeerCredentials) {
-        Ok(c) => serve_local_as(stream, id, ctx, c.uid(), &format!("pid={}", c.pid())),
+        Ok(c) => serve_local_as(stream, id, ctx, c.uid(), &format!("pid={}", c.pid()), true),
         Err(e) => warn!("session={id} local connection without credentials: {e}"),
     }
 }
 
 /// [`serve_local`] for a client whose Unix user is known otherwise: `uid`
 /// is the identity (the maildrop's pickup: the owner of the file), `origin`
-/// says where it came from in the connect log line.
+/// says where it came from in the connect log line, and without `trust`
+/// even root sends as its own address.
 pub fn serve_local_as(
     stream: std::os::unix::net::UnixStream,
     id: String,
     ctx: &Context,
     uid: u32,
     origin: &str,
+    trust: bool,
 ) {
     let login = crate::local::login_of(uid);
     let config = ctx.config();
-    let trusted = uid == 0 || config.local.trusted_users.contains(&login);
+    let trusted = trust && (uid == 0 || config.local.trusted_users.contains(&login));
     info!("session={id} connect from=local {origin} uid={uid} user={login}");
     let limits = &config.limits;
     if let Err(e) = stream

@@ -287,6 +287,19 @@ impl Drop for Server {
     }
 }
 
+/// The names in `dir`, sorted; none if it cannot be read.
+pub fn read_dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// Every file in `<maildir>/new`, sorted by name.
 pub fn read_new(maildir: &Path) -> Vec<Vec<u8>> {
     let Ok(entries) = fs::read_dir(maildir.join("new")) else {
